@@ -1,0 +1,134 @@
+"""The attention entry point and the one place that chooses an implementation (Triton, CUDA, CPU or reference).
+
+Two input layouts, one semantics:
+- padded, like ``scaled_dot_product_attention``: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``;
+- varlen (ragged batches), like flash-attn: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` with ``cu_seqlens_q/k [B+1]``.
+Queries are the last q_len positions of each sequence's context (chunked prefill and decode), GQA maps query head h
+to KV head ``h // (Hq // Hkv)``, and rows that read no key return 0 (log-sum-exp -inf).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from ..masks import BlockSparseMask
+from . import checks
+from .cpu import block_sparse_attention_cpu
+from .reference import attention_reference_varlen
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+BACKEND_ENV = "SPARSE_ATTN_BACKEND"
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_kernels():
+    """The project's Triton kernels module, or None where Triton is not importable."""
+    try:
+        return importlib.import_module("sparse_attn.triton_kernels")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def cuda_extension():
+    """The compiled C++/CUDA extension, or None where it was not built."""
+    try:
+        return importlib.import_module("sparse_attn._C")
+    except ImportError:
+        return None
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """Pick the implementation for tensors on ``device``: the request (argument, then $SPARSE_ATTN_BACKEND) if it can
+    run there, else the fastest that can. A request that cannot run raises instead of silently running another."""
+    requested = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if requested not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    on_gpu = device.type == "cuda"
+    if requested == "auto":
+        if on_gpu and triton_kernels() is not None:
+            return "triton"
+        return "cpu"
+    if requested == "triton":
+        if triton_kernels() is None:
+            raise ValueError("backend 'triton' requested but triton is not importable")
+        if not on_gpu and not triton_interpreter_enabled():
+            raise ValueError("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)")
+    if requested == "cuda":
+        ext = cuda_extension()
+        if ext is None or not hasattr(ext, "block_sparse_attention_fwd"):
+            raise ValueError("backend 'cuda' requested but the CUDA extension with a block-sparse prefill kernel is not built")
+        if not on_gpu:
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, got {device}")
+    return requested
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockSparseMask,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention that reads only the KV blocks ``mask`` keeps (see the module docstring for layouts).
+
+    Returns ``out`` shaped like q (q's dtype), and with ``return_lse`` also the fp32 log-sum-exp, ``[B, Hq, Sq]``
+    (padded) or ``[Hq, Tq]`` (varlen), which lets partial results over disjoint key sets be merged exactly.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    checks.check_qkv(q, k, v, varlen=varlen)
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k")
+        cu_q = checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        cu_k = checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        q_tokens, k_tokens, v_tokens = q, k, v
+    else:
+        batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
+        cu_q, cu_k = [i * sq for i in range(batch + 1)], [i * skv for i in range(batch + 1)]
+        # [B, H, S, D] -> [B*S, H, D]; free for tensors that came from a [B, S, H, D] projection.
+        q_tokens, k_tokens, v_tokens = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
+    q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    kv_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    checks.check_lengths(q_lens, kv_lens, causal)
+    batch, num_heads = len(q_lens), q_tokens.shape[1]
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+    checks.check_mask(mask, batch, num_heads, max(q_lens, default=0), max(kv_lens, default=0))
+    scale = checks.check_scale(scale, q.shape[-1])
+
+    name = resolve_backend(backend, q.device)
+    mask = mask.expand(batch, num_heads)
+    if name == "reference":
+        out, lse = attention_reference_varlen(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
+        out = out.to(q.dtype)
+    elif name == "cpu":
+        out, lse = block_sparse_attention_cpu(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
+    else:
+        cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+        cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+        impl = triton_kernels().block_sparse_attention_fwd if name == "triton" else cuda_extension().block_sparse_attention_fwd
+        out, lse = impl(
+            q_tokens, k_tokens, v_tokens, cu_q_t, cu_k_t, max(q_lens, default=0),
+            mask.kv_num_blocks, mask.kv_indices, mask.q_block_size, mask.kv_block_size, causal, scale,
+        )
+
+    if not varlen:
+        batch, sq = q.shape[0], q.shape[2]
+        out = out.view(batch, sq, num_heads, -1).transpose(1, 2)
+        lse = lse.view(num_heads, batch, sq).transpose(0, 1)
+    return (out, lse) if return_lse else out

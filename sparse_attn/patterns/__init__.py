@@ -1,0 +1,7 @@
+"""Patterns compile methods to the shared BlockSparseMask: static (positions only) and content-aware (q and k)."""
+
+from .base import Pattern, PerHead, SeqContext
+from .content import TopKBlocks, VerticalSlash
+from .static import AShape, Dense, Strided
+
+__all__ = ["Pattern", "PerHead", "SeqContext", "Dense", "AShape", "Strided", "VerticalSlash", "TopKBlocks"]

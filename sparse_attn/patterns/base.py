@@ -1,0 +1,174 @@
+"""Patterns: the small abstraction every method compiles to a :class:`BlockSparseMask`.
+
+A pattern says, for one sequence, which (query block, KV block) pairs each head reads, as a boolean block matrix
+``[H or 1, num_q_blocks, num_kv_blocks]``. :meth:`Pattern.build_mask` runs it per sequence of a (ragged) batch, clips
+the blocks that causality empties, and compresses the result into block rows: clipping and compression live here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..masks import BlockSparseMask, causal_block_bounds, num_blocks
+
+
+@dataclass(frozen=True)
+class SeqContext:
+    """One sequence as a pattern sees it. ``q``/``k`` are ``[len, H, D]`` slices (None for static patterns' callers)."""
+
+    q_len: int
+    kv_len: int
+    num_heads: int
+    q_block_size: int
+    kv_block_size: int
+    causal: bool
+    device: torch.device
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    scale: float | None = None
+
+    @property
+    def num_q_blocks(self) -> int:
+        return num_blocks(self.q_len, self.q_block_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return num_blocks(self.kv_len, self.kv_block_size)
+
+    @property
+    def q_offset(self) -> int:
+        """Absolute position of the first query row (queries are the last q_len positions of the context)."""
+        return self.kv_len - self.q_len
+
+    def q_block_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute positions of the first and last query row of each query block, ``[num_q_blocks]`` each."""
+        i = torch.arange(self.num_q_blocks, device=self.device)
+        first = i * self.q_block_size + self.q_offset
+        last = torch.clamp((i + 1) * self.q_block_size, max=self.q_len) - 1 + self.q_offset
+        return first, last
+
+    def kv_block_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last key position of each KV block, ``[num_kv_blocks]`` each."""
+        j = torch.arange(self.num_kv_blocks, device=self.device)
+        return j * self.kv_block_size, torch.clamp((j + 1) * self.kv_block_size, max=self.kv_len) - 1
+
+    def causal_keep(self) -> torch.Tensor:
+        """``[num_q_blocks, num_kv_blocks]``: blocks holding at least one key some row of the query block may see."""
+        bound = causal_block_bounds(self.q_len, self.kv_len, self.q_block_size, self.kv_block_size, self.device)
+        return torch.arange(self.num_kv_blocks, device=self.device)[None, :] < bound[:, None]
+
+    def require_qk(self, pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q is None or self.k is None:
+            raise ValueError(f"{pattern} is content-aware: build_mask needs q and k")
+        return self.q, self.k
+
+
+class Pattern:
+    """Base class: subclasses implement :meth:`keep_blocks` for one sequence."""
+
+    #: True when keep_blocks reads q and k (so callers must pass them).
+    content_aware: bool = False
+
+    def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
+        """Boolean ``[H or 1, num_q_blocks, num_kv_blocks]`` for one sequence (before causal clipping)."""
+        raise NotImplementedError
+
+    def build_mask(
+        self,
+        *,
+        q_lens: int | Sequence[int],
+        kv_lens: int | Sequence[int],
+        num_heads: int,
+        q_block_size: int = 64,
+        kv_block_size: int = 64,
+        causal: bool = True,
+        device: torch.device | str = "cpu",
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+        cu_seqlens_q: Sequence[int] | None = None,
+        cu_seqlens_k: Sequence[int] | None = None,
+        scale: float | None = None,
+    ) -> BlockSparseMask:
+        """Build the mask for a batch. Lengths are per sequence (an int means a batch of one).
+
+        Content-aware patterns need q ``[Tq, Hq, D]`` and k ``[Tk, Hkv, D]`` in the varlen layout with
+        ``cu_seqlens_q/k`` (host lists or tensors); for a batch of one they may be omitted.
+        """
+        q_lens = [q_lens] if isinstance(q_lens, int) else list(q_lens)
+        kv_lens = [kv_lens] if isinstance(kv_lens, int) else list(kv_lens)
+        if len(q_lens) != len(kv_lens) or not q_lens:
+            raise ValueError(f"q_lens and kv_lens must describe the same, non-empty batch; got {q_lens} and {kv_lens}")
+        for name, v in (("q_block_size", q_block_size), ("kv_block_size", kv_block_size), ("num_heads", num_heads)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if causal and any(ql > kl for ql, kl in zip(q_lens, kv_lens)):
+            raise ValueError(f"causal masks need q_len <= kv_len per sequence, got q_lens {q_lens}, kv_lens {kv_lens}")
+        if self.content_aware and (q is None or k is None):
+            raise ValueError(f"{type(self).__name__} is content-aware: build_mask needs q and k")
+        device = torch.device(device) if q is None else q.device
+        cu_q = _offsets(cu_seqlens_q, q_lens)
+        cu_k = _offsets(cu_seqlens_k, kv_lens)
+
+        max_q, max_kv = max(q_lens), max(kv_lens)
+        nq, nk = num_blocks(max_q, q_block_size), num_blocks(max_kv, kv_block_size)
+        rows = []
+        for b, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
+            seq = SeqContext(
+                ql, kl, num_heads, q_block_size, kv_block_size, causal, device,
+                None if q is None else q[cu_q[b] : cu_q[b] + ql],
+                None if k is None else k[cu_k[b] : cu_k[b] + kl],
+                scale,
+            )
+            keep = self.keep_blocks(seq)
+            if keep.dim() != 3 or keep.shape[1:] != (seq.num_q_blocks, seq.num_kv_blocks) or keep.shape[0] not in (1, num_heads):
+                raise ValueError(
+                    f"{type(self).__name__}.keep_blocks returned {tuple(keep.shape)}, expected "
+                    f"[1 or {num_heads}, {seq.num_q_blocks}, {seq.num_kv_blocks}]"
+                )
+            if causal:
+                keep = keep & seq.causal_keep()
+            padded = torch.zeros(keep.shape[0], nq, nk, dtype=torch.bool, device=device)
+            padded[:, : keep.shape[1], : keep.shape[2]] = keep
+            rows.append(padded)
+        heads = max(r.shape[0] for r in rows)
+        keep = torch.stack([r.expand(heads, -1, -1) for r in rows])
+        return BlockSparseMask.from_block_bool(
+            keep, q_block_size=q_block_size, kv_block_size=kv_block_size, q_len=max_q, kv_len=max_kv
+        )
+
+
+def _offsets(cu: Sequence[int] | torch.Tensor | None, lens: list[int]) -> list[int]:
+    if cu is None:
+        out = [0]
+        for n in lens:
+            out.append(out[-1] + n)
+        return out
+    return cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
+
+
+@dataclass(frozen=True)
+class PerHead(Pattern):
+    """A different pattern per query head: how a plan mixes methods inside one layer."""
+
+    patterns: tuple[Pattern, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        if not self.patterns or not all(isinstance(p, Pattern) for p in self.patterns):
+            raise ValueError("PerHead needs a non-empty sequence of Pattern objects")
+
+    @property
+    def content_aware(self) -> bool:  # type: ignore[override]
+        return any(p.content_aware for p in self.patterns)
+
+    def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
+        if len(self.patterns) != seq.num_heads:
+            raise ValueError(f"PerHead has {len(self.patterns)} patterns but the layer has {seq.num_heads} query heads")
+        rows = []
+        for h, pattern in enumerate(self.patterns):
+            keep = pattern.keep_blocks(seq)
+            rows.append(keep[h if keep.shape[0] > 1 else 0])
+        return torch.stack(rows)
