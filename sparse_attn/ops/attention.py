@@ -106,9 +106,7 @@ def block_sparse_attention(
     kv_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
     checks.check_lengths(q_lens, kv_lens, causal)
     batch, num_heads = len(q_lens), q_tokens.shape[1]
-    if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
-    checks.check_mask(mask, batch, num_heads, max(q_lens, default=0), max(kv_lens, default=0))
+    checks.check_mask(mask, batch, num_heads, max(q_lens, default=0), max(kv_lens, default=0), q.device)
     scale = checks.check_scale(scale, q.shape[-1])
 
     name = resolve_backend(backend, q.device)

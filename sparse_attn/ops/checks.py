@@ -68,9 +68,11 @@ def check_lengths(q_lens: list[int], kv_lens: list[int], causal: bool) -> None:
                 )
 
 
-def check_mask(mask: BlockSparseMask, batch: int, heads: int, max_q_len: int, max_kv_len: int) -> None:
+def check_mask(mask: BlockSparseMask, batch: int, heads: int, max_q_len: int, max_kv_len: int, device: torch.device) -> None:
     if not isinstance(mask, BlockSparseMask):
         raise ValueError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but q is on {device}")
     if mask.batch not in (1, batch):
         raise ValueError(f"mask batch {mask.batch} must be 1 or the batch size {batch}")
     if mask.heads not in (1, heads):
