@@ -18,7 +18,7 @@ built once and read through stride-0 views.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,8 @@ class BlockSparseMask:
     kv_block_size: int
     q_len: int
     kv_len: int
+    # Set once the values passed validate() (or were built valid), so a mask planned once is not re-read per run.
+    values_checked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         # Structure only: value checks read the tensors (a device sync), so entry points run them explicitly.
@@ -88,7 +90,7 @@ class BlockSparseMask:
         # A stable sort of "not kept" puts kept block ids first, in ascending order.
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
         order = torch.where(torch.arange(width, device=keep.device) < counts.unsqueeze(-1), order, 0)
-        return cls(counts, order.to(torch.int32).contiguous(), q_block_size, kv_block_size, q_len, kv_len)
+        return cls(counts, order.to(torch.int32).contiguous(), q_block_size, kv_block_size, q_len, kv_len, values_checked=True)
 
     @classmethod
     def from_token_indices(cls, indices: torch.Tensor, counts: torch.Tensor, *, kv_len: int) -> "BlockSparseMask":
@@ -153,13 +155,13 @@ class BlockSparseMask:
         return BlockSparseMask(
             self.kv_num_blocks.expand(batch, heads, -1),
             self.kv_indices.expand(batch, heads, -1, -1),
-            self.q_block_size, self.kv_block_size, self.q_len, self.kv_len,
+            self.q_block_size, self.kv_block_size, self.q_len, self.kv_len, self.values_checked,
         )
 
     def to(self, device) -> "BlockSparseMask":
         return BlockSparseMask(
             self.kv_num_blocks.to(device), self.kv_indices.to(device),
-            self.q_block_size, self.kv_block_size, self.q_len, self.kv_len,
+            self.q_block_size, self.kv_block_size, self.q_len, self.kv_len, self.values_checked,
         )
 
     # ------------------------------------------------------------------ checks
@@ -205,3 +207,4 @@ class BlockSparseMask:
             ascending = idx[..., 1:] > idx[..., :-1]
             if not bool((ascending | ~valid[..., 1:]).all()):
                 raise ValueError("kv_indices must be strictly ascending within each row's kv_num_blocks entries")
+        object.__setattr__(self, "values_checked", True)

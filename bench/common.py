@@ -1,0 +1,249 @@
+"""Shared benchmark plumbing: environment capture (device, versions, commit), timing, memory checks, JSON and
+markdown output. Benchmarks import this; nothing here knows about a particular benchmark."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# ---------------------------------------------------------------------------------------------------- environment
+
+
+def git_commit(root: Path = REPO_ROOT) -> dict:
+    """``{"sha", "dirty"}`` of the checkout. Copies of a tree without ``.git`` (e.g. on a remote GPU machine) can pass
+    the commit in $BENCH_GIT_SHA (and $BENCH_GIT_DIRTY=0/1); otherwise both are None."""
+    if os.environ.get("BENCH_GIT_SHA"):
+        dirty = os.environ.get("BENCH_GIT_DIRTY")
+        return {"sha": os.environ["BENCH_GIT_SHA"], "dirty": None if dirty is None else dirty not in ("", "0")}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha, "dirty": bool(status.strip())}
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    """Versions of everything that decides the numbers. Optional packages are None when absent."""
+    import sparse_attn
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "sparse_attn": sparse_attn.__version__,
+        "transformers": _package_version("transformers"),
+        "flash_attn": _package_version("flash-attn") or _package_version("flash_attn"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {
+            "type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
+        }
+    return {"type": device.type, "name": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def environment(device: torch.device, command: str | None = None) -> dict:
+    """The header every result file carries: where, with what, from which commit, when, and how it was started."""
+    return {
+        "device": device_info(device),
+        "versions": versions(),
+        "commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or shlex.join([Path(sys.executable).name] + sys.argv),
+    }
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", module, *argv])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def parse_list(text: str, cast: Callable = int) -> list:
+    """``"4096,16384"`` -> ``[4096, 16384]``."""
+    return [cast(part) for part in text.split(",") if part.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    iters: int
+
+    def as_dict(self) -> dict:
+        return {"ms": self.median_ms, "ms_min": self.min_ms, "iters": self.iters}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_calls(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
+    """Milliseconds of ``n`` calls, each timed alone: CUDA events on the GPU (device time), perf_counter elsewhere."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, min_iters: int = 3,
+            max_iters: int = 20, target_s: float = 0.5) -> Timing:
+    """Median over several calls after ``warmup`` calls (compilation, autotuning, allocator growth).
+
+    The number of timed calls adapts to the cost of one call: as many as fit in ``target_s``, within
+    ``[min_iters, max_iters]``, so a 300 ms call at 128k is timed a few times and a 0.1 ms call twenty times.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    first = _timed_calls(fn, device, 1)
+    iters = max(min_iters, min(max_iters, int(target_s * 1e3 / max(first[0], 1e-3))))
+    samples = first + _timed_calls(fn, device, iters - 1)
+    return Timing(statistics.median(samples), min(samples), len(samples))
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes that a new allocation can still get on a GPU (free on the device plus cached by torch); None on CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def memory_shortfall(device: torch.device, need_bytes: int, headroom: float = 0.85) -> str | None:
+    """A skip reason when ``need_bytes`` would not fit in ``headroom`` of the free GPU memory, else None."""
+    free = free_memory_bytes(device)
+    if free is None or need_bytes <= headroom * free:
+        return None
+    return f"needs about {need_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+
+
+def release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_reason(exc: BaseException, limit: int = 300) -> str:
+    """One line naming an exception, short enough for a table footnote."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def progress(iterable: Iterable, **kwargs) -> Iterable:
+    """tqdm progress bar on stderr when tqdm is installed (it is optional)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Numbers to 3 significant digits for tables; None as an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_line(payload: dict) -> str:
+    """One line of markdown naming the device, versions and commit a result file came from."""
+    device, v, commit = payload["device"], payload["versions"], payload["commit"]
+    sha = (commit.get("sha") or "unknown")[:10] + (" (dirty)" if commit.get("dirty") else "")
+    parts = [f"**{device['name']}**", f"torch {v['torch']}"]
+    parts += [f"{name} {v[key]}" for key, name in (("triton", "triton"), ("cuda", "CUDA"), ("cudnn", "cuDNN")) if v.get(key)]
+    parts += [f"sparse-attn {v['sparse_attn']}", f"commit `{sha}`", payload.get("timestamp", "")]
+    return " · ".join(p for p in parts if p)

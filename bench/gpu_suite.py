@@ -1,0 +1,251 @@
+"""One command for a GPU machine: build, check, benchmark, in under ``--budget`` seconds (default 9 minutes).
+
+    python -m bench.gpu_suite --out DIR [--quick] [--budget 540]
+
+1. install: (re)install the package (editable, with its extension) when the checkout is not installed or csrc/
+   changed since the last build; no network is needed (``--no-index --no-build-isolation --no-deps``);
+2. correctness at real sizes: our kernel against a float32 PyTorch reference on query blocks sampled from a 64k
+   problem (Dense, 10% and 30% masks, and a length that is not a multiple of the block), and against
+   FlexAttention with the same mask;
+3. the prefill benchmark (bench.prefill) with the machine's defaults, in the time left.
+
+Writes ``DIR/suite.json`` and ``DIR/suite.md`` (steps, correctness) and ``DIR/prefill.json``/``.md``.
+Without a GPU every step runs at the CPU sizes, so the suite itself is testable anywhere. Exit status 1 when a
+correctness check fails or a step errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import common
+
+NAME = "gpu_suite"
+STAMP = common.REPO_ROOT / "build" / "bench_suite_csrc.sha256"  # hash of csrc/ at the last suite build
+RESUME_ENV = "BENCH_SUITE_INSTALL_RECORD"
+
+# Max abs error allowed against the float32 reference and FlexAttention, by input dtype (outputs are rounded
+# to it; bf16 keeps 8 bits of mantissa, outputs of random inputs are mostly |x| < 4).
+TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 2e-3}
+
+CHECK_INSTALLED = r"""
+import importlib.util, json
+problems = []
+try:
+    import sparse_attn
+    if importlib.util.find_spec("sparse_attn.triton_kernels") is None:
+        problems.append("sparse_attn.triton_kernels is not mapped: the package is not installed")
+except Exception as exc:
+    problems.append(f"import sparse_attn failed: {exc}")
+print(json.dumps(problems))
+"""
+
+
+# ---------------------------------------------------------------------------------------------------- install
+
+
+def csrc_hash() -> str | None:
+    sources = sorted(p for p in (common.REPO_ROOT / "csrc").rglob("*") if p.is_file())
+    if not sources:
+        return None
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(str(path.relative_to(common.REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def install_problems() -> list[str]:
+    """Why the checkout needs a (re)install, asked of a fresh interpreter (this one may hold stale imports)."""
+    run = subprocess.run([sys.executable, "-c", CHECK_INSTALLED], cwd=common.REPO_ROOT, capture_output=True, text=True)
+    problems = json.loads(run.stdout) if run.returncode == 0 else [f"install check failed: {run.stderr[-500:]}"]
+    digest = csrc_hash()
+    if digest is not None and (not STAMP.exists() or STAMP.read_text().strip() != digest):
+        problems.append("csrc/ changed since the last build (or was never built here)")
+    return problems
+
+
+def ensure_installed() -> dict:
+    """Install when needed; returns the step record (what was wrong, the pip command, its tail, seconds)."""
+    t0 = time.monotonic()
+    problems = install_problems()
+    record = {"name": "install", "problems": problems, "installed": False, "status": "ok"}
+    if problems:
+        command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-e", "."]
+        env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4))
+        run = subprocess.run(command, cwd=common.REPO_ROOT, capture_output=True, text=True, env=env)
+        record.update(command=" ".join(command[1:]), installed=run.returncode == 0,
+                      log_tail=(run.stdout + run.stderr)[-3000:])
+        if run.returncode == 0:
+            digest = csrc_hash()
+            if digest is not None:
+                STAMP.parent.mkdir(parents=True, exist_ok=True)
+                STAMP.write_text(digest)
+        else:
+            record["status"] = "error"
+    record["seconds"] = time.monotonic() - t0
+    return record
+
+
+def map_triton_kernels() -> str | None:
+    """Where the package could not be installed, map triton_kernels/ to sparse_attn.triton_kernels in this
+    process (what setup.py's package_dir does), so the GPU kernels still run. Returns a note, or None."""
+    import sparse_attn
+
+    name = "sparse_attn.triton_kernels"
+    if importlib.util.find_spec(name) is not None:
+        return None
+    folder = common.REPO_ROOT / "triton_kernels"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    sparse_attn.triton_kernels = module
+    from sparse_attn.ops import attention
+
+    attention.triton_kernels.cache_clear()
+    return "package not installed: triton_kernels/ mapped into sparse_attn in this process"
+
+
+# ---------------------------------------------------------------------------------------------------- correctness
+
+
+def correctness(settings, *, context: int, cases: tuple[tuple[int, float], ...], q_blocks: int = 4) -> dict:
+    """Our kernel against the float32 reference on sampled query blocks, and against FlexAttention (same mask),
+    for each (context, density) case; records errors, the tolerance and whether both are within it."""
+    from sparse_attn import block_sparse_attention
+
+    from . import prefill
+
+    device, dtype = torch.device(settings.device), common.parse_dtype(settings.dtype)
+    tol = TOLERANCE[settings.dtype]
+    scale = settings.head_dim ** -0.5
+    checks, t0 = [], time.monotonic()
+    for length, density in cases:
+        g = torch.Generator(device=device).manual_seed(settings.seed + length)
+        q, k, v = (torch.randn(1, length, h, settings.head_dim, generator=g, device=device, dtype=dtype).transpose(1, 2)
+                   for h in (settings.heads, settings.kv_heads, settings.kv_heads))
+        mask, pattern = prefill.mask_at_density(density, context=length, heads=settings.heads, block=settings.block,
+                                                device=device, seed=settings.seed + length)
+        row = dict(context=length, density_target=density, density=mask.density(), pattern=pattern, tolerance=tol)
+        try:
+            out = block_sparse_attention(q, k, v, mask, causal=True, scale=scale, backend=settings.backend)
+            blocks = prefill.sample_q_blocks(mask.num_q_blocks, q_blocks, settings.seed)
+            row["reference_q_blocks"] = blocks
+            row["max_abs_err_vs_reference"] = prefill.reference_rows_error(out, q, k, v, mask, blocks, scale)
+            if length == context and settings.flex != "off":  # one flex compile: the benchmark's 64k reuses it
+                block_mask = prefill.flex_block_mask(mask, settings.heads, blocks_in_mask_mod=settings.flex == "eager")
+                flex_out = prefill.flex_function(settings.flex)(q, k, v, block_mask=block_mask, scale=scale,
+                                                                enable_gqa=settings.heads != settings.kv_heads)
+                row["max_abs_err_vs_flex"] = float((out.float() - flex_out.float()).abs().max())
+            errors = [row[key] for key in ("max_abs_err_vs_reference", "max_abs_err_vs_flex") if key in row]
+            row["ok"] = all(e <= tol for e in errors)
+        except Exception as exc:
+            row.update(ok=False, error=common.error_reason(exc, limit=1000))
+        checks.append(row)
+        del q, k, v
+        common.release_memory(device)
+    return {"name": "correctness", "status": "ok" if all(c["ok"] for c in checks) else "failed",
+            "checks": checks, "seconds": time.monotonic() - t0}
+
+
+# ---------------------------------------------------------------------------------------------------- suite
+
+
+def markdown(payload: dict) -> str:
+    """Steps and correctness checks of one suite run."""
+    steps = payload["steps"]
+    lines = ["### GPU suite", "", common.environment_line(payload), "",
+             common.markdown_table(["step", "status", "seconds"],
+                                   [[s["name"], s["status"], common.fmt(s.get("seconds"))] for s in steps])]
+    for step in steps:
+        if step["name"] == "correctness":
+            rows = [[c["context"], f"{c['density_target']:.0%} → {c['density']:.1%}", c["pattern"],
+                     common.fmt(c.get("max_abs_err_vs_reference"), 2), common.fmt(c.get("max_abs_err_vs_flex"), 2),
+                     common.fmt(c["tolerance"]), "yes" if c["ok"] else f"**no** {c.get('error', '')}"] for c in step["checks"]]
+            lines += ["", "Correctness: sparse-attn vs float32 reference (sampled query blocks) and FlexAttention:", "",
+                      common.markdown_table(["context", "density", "mask", "err vs ref", "err vs Flex", "tolerance", "ok"], rows)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="fewer timed calls in the benchmark")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole suite")
+    parser.add_argument("--skip-install", action="store_true")
+    parser.add_argument("--prefill-args", default="", help='extra bench.prefill options, e.g. "--contexts 65536"')
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    command = common.command_line("bench.gpu_suite", argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    steps = []
+    if os.environ.get(RESUME_ENV):  # this process was re-executed after installing
+        record_path = Path(os.environ.pop(RESUME_ENV))
+        record = json.loads(record_path.read_text())
+        record_path.unlink()
+        start -= record["seconds"]
+        steps.append(record)
+    elif not args.skip_install:
+        record = ensure_installed()
+        steps.append(record)
+        if record["installed"]:
+            # A fresh interpreter sees the new install (its path hooks load at start-up): continue there.
+            path = args.out / "install_record.json"
+            path.write_text(json.dumps(record))
+            os.environ[RESUME_ENV] = str(path)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "bench.gpu_suite", *argv])
+    note = map_triton_kernels()
+    if note:
+        steps.append({"name": "map triton_kernels", "status": "ok", "note": note, "seconds": 0.0})
+
+    from . import prefill  # imports sparse_attn: after the install
+
+    prefill_argv = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + shlex.split(args.prefill_args)
+    settings, _ = prefill.settings_from_args(prefill_argv)
+    gpu = settings.device == "cuda"
+    context = 65536 if gpu else settings.contexts[-1]
+    ragged = context - 37  # a length that is not a multiple of the block: a partial last block
+    cases = ((context, 1.0), (context, 0.1), (context, 0.3), (ragged, 0.1))
+    steps.append(correctness(settings, context=context, cases=cases))
+
+    t0 = time.monotonic()
+    settings.time_budget_s = max(0.0, args.budget - (t0 - start) - 60.0)  # 60 s for the cell in flight and writing
+    try:
+        payload = prefill.run(settings, args.out, command)
+        skipped = sum(r["status"] == "skipped" and r.get("reason") == "time budget exhausted" for r in payload["results"])
+        steps.append({"name": "prefill", "status": "ok", "seconds": time.monotonic() - t0,
+                      "cells_skipped_for_time": skipped, "targets": payload["targets"]})
+    except Exception as exc:
+        steps.append({"name": "prefill", "status": "error", "error": common.error_reason(exc, 2000),
+                      "seconds": time.monotonic() - t0})
+
+    payload = {"benchmark": NAME, **common.environment(torch.device(settings.device), command), "steps": steps,
+               "seconds": time.monotonic() - start}
+    payload["ok"] = all(s["status"] == "ok" for s in steps)
+    common.write_json(args.out / "suite.json", payload)
+    (args.out / "suite.md").write_text(markdown(payload) + "\n")
+    print(markdown(payload))
+    if (args.out / "prefill.md").exists():
+        print("\n" + (args.out / "prefill.md").read_text())
+    print(f"suite {'passed' if payload['ok'] else 'FAILED'} in {payload['seconds']:.0f} s; results in {args.out}")
+    return 0 if payload["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
