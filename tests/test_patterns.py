@@ -146,3 +146,14 @@ def test_every_builder_returns_valid_masks():
         assert isinstance(mask, BlockSparseMask)
         mask.validate()
         assert not bool((mask.to_block_bool()[0] & ~causal_blocks(n, n, 16, 16)).any())
+
+
+@pytest.mark.parametrize("pattern", [Strided(stride=2, local_blocks=1), TopKBlocks(k=1), AShape(0, 1)])
+@pytest.mark.parametrize("q_len,kv_len,bq,bk", [(70, 70, 32, 16), (20, 45, 16, 16), (9, 100, 64, 16)])
+def test_every_row_keeps_its_own_key(pattern, q_len, kv_len, bq, bk):
+    """Query blocks wider than KV blocks, or offsets off the block grid, span several KV blocks: none may drop a row."""
+    q, k = torch.randn(q_len, 2, 8), torch.randn(kv_len, 1, 8)
+    mask = build(pattern, q_len, kv_len, heads=2, bq=bq, bk=bk, q=q, k=k)
+    tokens = mask.to_token_mask()[0]  # [H, q_len, kv_len]
+    rows = torch.arange(q_len) + kv_len - q_len
+    assert bool(tokens[:, torch.arange(q_len), rows].all())

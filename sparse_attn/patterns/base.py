@@ -55,6 +55,13 @@ class SeqContext:
         j = torch.arange(self.num_kv_blocks, device=self.device)
         return j * self.kv_block_size, torch.clamp((j + 1) * self.kv_block_size, max=self.kv_len) - 1
 
+    def own_blocks(self, back: int = 0) -> torch.Tensor:
+        """``[num_q_blocks, num_kv_blocks]``: the KV blocks holding the query block's own rows (first_row // Bk to
+        last_row // Bk; several when Bq > Bk or the query offset is not block-aligned), extended ``back`` blocks."""
+        first_row, last_row = self.q_block_rows()
+        j = torch.arange(self.num_kv_blocks, device=self.device)[None, :]
+        return (j >= (first_row // self.kv_block_size - back)[:, None]) & (j <= (last_row // self.kv_block_size)[:, None])
+
     def causal_keep(self) -> torch.Tensor:
         """``[num_q_blocks, num_kv_blocks]``: blocks holding at least one key some row of the query block may see."""
         bound = causal_block_bounds(self.q_len, self.kv_len, self.q_block_size, self.kv_block_size, self.device)
@@ -167,8 +174,10 @@ class PerHead(Pattern):
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         if len(self.patterns) != seq.num_heads:
             raise ValueError(f"PerHead has {len(self.patterns)} patterns but the layer has {seq.num_heads} query heads")
-        rows = []
+        rows, computed = [], {}  # a pattern object shared by several heads runs once
         for h, pattern in enumerate(self.patterns):
-            keep = pattern.keep_blocks(seq)
+            if id(pattern) not in computed:
+                computed[id(pattern)] = pattern.keep_blocks(seq)
+            keep = computed[id(pattern)]
             rows.append(keep[h if keep.shape[0] > 1 else 0])
         return torch.stack(rows)

@@ -93,7 +93,8 @@ class TopKBlocks(Pattern):
 
     ``scores`` may be given explicitly (``[H or 1, num_q_blocks, num_kv_blocks]``, e.g. from an estimator); without
     them blocks are scored by mean-pooled q against mean-pooled k (a cheap estimate of the block's attention logit).
-    Causally invisible blocks are never chosen. The diagonal block is always kept so every row sees itself.
+    Causally invisible blocks are never chosen. The blocks holding the query block's own rows are always kept (they
+    count toward k), so every row sees itself.
     """
 
     k: int = 16
@@ -115,13 +116,11 @@ class TopKBlocks(Pattern):
             raise ValueError(f"TopKBlocks scores must be [H or 1, {nq}, {nk}], got {tuple(scores.shape)}")
         scores = scores.to(seq.device).float()
         if seq.causal:
-            scores = scores.masked_fill(~seq.causal_keep(), float("-inf"))
-            _, last_row = seq.q_block_rows()
-            diag = (last_row // seq.kv_block_size).clamp(max=nk - 1)
-            scores = scores.scatter(-1, diag[None, :, None].expand(scores.shape[0], -1, 1), float("inf"))
+            scores = scores.masked_fill(~seq.causal_keep(), float("-inf")).masked_fill(seq.own_blocks(), float("inf"))
         top = scores.topk(min(self.k, nk), dim=-1)
         keep = torch.zeros(scores.shape, dtype=torch.bool, device=seq.device)
-        return keep.scatter(-1, top.indices, top.values > float("-inf"))
+        keep = keep.scatter(-1, top.indices, top.values > float("-inf"))
+        return keep | seq.own_blocks()[None] if seq.causal else keep
 
     @staticmethod
     def _pooled_scores(seq: SeqContext) -> torch.Tensor:

@@ -48,7 +48,8 @@ class AShape(Pattern):
 @dataclass(frozen=True)
 class Strided(Pattern):
     """S2-Attention-style sharded heads: head h reads KV blocks j with ``(j + h) % stride == 0``, so ``stride``
-    consecutive heads together cover the whole context, plus ``local_blocks`` diagonal blocks for every head."""
+    consecutive heads together cover the whole context. With ``local_blocks >= 1`` every head also reads the blocks
+    holding its own rows plus ``local_blocks - 1`` blocks before them, so no row is left without keys."""
 
     stride: int = 4
     local_blocks: int = 1
@@ -61,7 +62,6 @@ class Strided(Pattern):
         heads = torch.arange(seq.num_heads, device=seq.device)
         j = torch.arange(seq.num_kv_blocks, device=seq.device)
         shard = ((j[None, :] + heads[:, None]) % self.stride == 0)[:, None, :]  # [H, 1, nk]
-        _, last_row = seq.q_block_rows()
-        diag = last_row // seq.kv_block_size  # KV block holding each query block's last row
-        local = (j[None, :] <= diag[:, None]) & (j[None, :] > diag[:, None] - self.local_blocks)
-        return shard | local[None]
+        if self.local_blocks == 0:
+            return shard.expand(-1, seq.num_q_blocks, -1)
+        return shard | seq.own_blocks(back=self.local_blocks - 1)[None]
