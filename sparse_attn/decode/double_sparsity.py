@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from ..masks import BlockSparseMask
-from ..ops.attention import cuda_extension, resolve_backend, triton_kernels
+from ..ops import extension
+from ..ops.attention import cuda_extension, cuda_op_available, resolve_backend, triton_kernels
 from .attention import check_block_table
 from .paged import write_tokens
 
@@ -319,12 +320,12 @@ def topk_token_indices(scores: torch.Tensor, budgets: torch.Tensor, width: int) 
     """The ``budgets[b]`` best tokens of every row of ``scores [B, H, L]``: int32 indices ``[B, H, width]`` ascending
     within the count (0-padded past it) and int32 counts ``[B, H]``. ``width >= max(budgets)``.
 
-    The one top-k call site: ``sparse_attn._C.topk_tokens(scores, budgets, width)`` with this contract runs where the
-    extension provides it for the scores' device; torch.topk otherwise.
+    The one top-k call site: the extension's ``topk_tokens`` on CUDA where it is built, torch.topk otherwise. Sink,
+    recent and past-the-end tokens are already scored +inf / -inf, so the op sees every row as full length.
     """
-    ext = cuda_extension()
-    if scores.is_cuda and ext is not None and hasattr(ext, "topk_tokens"):
-        return ext.topk_tokens(scores, budgets, width)
+    if scores.is_cuda and cuda_op_available("topk_tokens"):
+        full = torch.full((scores.shape[0],), scores.shape[-1], dtype=torch.int32, device=scores.device)
+        return extension.topk_tokens(scores, full, width, budgets=budgets)
     best = scores.topk(width, dim=-1, sorted=True).indices  # descending score
     slot = torch.arange(width, device=scores.device)
     counts = budgets.long()[:, None].expand(scores.shape[:2])

@@ -46,26 +46,39 @@ def cuda_extension():
         return None
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
+def cuda_op_available(op: str) -> bool:
+    """Whether the extension was built with CUDA and provides ``op``."""
+    ext = cuda_extension()
+    return ext is not None and hasattr(ext, op) and getattr(ext, "with_cuda", True)
+
+
+def resolve_backend(
+    requested: str | None, device: torch.device, cuda_op: str = "block_sparse_attention_fwd", has_triton: bool = True
+) -> str:
     """Pick the implementation for tensors on ``device``: the request (argument, then $SPARSE_ATTN_BACKEND) if it can
-    run there, else the fastest that can. A request that cannot run raises instead of silently running another."""
+    run there, else the fastest that can. A request that cannot run raises instead of silently running another.
+    ``cuda_op`` names the extension function the caller needs: "cuda" is available when the extension has it.
+    ``has_triton=False`` says the operation has no Triton kernel: "auto" on a GPU then picks "cuda" where built."""
     requested = requested or os.environ.get(BACKEND_ENV) or "auto"
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
     on_gpu = device.type == "cuda"
     if requested == "auto":
-        if on_gpu and triton_kernels() is not None:
+        if on_gpu and has_triton and triton_kernels() is not None:
             return "triton"
+        if on_gpu and not has_triton and cuda_op_available(cuda_op):
+            return "cuda"
         return "cpu"
     if requested == "triton":
+        if not has_triton:
+            raise ValueError("backend 'triton' has no kernel for this operation (choose 'cuda', 'cpu' or 'reference')")
         if triton_kernels() is None:
             raise ValueError("backend 'triton' requested but triton is not importable")
         if not on_gpu and not triton_interpreter_enabled():
             raise ValueError("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)")
     if requested == "cuda":
-        ext = cuda_extension()
-        if ext is None or not hasattr(ext, "block_sparse_attention_fwd"):
-            raise ValueError("backend 'cuda' requested but the CUDA extension with a block-sparse prefill kernel is not built")
+        if not cuda_op_available(cuda_op):
+            raise ValueError(f"backend 'cuda' requested but the CUDA extension with {cuda_op} is not built")
         if not on_gpu:
             raise ValueError(f"backend 'cuda' needs CUDA tensors, got {device}")
     return requested

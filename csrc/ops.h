@@ -1,0 +1,53 @@
+// The extension's operators, one declaration per (op, device). bindings.cpp checks every argument once and then
+// dispatches on the device; the implementations below may assume valid, contiguous inputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "ordered_key.h"
+
+namespace sparse_attn {
+
+// topk_tokens(scores [B, H, L] fp32, lengths int32 [B], k, sink, recent, budgets int32 [B] or none):
+// row (b, h) selects budget = min(budgets[b], k) (without budgets: k) of its first len = lengths[b] tokens: all of
+// them if len <= budget, else the sink tokens [0, sink), the recent tokens [len - recent, len) (sink + recent <= k)
+// and, for the rest of the budget, the other tokens with the highest scores (ties: the lower index). Output:
+// indices int32 [B, H, k] ascending, zero-padded past counts int32 [B, H].
+std::tuple<at::Tensor, at::Tensor> topk_tokens_cpu(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
+                                                   int64_t sink, int64_t recent,
+                                                   const std::optional<at::Tensor>& budgets);
+
+// Inputs of the compressed-cache decode (layout documented in sparse_attn/decode/compressed.py):
+//   q [B, Hq, D]; per K and V: bitmaps int64 [slots * tiles], values [slots * keep], keep kept values per token;
+//   offsets int64 [B, Hkv] (first slot of (b, h)), comp_lengths int32 [B] (compressed tokens per sequence);
+//   dense recent window k_recent/v_recent [B, Hkv, W, D] with recent_lengths int32 [B].
+// A sequence's context is its compressed tokens followed by its recent tokens.
+struct CompressedDecodeInputs {
+  at::Tensor q;
+  at::Tensor k_bitmaps, k_values;
+  at::Tensor v_bitmaps, v_values;
+  int64_t k_keep = 0, v_keep = 0;
+  at::Tensor offsets, comp_lengths;
+  at::Tensor k_recent, v_recent, recent_lengths;
+  double scale = 1.0;
+  int64_t max_context = 0;  // upper bound on comp_lengths + recent_lengths (0: unknown); sizes the CUDA split grid
+};
+
+// Returns (out [B, Hq, D] in q's dtype, lse fp32 [B, Hq]; out 0 and lse -inf for an empty context).
+std::tuple<at::Tensor, at::Tensor> compressed_decode_attention_cpu(const CompressedDecodeInputs& in);
+
+#ifdef SPARSE_ATTN_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> topk_tokens_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
+                                                    int64_t sink, int64_t recent,
+                                                    const std::optional<at::Tensor>& budgets);
+std::tuple<at::Tensor, at::Tensor> compressed_decode_attention_cuda(const CompressedDecodeInputs& in);
+#endif
+
+// 64-element tiles per token vector (the last one partial when head_dim is not a multiple of 64).
+inline int64_t num_tiles(int64_t head_dim) { return (head_dim + 63) / 64; }
+
+}  // namespace sparse_attn
