@@ -1,15 +1,19 @@
 """One command for a GPU machine: build, check, benchmark, in under ``--budget`` seconds (default 9 minutes).
 
-    python -m bench.gpu_suite --out DIR [--quick] [--budget 540]
+    python -m bench.gpu_suite --out DIR [--quick] [--budget 540] [--decode-share 0.4]
 
 1. install: (re)install the package (editable, with its extension) when the checkout is not installed or csrc/
    changed since the last build; no network is needed (``--no-index --no-build-isolation --no-deps``);
 2. correctness at real sizes: our kernel against a float32 PyTorch reference on query blocks sampled from a 64k
    problem (Dense, 10% and 30% masks, and a length that is not a multiple of the block), and against
    FlexAttention with the same mask;
-3. the prefill benchmark (bench.prefill) with the machine's defaults, in the time left.
+3. decode correctness at real sizes: our decode ops on a ragged batch over shuffled pages against the float32
+   oracle (dense decode, attention over a Double Sparsity selection, decode on a 70%-pruned compressed cache);
+4. the prefill benchmark (bench.prefill) with the machine's defaults, in its share of the time left;
+5. the decode benchmark (bench.decode) with the machine's defaults, in the rest.
 
-Writes ``DIR/suite.json`` and ``DIR/suite.md`` (steps, correctness) and ``DIR/prefill.json``/``.md``.
+Writes ``DIR/suite.json`` and ``DIR/suite.md`` (steps, correctness), ``DIR/prefill.json``/``.md`` and
+``DIR/decode.json``/``.md``.
 Without a GPU every step runs at the CPU sizes, so the suite itself is testable anywhere. Exit status 1 when a
 correctness check fails or a step errors.
 """
@@ -160,6 +164,70 @@ def correctness(settings, *, context: int, cases: tuple[tuple[int, float], ...],
             "checks": checks, "seconds": time.monotonic() - t0}
 
 
+def decode_correctness(settings, *, context: int) -> dict:
+    """Our decode ops against the float32 oracle on a ragged batch (``context``, ``context - 37``, about half, and
+    a few pages) over shuffled pages: dense decode with the kernel's own split count and with one split, attention
+    over a Double Sparsity selection (oracle on the same selection; the selection must hold each row's budget), and
+    decode on a 70%-pruned compressed cache (oracle on its decompressed tokens). Output and lse errors are checked."""
+    from sparse_attn.decode import decode_attention_reference, select_tokens, sparse_decode_attention
+    from sparse_attn.decode.kv_pruning import KVPruningConfig, pruned_decode_attention
+
+    from . import decode
+
+    device, dtype = torch.device(settings.device), common.parse_dtype(settings.dtype)
+    tol, scale, backend = TOLERANCE[settings.dtype], settings.head_dim ** -0.5, settings.backend
+    lengths = [max(1, n) for n in (context, context - 37, context // 2 + 5, 3 * settings.page_size + 1)]
+    checks, t0 = [], time.monotonic()
+
+    def check(name: str, ours, oracle, **extra) -> None:
+        """One row: ``ours()`` and ``oracle()`` return (out, lse); ``extra`` adds facts (``counts_ok`` must hold)."""
+        row = dict(check=name, seq_lens=lengths, tolerance=tol, **extra)
+        try:
+            (out, lse), (ref_out, ref_lse) = ours(), oracle()
+            finite = torch.isfinite(ref_lse)  # rows that read no token have lse -inf
+            errors = (decode.max_abs_err(out, ref_out), decode.max_abs_err(lse[finite], ref_lse[finite]))
+            row["max_abs_err_vs_reference"], row["max_abs_err_lse"] = errors
+            row["ok"] = all(e is not None and e <= tol for e in errors) and row.get("counts_ok", True)
+        except Exception as exc:
+            row.update(ok=False, error=common.error_reason(exc, limit=1000))
+        checks.append(row)
+
+    try:
+        inputs = decode.make_inputs(lengths, heads=settings.heads, kv_heads=settings.kv_heads,
+                                    head_dim=settings.head_dim, dtype=dtype, device=device,
+                                    page_size=settings.page_size, planted=settings.planted_channels,
+                                    gain=settings.channel_gain, seed=settings.seed, shuffle_pages=True)
+        dense = decode.dense_reference(inputs, scale)
+        args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.seq_lens)
+        check("dense", lambda: sparse_decode_attention(*args, None, scale=scale, backend=backend), lambda: dense)
+        check("dense, one split", lambda: sparse_decode_attention(*args, None, scale=scale, backend=backend,
+                                                                  num_splits=1), lambda: dense)
+
+        config = decode.ds_config(settings)
+        channels = decode.calibrate(inputs, settings.r, settings.calibration_tokens, settings.seed)
+        labels = decode.label_cache_for(inputs, channels, config)
+        selection = select_tokens(inputs.q, labels, channels, inputs.block_table, inputs.seq_lens, config,
+                                  backend=backend)
+        counts = selection.kv_num_blocks[:, :, 0].long()
+        budgets = config.token_budgets(inputs.seq_lens)
+        check("Double Sparsity selection",
+              lambda: sparse_decode_attention(*args, selection, scale=scale, backend=backend),
+              lambda: decode_attention_reference(*args, selection, scale=scale, compute_dtype=torch.float32),
+              tokens_read=counts[:, 0].tolist(), counts_ok=bool((counts == budgets[:, None]).all()))
+        del labels, selection
+
+        pruned = decode.pruned_cache_for(inputs, KVPruningConfig(sparsity=0.7))
+        check("KV pruning 70%",
+              lambda: pruned_decode_attention(inputs.q, pruned, scale=scale, backend=backend, return_lse=True),
+              lambda: pruned_decode_attention(inputs.q, pruned, scale=scale, backend="reference", return_lse=True))
+    except Exception as exc:  # inputs, calibration, labels or the pruned cache could not be built
+        checks.append(dict(check="setup", seq_lens=lengths, tolerance=tol, ok=False,
+                           error=common.error_reason(exc, limit=1000)))
+    common.release_memory(device)
+    return {"name": "decode correctness", "status": "ok" if all(c["ok"] for c in checks) else "failed",
+            "impls": decode.DecodeRun(settings).impls, "checks": checks, "seconds": time.monotonic() - t0}
+
+
 # ---------------------------------------------------------------------------------------------------- suite
 
 
@@ -176,7 +244,27 @@ def markdown(payload: dict) -> str:
                      common.fmt(c["tolerance"]), "yes" if c["ok"] else f"**no** {c.get('error', '')}"] for c in step["checks"]]
             lines += ["", "Correctness: sparse-attn vs float32 reference (sampled query blocks) and FlexAttention:", "",
                       common.markdown_table(["context", "density", "mask", "err vs ref", "err vs Flex", "tolerance", "ok"], rows)]
+        if step["name"] == "decode correctness":
+            rows = [[c["check"], ", ".join(map(str, c["seq_lens"])), common.fmt(c.get("max_abs_err_vs_reference"), 2),
+                     common.fmt(c.get("max_abs_err_lse"), 2), common.fmt(c["tolerance"]),
+                     "yes" if c["ok"] else f"**no** {c.get('error', '')}"] for c in step["checks"]]
+            impls = ", ".join(f"{k}: {v}" for k, v in step.get("impls", {}).items())
+            lines += ["", f"Decode correctness vs float32 reference, shuffled pages ({impls}):", "",
+                      common.markdown_table(["check", "seq_lens", "err out", "err lse", "tolerance", "ok"], rows)]
     return "\n".join(lines)
+
+
+def benchmark_step(bench, settings, out: Path, command: str) -> dict:
+    """Run a benchmark module (bench.prefill, bench.decode) into ``out``; the step record with its targets."""
+    t0 = time.monotonic()
+    try:
+        payload = bench.run(settings, out, command)
+    except Exception as exc:
+        return {"name": bench.NAME, "status": "error", "error": common.error_reason(exc, 2000),
+                "seconds": time.monotonic() - t0}
+    skipped = sum(r["status"] == "skipped" and r.get("reason") == "time budget exhausted" for r in payload["results"])
+    return {"name": bench.NAME, "status": "ok", "seconds": time.monotonic() - t0, "cells_skipped_for_time": skipped,
+            "targets": payload["targets"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole suite")
     parser.add_argument("--skip-install", action="store_true")
     parser.add_argument("--prefill-args", default="", help='extra bench.prefill options, e.g. "--contexts 65536"')
+    parser.add_argument("--decode-args", default="", help='extra bench.decode options, e.g. "--batches 8"')
+    parser.add_argument("--decode-share", type=float, default=0.4,
+                        help="fraction of the benchmark time (after the checks) left to the decode benchmark")
     args = parser.parse_args(argv)
     start = time.monotonic()
     command = common.command_line("bench.gpu_suite", argv)
@@ -214,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         steps.append({"name": "map triton_kernels", "status": "ok", "note": note, "seconds": 0.0})
 
-    from . import prefill  # imports sparse_attn: after the install
+    from . import decode, prefill  # import sparse_attn: after the install
 
     prefill_argv = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + shlex.split(args.prefill_args)
     settings, _ = prefill.settings_from_args(prefill_argv)
@@ -223,17 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     ragged = context - 37  # a length that is not a multiple of the block: a partial last block
     cases = ((context, 1.0), (context, 0.1), (context, 0.3), (ragged, 0.1))
     steps.append(correctness(settings, context=context, cases=cases))
+    decode_argv = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + shlex.split(args.decode_args)
+    decode_settings, _ = decode.settings_from_args(decode_argv)
+    steps.append(decode_correctness(decode_settings, context=min(max(decode_settings.contexts), 32768)))
 
-    t0 = time.monotonic()
-    settings.time_budget_s = max(0.0, args.budget - (t0 - start) - 60.0)  # 60 s for the cell in flight and writing
-    try:
-        payload = prefill.run(settings, args.out, command)
-        skipped = sum(r["status"] == "skipped" and r.get("reason") == "time budget exhausted" for r in payload["results"])
-        steps.append({"name": "prefill", "status": "ok", "seconds": time.monotonic() - t0,
-                      "cells_skipped_for_time": skipped, "targets": payload["targets"]})
-    except Exception as exc:
-        steps.append({"name": "prefill", "status": "error", "error": common.error_reason(exc, 2000),
-                      "seconds": time.monotonic() - t0})
+    left = args.budget - (time.monotonic() - start) - 60.0  # 60 s for the cell in flight and writing
+    settings.time_budget_s = max(0.0, (1.0 - args.decode_share) * left)
+    steps.append(benchmark_step(prefill, settings, args.out, command))
+    decode_settings.time_budget_s = max(0.0, args.budget - (time.monotonic() - start) - 60.0)  # the rest
+    steps.append(benchmark_step(decode, decode_settings, args.out, command))
 
     payload = {"benchmark": NAME, **common.environment(torch.device(settings.device), command), "steps": steps,
                "seconds": time.monotonic() - start}
@@ -241,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(args.out / "suite.json", payload)
     (args.out / "suite.md").write_text(markdown(payload) + "\n")
     print(markdown(payload))
-    if (args.out / "prefill.md").exists():
-        print("\n" + (args.out / "prefill.md").read_text())
+    for name in ("prefill", "decode"):
+        if (args.out / f"{name}.md").exists():
+            print("\n" + (args.out / f"{name}.md").read_text())
     print(f"suite {'passed' if payload['ok'] else 'FAILED'} in {payload['seconds']:.0f} s; results in {args.out}")
     return 0 if payload["ok"] else 1
 

@@ -219,10 +219,11 @@ def flex_function(mode: str):
     return _flex_functions[mode]
 
 
-def sdpa_function(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """A callable running causal SDPA with exactly one backend, and how GQA reaches it: the backend's own
-    ``enable_gqa``, else KV heads repeated to the query heads beforehand (outside the timed call).
-    Raises RuntimeError with the backend's reasons when it cannot run these inputs."""
+def sdpa_function(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  causal: bool = True):
+    """A callable running SDPA with exactly one backend, and how GQA reaches it: the backend's own ``enable_gqa``,
+    else KV heads repeated to the query heads beforehand (outside the timed call). Causal unless ``causal=False``
+    (a decode query reads its whole cache). Raises RuntimeError with the backend's reasons when it cannot run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     which = getattr(SDPBackend, SDPA_BACKENDS[backend])
@@ -230,7 +231,7 @@ def sdpa_function(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     def call(keys, values, gqa):
         with sdpa_kernel(which):
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=scale, enable_gqa=gqa)
 
     attempts = [("enable_gqa", k, v, True)] if group > 1 else [("none", k, v, False)]
     if group > 1:

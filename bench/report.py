@@ -15,9 +15,9 @@ import argparse
 import re
 from pathlib import Path
 
-from . import common, gpu_suite, prefill
+from . import common, decode, gpu_suite, prefill
 
-RENDERERS = {prefill.NAME: prefill.markdown, gpu_suite.NAME: gpu_suite.markdown}
+RENDERERS = {prefill.NAME: prefill.markdown, decode.NAME: decode.markdown, gpu_suite.NAME: gpu_suite.markdown}
 
 
 def render(payload: dict) -> str:

@@ -188,9 +188,11 @@ def test_time_fn_and_environment(monkeypatch):
 
 def test_gpu_suite_degrades_to_cpu(tmp_path):
     extra = " ".join(a for a in TINY if a != "--quick")
-    assert gpu_suite.main(["--out", str(tmp_path), "--skip-install", "--quick", "--prefill-args", extra]) == 0
+    decode_tiny = "--contexts 1200 --batches 2 --heads 4 --kv-heads 2 --head-dim 32 --r 8 --flex off"
+    assert gpu_suite.main(["--out", str(tmp_path), "--skip-install", "--quick", "--prefill-args", extra,
+                           "--decode-args", decode_tiny]) == 0
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert suite["ok"] and [s["name"] for s in suite["steps"]] == ["correctness", "prefill"]
+    assert suite["ok"] and [s["name"] for s in suite["steps"]] == ["correctness", "decode correctness", "prefill", "decode"]
     checks = suite["steps"][0]["checks"]
     assert [c["context"] for c in checks] == [128, 128, 128, 91]
     assert all(c["ok"] and c["max_abs_err_vs_reference"] < 1e-5 for c in checks)

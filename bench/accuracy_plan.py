@@ -1,0 +1,116 @@
+"""Accuracy of a per-head plan on SmolLM2-135M (CPU): passkey retrieval and perplexity, dense vs the plan, with the
+prefill density the plan actually ran at.
+
+    python -m bench.accuracy_plan --plan plan.json [--lengths 4096,6144] [--depths 0.25,0.5,0.75]
+                                  [--ppl-len 4096] [--out DIR]
+
+Without ``--plan`` it calibrates one first (as ``sparse-attn-plan calibrate --model smollm2``) with
+``--target-density``. The perplexity text is held out from calibration: calibration reads the default licence
+texts from their start (:func:`sparse_attn.planner.calibrate.calibration_prompts`), perplexity is measured on
+``--ppl-text`` (default: the GPL-3 text where the system has it, else the last default text).
+Writes ``DIR/accuracy_plan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import sparse_attn
+from sparse_attn.integrations.transformers import attention_modules
+from sparse_attn.models import load_smollm2, make_passkey_prompt, passkey_retrieved
+from sparse_attn.planner import default_pattern, load_plan
+from sparse_attn.planner.calibrate import calibrate, calibration_prompts, default_calibration_texts, default_candidates
+from sparse_attn.planner.solver import make_plan
+
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+def prefill_density(model) -> float:
+    """Mean density over the layers' last sparse runs (dense runs count 1.0)."""
+    values = [m.sparse_attention.last_density for m in attention_modules(model).values()]
+    return sum(values) / len(values)
+
+
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor) -> float:
+    return math.exp(float(model(ids[None], labels=ids[None], use_cache=False).loss))
+
+
+def evaluate(model, tokenizer, args, tag: str) -> dict:
+    result = {"passkey": [], "perplexity": None}
+    text = Path(args.ppl_text).read_text() if args.ppl_text else (GPL3.read_text() if GPL3.is_file()
+                                                                   else default_calibration_texts()[-1])
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = ids.repeat(-(-args.ppl_len // ids.numel()))[: args.ppl_len]
+    start = time.perf_counter()
+    result["perplexity"] = perplexity(model, ids)
+    result["perplexity_density"] = prefill_density(model) if tag != "dense" else 1.0
+    print(f"[{tag}] perplexity {result['perplexity']:.4f} at {args.ppl_len} tokens "
+          f"(density {result['perplexity_density']:.3f}, {time.perf_counter() - start:.0f} s)", flush=True)
+    for n in args.lengths:
+        for depth in args.depths:
+            key = 10000 + (n * 7919 + round(depth * 100) * 104729) % 90000  # a fixed 5-digit key per case
+            prompt = make_passkey_prompt(tokenizer, n, depth, key)
+            start = time.perf_counter()
+            ok = passkey_retrieved(model, tokenizer, prompt, key)
+            density = prefill_density(model) if tag != "dense" else 1.0
+            result["passkey"].append({"tokens": n, "depth": depth, "retrieved": ok, "density": density})
+            print(f"[{tag}] passkey {n} tokens depth {depth}: {'ok' if ok else 'MISSED'} "
+                  f"(last-step density {density:.3f}, {time.perf_counter() - start:.0f} s)", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", help="plan file (default: calibrate one)")
+    parser.add_argument("--target-density", type=float, default=0.3)
+    parser.add_argument("--lengths", default="4096,6144")
+    parser.add_argument("--depths", default="0.25,0.5,0.75")
+    parser.add_argument("--ppl-len", type=int, default=4096)
+    parser.add_argument("--ppl-text")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--skip-dense", action="store_true", help="only the plan (dense numbers from an earlier run)")
+    parser.add_argument("--no-plan-default", action="store_true",
+                        help="also run the no-plan default (sparse_attn.planner.default_pattern() on every head)")
+    args = parser.parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.depths = [float(x) for x in args.depths.split(",")]
+
+    model, tokenizer = load_smollm2()
+    if args.plan:
+        plan = load_plan(args.plan, model)
+    else:
+        prompts = calibration_prompts(tokenizer, default_calibration_texts(), 4096, 2)
+        profile = calibrate(model, prompts, default_candidates(4096), model_id="SmolLM2-135M-Instruct")
+        plan = make_plan(profile, target_density=args.target_density)
+    report = {"plan": {"file": args.plan, "budget": plan.budget, "density": plan.mean("density"),
+                       "recall": plan.mean("recall"), "patterns": plan.pattern_counts()}}
+    if not args.skip_dense:
+        report["dense"] = evaluate(model, tokenizer, args, "dense")
+    sparse_attn.configure(model, layers=plan.to_patterns(), q_block_size=plan.q_block_size,
+                          kv_block_size=plan.kv_block_size)
+    report["plan_run"] = evaluate(model, tokenizer, args, "plan")
+    if args.no_plan_default:
+        sparse_attn.configure(model, default_pattern())
+        report["default_run"] = evaluate(model, tokenizer, args, "default")
+    for run_name in ("plan_run", "default_run"):
+        if "dense" in report and run_name in report:
+            dense, run = report["dense"], report[run_name]
+            run["perplexity_rise"] = run["perplexity"] / dense["perplexity"] - 1
+            run["passkey_kept"] = all(p["retrieved"] for p, d in zip(run["passkey"], dense["passkey"]) if d["retrieved"])
+            print(f"{run_name}: perplexity rise {100 * run['perplexity_rise']:.2f}%, passkey kept every dense "
+                  f"success: {run['passkey_kept']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy_plan.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""vLLM integration: the ``sparse`` attention backend (``--attention-backend sparse``).
+
+``plugin.register`` is the ``vllm.general_plugins`` entry point; ``backend`` holds the backend (it imports vLLM);
+``config`` parses the backend's options and needs no vLLM.
+"""
+
+from .config import ADDITIONAL_CONFIG_KEY, ENV_VAR, SparseAttnConfigError, SparseAttnOptions, parse_options
+from .plugin import BACKEND_NAME, register
+
+__all__ = [
+    "register", "BACKEND_NAME", "ENV_VAR", "ADDITIONAL_CONFIG_KEY",
+    "SparseAttnOptions", "SparseAttnConfigError", "parse_options",
+]

@@ -1,0 +1,88 @@
+"""vLLM plugin (entry point ``vllm.general_plugins``): makes ``--attention-backend sparse`` work without patching vLLM.
+
+vLLM runs :func:`register` once in every process (front end, engine core, workers). It
+
+1. registers the enum member ``AttentionBackendEnum.SPARSE`` (the layer looks its backend up by ``get_name()``);
+2. teaches pickle to send that member by name: spawned processes unpickle their config before any plugin runs, and
+   the default enum pickle (by value) would fail there; unpickling by name imports this module, which registers it;
+3. on CPU, wraps ``CpuPlatform.get_attn_backend_cls``, which otherwise always answers CPU_ATTN;
+4. checks the backend's options (:mod:`.config`) when the config is built, so a bad option fails in the caller's
+   process, before any engine starts.
+"""
+
+from __future__ import annotations
+
+import copyreg
+
+BACKEND_NAME = "SPARSE"
+BACKEND_PATH = "sparse_attn.vllm.backend.SparseAttentionBackend"
+
+
+def register() -> None:
+    """Idempotent: safe to call in every process and more than once."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, BACKEND_PATH)
+    copyreg.pickle(AttentionBackendEnum, _reduce_backend)
+    _patch_platform()
+
+
+def lookup_backend(name: str):
+    """Unpickling target for the member: registers it first in a fresh process."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    register()
+    return AttentionBackendEnum[name]
+
+
+def _reduce_backend(member):
+    if member.name == BACKEND_NAME:
+        return lookup_backend, (BACKEND_NAME,)
+    return type(member), (member._value_,)  # what Enum.__reduce_ex__ does
+
+
+def sparse_backend_selected(vllm_config) -> bool:
+    """Whether any attention layer of this run is meant to use the sparse backend."""
+    attention = vllm_config.attention_config
+    chosen = [attention.backend, *(attention.backend_per_kind or {}).values()]
+    return any(getattr(b, "name", None) == BACKEND_NAME for b in chosen)
+
+
+def _patch_platform() -> None:
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if getattr(platform_cls, "_sparse_attn_patched", False):
+        return
+    original_check = platform_cls.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original_check(cls, vllm_config)
+        if sparse_backend_selected(vllm_config):
+            from .config import options_from_vllm_config
+
+            options_from_vllm_config(vllm_config)  # raises SparseAttnConfigError naming the bad option
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+    if current_platform.is_cpu():
+        # The CPU platform ignores a selected backend (it logs "Cannot use ... on CPU" and picks CPU_ATTN).
+        original_select = platform_cls.get_attn_backend_cls.__func__
+
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            if getattr(selected_backend, "name", None) == BACKEND_NAME:
+                return _validated_path(selected_backend, attn_selector_config, cls.get_device_capability())
+            return original_select(cls, selected_backend, attn_selector_config, num_heads)
+
+        platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls._sparse_attn_patched = True
+
+
+def _validated_path(selected_backend, attn_selector_config, device_capability) -> str:
+    """What the CUDA platform does for a selected backend: validate it, then return its class path."""
+    backend_cls = selected_backend.get_class()
+    reasons = backend_cls.validate_configuration(device_capability=device_capability, **attn_selector_config._asdict())
+    if reasons:
+        raise ValueError(f"Selected backend {selected_backend} is not valid for this configuration. Reason: {reasons}")
+    return selected_backend.get_path()
