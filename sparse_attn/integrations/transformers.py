@@ -1,0 +1,132 @@
+"""Hugging Face transformers (5.x): ``attn_implementation="sparse"``.
+
+Usage::
+
+    import sparse_attn                                    # registers "sparse" with transformers
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparse")
+    sparse_attn.configure(model, sparse_attn.AShape(sink_tokens=64, local_tokens=1024))
+
+Every attention module with a ``layer_idx`` gets its own :class:`SparseAttention` (``module.sparse_attention``);
+modules never configured run the exact Dense setting. The mask function is transformers' SDPA one, so plain
+causal batches arrive with ``attention_mask=None`` and run sparse; batches that need an explicit mask (padding,
+packed sequences, chunked prefill over a cache, decode into a static cache) run transformers' dense SDPA with that
+mask instead (correct, visibly dense: a warning is logged once).
+
+transformers is imported on first use, so this module (and ``sparse_attn.configure``) imports without it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..modules import SparseAttention
+from ..patterns import Dense, Pattern
+
+__all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules"]
+
+IMPLEMENTATION = "sparse"
+logger = logging.getLogger(__name__)
+_default_attention = SparseAttention(Dense())
+_warned_dense_fallback = False
+
+
+def register() -> None:
+    """Make ``attn_implementation="sparse"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def sparse_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query ``[B, Hq, S, D]``, key/value ``[B, Hkv, Skv, D]`` ->
+    (``[B, S, Hq, D]`` contiguous, None). Inference only."""
+    if dropout > 0 and module.training:
+        raise ValueError(f"dropout={dropout}: sparse attention is for inference; call model.eval() first")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("softcap is not supported by sparse attention")
+    is_causal = kwargs.pop("is_causal", None)
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is not None or kwargs.get("cache") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _warn_dense_fallback()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if is_causal and 1 < q_len < kv_len:
+        # transformers drops the mask with more keys than queries only for a prefill into an empty static cache:
+        # the queries are the first positions and the keys past them are unwritten slots.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    attention = getattr(module, "sparse_attention", None) or _default_attention
+    out = attention(query, key, value, is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _warn_dense_fallback() -> None:
+    global _warned_dense_fallback
+    if not _warned_dense_fallback:
+        _warned_dense_fallback = True
+        logger.warning(
+            "sparse_attn: this batch needs an explicit attention mask (padding, packed sequences, chunked prefill, "
+            "static caches); it runs dense SDPA, sparse attention is not applied to it"
+        )
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The model's self-attention modules by layer index (modules named ``*Attention`` with an int ``layer_idx``)."""
+    found = {}
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and type(module).__name__.endswith("Attention"):
+            found.setdefault(module.layer_idx, module)
+    return found
+
+
+def configure(
+    model: torch.nn.Module,
+    pattern: Pattern | None = None,
+    *,
+    layers: dict[int, Pattern] | None = None,
+    q_block_size: int = 64,
+    kv_block_size: int = 64,
+    dense_below: int = 1024,
+    backend: str | None = None,
+) -> torch.nn.Module:
+    """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else Dense.
+
+    Returns the model (changed in place).
+    """
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"model: {type(model).__name__} has no attention module with a layer_idx to configure")
+    layers = dict(layers or {})
+    unknown = sorted(set(layers) - set(modules))
+    if unknown:
+        raise ValueError(f"layers: keys {unknown} are not layer indices of this model (0..{max(modules)})")
+    for name, value in [("pattern", pattern)] + [(f"layers[{i}]", p) for i, p in layers.items()]:
+        if value is not None and not isinstance(value, Pattern):
+            raise ValueError(f"{name} must be a sparse_attn Pattern, got {type(value).__name__}")
+    register()
+    for idx, module in modules.items():
+        chosen = layers.get(idx, pattern)
+        module.sparse_attention = SparseAttention(
+            chosen if chosen is not None else Dense(), q_block_size=q_block_size, kv_block_size=kv_block_size,
+            dense_below=dense_below, backend=backend,
+        )
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(IMPLEMENTATION)
+    else:
+        model.config._attn_implementation = IMPLEMENTATION
+    return model

