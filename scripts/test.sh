@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest tests "$@"
+# The pytest script (not `python -m pytest`) keeps the repository root off sys.path: vLLM imports any top-level module
+# named triton_kernels, and the project's triton_kernels/ folder is only meant as sparse_attn.triton_kernels.
+exec .venv/bin/pytest tests "$@"
