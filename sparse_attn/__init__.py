@@ -1,6 +1,10 @@
 """sparse-attn: sparse attention for long-context inference (block-sparse prefill, sparse decode, per-head plans)."""
 
+import importlib.util as _importlib_util
+
+from .integrations.transformers import configure
 from .masks import BlockSparseMask
+from .modules import SparseAttention
 from .ops import block_sparse_attention, dense_attention
 from .patterns import AShape, Dense, Pattern, PerHead, Strided, TopKBlocks, VerticalSlash
 
@@ -9,4 +13,22 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSparseMask", "block_sparse_attention", "dense_attention",
     "Pattern", "PerHead", "Dense", "AShape", "Strided", "VerticalSlash", "TopKBlocks",
+    "SparseAttention", "configure",
 ]
+
+
+# Register attn_implementation="sparse" with transformers where it is installed; a missing or broken transformers
+# must never break `import sparse_attn`.
+if _importlib_util.find_spec("transformers") is not None:
+    try:
+        from .integrations.transformers import register as _register_transformers
+
+        _register_transformers()
+    except Exception as _error:  # noqa: BLE001
+        import warnings as _warnings
+
+        _warnings.warn(f"sparse_attn: transformers integration not registered ({_error!r})", stacklevel=2)
+
+from .patterns import ElasticSpan, HeadProxy  # noqa: E402
+
+__all__ += ["ElasticSpan", "HeadProxy"]

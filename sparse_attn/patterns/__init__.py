@@ -2,6 +2,9 @@
 
 from .base import Pattern, PerHead, SeqContext
 from .content import TopKBlocks, VerticalSlash
+from .elastic import ElasticSpan
+from .head_proxy import HeadProxy
 from .static import AShape, Dense, Strided
 
-__all__ = ["Pattern", "PerHead", "SeqContext", "Dense", "AShape", "Strided", "VerticalSlash", "TopKBlocks"]
+__all__ = ["Pattern", "PerHead", "SeqContext", "Dense", "AShape", "Strided", "VerticalSlash", "TopKBlocks",
+           "ElasticSpan", "HeadProxy"]

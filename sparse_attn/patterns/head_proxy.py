@@ -1,0 +1,191 @@
+"""Head-proxy block estimation (ProxyAttn): one cheap proxy head per KV group scores the blocks for all its heads.
+
+Steps, for one sequence:
+1. Group the query heads by KV head (GQA groups; ``kv_heads_per_group`` merges several KV groups for MHA-like
+   models). A group's proxy query is the mean of its heads' queries, its proxy key the mean of its KV heads' keys.
+2. Score blocks with the proxy: ``softmax(Qg Kg^T * scale)`` on strided query rows (1 of ``q_stride``, aligned to
+   each query block's last row), max-pooled to ``[groups, num_q_blocks, num_kv_blocks]``.
+3. Per-head budget: on the last query block, the head's own attention probabilities are pooled to block masses
+   (averaged over its rows); ``b_h`` is the fewest blocks whose mass reaches ``gamma_h`` (cumulative-mass selection),
+   at least ``min_budget`` tokens.
+4. Head h keeps, in every query block, its ``b_h`` best blocks by the shared group score, plus the first block
+   (the attention sink) and the diagonal block.
+
+The estimation time is kept apart from the kernel's in :attr:`HeadProxy.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.attention import resolve_backend, triton_kernels
+from .base import Pattern, SeqContext
+from .static import _positive_int
+
+__all__ = ["HeadProxy", "pooled_block_probs", "blocks_for_mass", "strided_rows"]
+
+# Elements of one chunk of the score matrix on the PyTorch path (bounds its memory: 2**24 fp32 = 64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def strided_rows(seq: SeqContext, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows sampled per query block: local offsets ``last, last - stride, ...`` of each block, so every
+    block (also a short last one) keeps its final row. Returns local row ids and absolute positions, int64
+    ``[num_q_blocks, ceil(q_block_size / stride)]``; empty slots are -1 in both."""
+    nq, bq = seq.num_q_blocks, seq.q_block_size
+    slots = -(-bq // stride)
+    first = torch.arange(nq, device=seq.device) * bq
+    block_rows = torch.clamp(seq.q_len - first, max=bq)  # rows in each block
+    offset = block_rows[:, None] - 1 - stride * torch.arange(slots, device=seq.device)[None, :]
+    rows = torch.where(offset >= 0, first[:, None] + offset, -1)
+    return rows, torch.where(rows >= 0, rows + seq.q_offset, -1)
+
+
+def pooled_block_probs(q, k, pos, kv_block_size, scale, causal, mean, backend=None) -> torch.Tensor:
+    """Softmax probabilities of query rows over all keys, pooled per (head, query block, KV block).
+
+    q ``[H, nq, R, D]`` (R rows per query block), k ``[Tk, Hk, D]`` (head h reads KV head ``h // (H // Hk)``),
+    pos ``[nq, R]`` absolute row positions (-1: empty slot). ``mean=False``: max of P over the block's rows and keys;
+    ``mean=True``: the block's mass ``sum_n P`` averaged over the rows. Returns fp32 ``[H, nq, num_kv_blocks]``
+    (fp64 for fp64 inputs on the PyTorch path). The Triton kernel runs where ``backend`` resolves to "triton".
+    """
+    name = resolve_backend(backend, q.device)
+    if name == "triton" and kv_block_size >= 16 and not kv_block_size & (kv_block_size - 1):
+        return triton_kernels().pooled_block_probs_fwd(q, k, pos.to(torch.int32), kv_block_size, scale, causal, mean)
+    return _pooled_block_probs_torch(q, k, pos, kv_block_size, scale, causal, mean)
+
+
+def _pooled_block_probs_torch(q, k, pos, kv_block_size, scale, causal, mean) -> torch.Tensor:
+    heads, nq, rows, _ = q.shape
+    kv_len = k.shape[0]
+    nk = -(-kv_len // kv_block_size)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keys = k.transpose(0, 1).to(dtype)[torch.arange(heads, device=q.device) // (heads // k.shape[1])]  # [H, Tk, D]
+    key_pos = torch.arange(kv_len, device=q.device)
+    out = torch.zeros(heads, nq, nk, dtype=dtype, device=q.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, heads * rows * kv_len))
+    pad = nk * kv_block_size - kv_len
+    for start in range(0, nq, chunk):
+        stop = min(nq, start + chunk)
+        p_pos = pos[start:stop]
+        scores = torch.einsum("hird,hnd->hirn", q[:, start:stop].to(dtype), keys) * scale
+        allowed = (p_pos >= 0)[..., None] & ((key_pos <= p_pos[..., None]) if causal else True)
+        probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+        if bool((p_pos < 0).any()):
+            probs.nan_to_num_(0.0)  # empty slots saw no key: probability 0, not NaN
+        if pad:
+            probs = torch.nn.functional.pad(probs, (0, pad))
+        probs = probs.unflatten(-1, (nk, kv_block_size))
+        if mean:
+            n_rows = (p_pos >= 0).sum(-1).clamp(min=1)
+            out[:, start:stop] = probs.sum(-1).sum(2) / n_rows[None, :, None]
+        else:
+            out[:, start:stop] = probs.amax(-1).amax(2)
+    return out
+
+
+def blocks_for_mass(mass: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Fewest blocks whose mass reaches ``gamma`` of the total: mass ``[H, nk]``, gamma ``[H]`` -> int64 ``[H]``."""
+    ordered = mass.sort(dim=-1, descending=True).values.cumsum(-1)
+    target = gamma.to(ordered.dtype) * ordered[:, -1:].squeeze(-1)
+    return ((ordered < target[:, None]).sum(-1) + 1).clamp(max=mass.shape[-1])
+
+
+@dataclass(frozen=True)
+class HeadProxy(Pattern):
+    """ProxyAttn block selection (see the module docstring).
+
+    Args:
+        gamma: cumulative attention mass each head's budget must reach on the last query block (0.95 or 0.90 in
+            the paper); one float for all heads, or one per query head (how a plan gives heads their own).
+        q_stride: keep 1 query row of every ``q_stride`` for the proxy scores.
+        min_budget: fewest tokens a head keeps per query block (rounded up to whole blocks).
+        kv_heads_per_group: KV heads merged into one proxy group (1: the GQA groups).
+        backend: "triton" to run the scoring kernel, "cpu"/"reference" for PyTorch, None: the best for the device.
+    """
+
+    gamma: float | tuple[float, ...] = 0.95
+    q_stride: int = 4
+    min_budget: int = 2048
+    kv_heads_per_group: int = 1
+    backend: str | None = None
+    #: Filled by every estimate: ``seconds`` (estimation time of the last call, apart from the attention kernel),
+    #: ``total_seconds`` and ``calls`` (running totals), ``budget_tokens`` (per head, last call).
+    stats: dict = field(default_factory=dict, compare=False, repr=False)
+
+    content_aware = True
+
+    def __post_init__(self):
+        if isinstance(self.gamma, list):
+            object.__setattr__(self, "gamma", tuple(self.gamma))
+        gammas = self.gamma if isinstance(self.gamma, tuple) else (self.gamma,)
+        if not gammas or not all(isinstance(g, (int, float)) and 0.0 < g <= 1.0 for g in gammas):
+            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma!r}")
+        _positive_int("q_stride", self.q_stride)
+        _positive_int("min_budget", self.min_budget, 0)
+        _positive_int("kv_heads_per_group", self.kv_heads_per_group)
+
+    def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
+        nq, nk = seq.num_q_blocks, seq.num_kv_blocks
+        if nq == 0 or nk == 0:
+            return torch.zeros(1, nq, nk, dtype=torch.bool, device=seq.device)
+        start = time.perf_counter()
+        keep, budget = self.select(seq, *self.estimate(seq))
+        if seq.device.type == "cuda":
+            torch.cuda.synchronize(seq.device)
+        elapsed = time.perf_counter() - start
+        self.stats.update(seconds=elapsed, total_seconds=self.stats.get("total_seconds", 0.0) + elapsed,
+                          calls=self.stats.get("calls", 0) + 1,
+                          budget_tokens=(budget * seq.kv_block_size).tolist())
+        return keep
+
+    def estimate(self, seq: SeqContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-3 before the budget: proxy block scores ``[groups, nq, nk]`` and each head's block masses on
+        the last query block ``[Hq, nk]``. They depend on ``q_stride`` and the grouping only, not on gamma or the
+        minimum budget, so a calibration run can share them between settings."""
+        q, k = seq.require_qk("HeadProxy")
+        num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        if num_kv_heads % self.kv_heads_per_group:
+            raise ValueError(f"kv_heads_per_group={self.kv_heads_per_group} must divide the {num_kv_heads} KV heads")
+        scale = seq.scale if seq.scale is not None else head_dim ** -0.5
+        groups = num_kv_heads // self.kv_heads_per_group
+
+        q_proxy = q.unflatten(1, (groups, num_heads // groups)).float().mean(2).to(q.dtype)  # [Lq, G, D]
+        k_proxy = k.unflatten(1, (groups, self.kv_heads_per_group)).float().mean(2).to(k.dtype)  # [Lk, G, D]
+        rows, pos = strided_rows(seq, self.q_stride)
+        q_rows = q_proxy[rows.clamp(min=0)].permute(2, 0, 1, 3)  # [G, nq, R, D]
+        scores = pooled_block_probs(q_rows, k_proxy, pos, seq.kv_block_size, scale, seq.causal, mean=False,
+                                    backend=self.backend).float()
+
+        last = torch.arange((seq.num_q_blocks - 1) * seq.q_block_size, seq.q_len, device=seq.device)
+        q_last = q[last].transpose(0, 1)[:, None]  # [Hq, 1, rows, D]
+        mass = pooled_block_probs(q_last, k, (last + seq.q_offset)[None], seq.kv_block_size, scale, seq.causal,
+                                  mean=True, backend=self.backend)[:, 0]
+        return scores, mass
+
+    def select(self, seq: SeqContext, scores: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 4: keep ``[Hq, nq, nk]`` (each head's top-b_h blocks by its group's proxy score, plus the first
+        block, the attention sink, and the diagonal block, the local context; invisible blocks never) and the
+        budgets ``b_h`` in blocks ``[Hq]``."""
+        num_heads, (groups, nq, nk) = mass.shape[0], scores.shape
+        gamma = torch.tensor(self.gamma if isinstance(self.gamma, tuple) else (self.gamma,) * num_heads,
+                             dtype=torch.float64, device=seq.device)
+        if gamma.numel() != num_heads:
+            raise ValueError(f"gamma has {gamma.numel()} values but the layer has {num_heads} query heads")
+        floor = min(nk, math.ceil(self.min_budget / seq.kv_block_size))
+        budget = blocks_for_mass(mass, gamma).clamp(min=floor)
+        always = torch.zeros(nq, nk, dtype=torch.bool, device=seq.device)
+        always[:, 0] = True  # the attention sink: cheap, and losing it costs far more than its share of mass
+        if seq.causal:
+            scores = scores.masked_fill(~seq.causal_keep(), float("-inf"))
+            _, last_row = seq.q_block_rows()
+            always[torch.arange(nq, device=seq.device), (last_row // seq.kv_block_size).clamp(max=nk - 1)] = True
+        order = scores.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nk, device=seq.device).expand_as(order))
+        group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
+        top = (rank[group_of_head] < budget[:, None, None]) & (scores[group_of_head] > float("-inf"))
+        return top | always, budget

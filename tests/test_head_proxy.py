@@ -1,0 +1,246 @@
+"""Head-proxy estimation (ProxyAttn) and elastic spans: pooled probabilities against a float64 definition, the
+Triton kernel against it, the selection rules, and recall on real SmolLM2 attention at about 4k tokens."""
+
+import math
+
+import pytest
+import torch
+
+from sparse_attn import AShape, ElasticSpan, HeadProxy, VerticalSlash
+from sparse_attn.masks import causal_block_bounds
+from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
+from sparse_attn.patterns import SeqContext
+from sparse_attn.patterns.head_proxy import blocks_for_mass, pooled_block_probs, strided_rows
+
+needs_triton = pytest.mark.skipif(triton_kernels() is None or not triton_interpreter_enabled(),
+                                  reason="needs triton with TRITON_INTERPRET=1")
+
+
+def pooled_definition(q, k, pos, bk, scale, causal, mean):
+    """Row by row, in float64: softmax over the visible keys, then max or row-mean of block sums."""
+    heads, nq, rows, _ = q.shape
+    kv_len = k.shape[0]
+    nk = -(-kv_len // bk)
+    out = torch.zeros(heads, nq, nk, dtype=torch.float64)
+    for h in range(heads):
+        kh = k[:, h // (heads // k.shape[1])].double()
+        for i in range(nq):
+            probs = []
+            for r in range(rows):
+                p = int(pos[i, r])
+                if p < 0:
+                    continue
+                s = (q[h, i, r].double() @ kh.T) * scale
+                if causal:
+                    s[p + 1:] = float("-inf")
+                probs.append(torch.softmax(s, 0))
+            for j in range(nk):
+                if not probs:
+                    continue
+                blocks = [pr[j * bk:(j + 1) * bk] for pr in probs]
+                out[h, i, j] = sum(b.sum() for b in blocks) / len(blocks) if mean else max(b.max() for b in blocks)
+    return out
+
+
+def random_case(heads, kv_heads, nq, rows, dim, kv_len, seed=0, empty=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(heads, nq, rows, dim, generator=g)
+    k = torch.randn(kv_len, kv_heads, dim, generator=g)
+    pos = torch.randint(0 if not empty else -1, kv_len, (nq, rows), generator=g)
+    return q, k, pos
+
+
+@pytest.mark.parametrize("heads,kv_heads,kv_len,bk,causal,mean", [
+    (3, 1, 50, 16, True, False), (3, 3, 33, 8, True, True), (8, 1, 16, 16, False, True), (2, 2, 1, 4, True, False),
+])
+def test_pooled_probs_match_definition(heads, kv_heads, kv_len, bk, causal, mean):
+    q, k, pos = random_case(heads, kv_heads, 3, 5, 8, kv_len)
+    got = pooled_block_probs(q.double(), k.double(), pos, bk, 0.4, causal, mean, backend="cpu")
+    assert torch.allclose(got, pooled_definition(q, k, pos, bk, 0.4, causal, mean), atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads,kv_heads,kv_len,bk,causal,mean,rows", [
+    (3, 1, 70, 16, True, False, 5), (2, 2, 40, 32, True, True, 16), (8, 1, 17, 16, False, True, 3),
+])
+def test_triton_pooled_probs_match_definition(heads, kv_heads, kv_len, bk, causal, mean, rows):
+    q, k, pos = random_case(heads, kv_heads, 2, rows, 16, kv_len, seed=1)
+    got = triton_kernels().pooled_block_probs_fwd(q, k, pos.to(torch.int32), bk, 0.3, causal, mean)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), pooled_definition(q, k, pos, bk, 0.3, causal, mean), atol=2e-6)
+
+
+def seq_of(q, k, bq=16, bk=16, causal=True):
+    return SeqContext(q.shape[0], k.shape[0], q.shape[1], bq, bk, causal, q.device, q, k, None)
+
+
+@pytest.mark.parametrize("q_len,bq,stride", [(64, 16, 4), (37, 16, 4), (5, 16, 3), (1, 1, 4), (40, 8, 1)])
+def test_strided_rows_keep_every_block_last_row(q_len, bq, stride):
+    q = torch.zeros(q_len, 1, 4)
+    k = torch.zeros(q_len + 10, 1, 4)
+    rows, pos = strided_rows(seq_of(q, k, bq), stride)
+    for i in range(rows.shape[0]):
+        block = list(range(i * bq, min((i + 1) * bq, q_len)))
+        kept = [int(r) for r in rows[i] if r >= 0]
+        assert kept[0] == block[-1] and kept == block[::-1][::stride]
+        assert all(int(p) == r + 10 for p, r in zip(pos[i], rows[i]) if r >= 0)
+
+
+def test_blocks_for_mass():
+    mass = torch.tensor([[0.1, 0.6, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert blocks_for_mass(mass, torch.tensor([0.6, 0.6])).tolist() == [1, 3]
+    assert blocks_for_mass(mass, torch.tensor([0.95, 1.0])).tolist() == [3, 4]
+
+
+def test_head_proxy_rules_on_random_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(200, 6, 16, generator=g), torch.randn(200, 2, 16, generator=g)
+    pattern = HeadProxy(gamma=(0.3, 0.5, 0.7, 0.9, 0.99, 1.0), min_budget=16)
+    keep = pattern.build_mask(q_lens=200, kv_lens=200, num_heads=6, q_block_size=16, kv_block_size=16,
+                              q=q, k=k).to_block_bool()[0]
+    visible = torch.arange(13)[None, :] < causal_block_bounds(200, 200, 16, 16)[:, None]
+    assert not bool((keep & ~visible).any())
+    assert bool(keep[:, torch.arange(13), torch.arange(13)].all())  # the diagonal block
+    budget = torch.tensor(pattern.stats["budget_tokens"]) // 16
+    assert bool(keep[:, :, 0].all())  # the sink block
+    count, limit = keep.sum(-1), visible.sum(-1)[None]
+    assert bool((count >= torch.minimum(budget[:, None], limit)).all())  # the top b_h blocks ...
+    assert bool((count <= torch.minimum(budget[:, None] + 2, limit)).all())  # ... the sink and the diagonal
+    assert budget.tolist() == sorted(budget.tolist())  # larger gamma, larger budget
+    assert pattern.stats["calls"] == 1 and pattern.stats["seconds"] > 0
+    # Heads of one group rank blocks alike: the smaller budget's blocks are a subset of the larger one's.
+    assert bool((keep[0] <= keep[1]).all()) and bool((keep[3] <= keep[4]).all())
+
+
+def test_head_proxy_finds_a_planted_block_and_min_budget_makes_it_dense():
+    g = torch.Generator().manual_seed(0)
+    q, k = 0.1 * torch.randn(256, 4, 32, generator=g), 0.1 * torch.randn(256, 2, 32, generator=g)
+    u = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    q[:, :2] += 6 * u  # heads 0-1 (KV group 0) all look for direction u ...
+    k[70:74, 0] += 6 * u  # ... which four keys of KV block 4 hold
+    sizes = dict(q_lens=256, kv_lens=256, num_heads=4, q_block_size=16, kv_block_size=16, q=q, k=k)
+    keep = HeadProxy(gamma=0.9, min_budget=0).build_mask(**sizes).to_block_bool()[0]
+    assert bool(keep[:2, 5:, 4].all())  # every later query block of heads 0-1 reads block 4
+    assert int(keep[:2, 5:].sum(-1).max()) <= 3  # ... and, beside its sink and diagonal blocks, nothing else
+    assert int(keep[2:, 8:].sum(-1).min()) > 4  # group 1 attends evenly: a large budget
+    dense = HeadProxy(min_budget=256).build_mask(**sizes)
+    assert dense.density() == pytest.approx(1.0)
+
+
+def test_head_proxy_varlen_batch_and_chunked_queries():
+    torch.manual_seed(1)
+    q, k = torch.randn(40 + 9, 3, 16), torch.randn(100 + 60, 1, 16)
+    pattern = HeadProxy(gamma=0.8, min_budget=0)
+    common = dict(num_heads=3, q_block_size=16, kv_block_size=16)
+    batch = pattern.build_mask(q_lens=[40, 9], kv_lens=[100, 60], q=q, k=k, **common).to_block_bool()
+    first = pattern.build_mask(q_lens=40, kv_lens=100, q=q[:40], k=k[:100], **common).to_block_bool()[0]
+    second = pattern.build_mask(q_lens=9, kv_lens=60, q=q[40:], k=k[100:], **common).to_block_bool()[0]
+    assert torch.equal(batch[0], first)
+    assert torch.equal(batch[1, :, :1, :4], second) and not bool(batch[1, :, 1:].any())
+
+
+@needs_triton
+def test_head_proxy_triton_and_cpu_select_the_same_blocks():
+    torch.manual_seed(2)
+    q, k = torch.randn(64, 6, 16), torch.randn(64, 2, 16)
+    sizes = dict(q_lens=64, kv_lens=64, num_heads=6, q_block_size=16, kv_block_size=16, q=q, k=k)
+    masks = [HeadProxy(gamma=0.9, min_budget=0, backend=b).build_mask(**sizes).to_block_bool() for b in ("cpu", "triton")]
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_head_proxy_grouping_and_argument_errors():
+    q, k = torch.randn(32, 4, 8), torch.randn(32, 4, 8)
+    sizes = dict(q_lens=32, kv_lens=32, num_heads=4, q_block_size=16, kv_block_size=16, q=q, k=k)
+    assert HeadProxy(kv_heads_per_group=2).build_mask(**sizes).kv_num_blocks.shape == (1, 4, 2)
+    with pytest.raises(ValueError, match="kv_heads_per_group"):
+        HeadProxy(kv_heads_per_group=3).build_mask(**sizes)
+    with pytest.raises(ValueError, match="gamma has 2 values"):
+        HeadProxy(gamma=(0.9, 0.9)).build_mask(**sizes)
+    for bad in (dict(gamma=0.0), dict(gamma=1.5), dict(q_stride=0), dict(min_budget=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            HeadProxy(**bad)
+    with pytest.raises(ValueError, match="content-aware"):
+        HeadProxy().build_mask(q_lens=32, kv_lens=32, num_heads=4)
+
+
+@pytest.mark.parametrize("kv_len", [64, 300, 1000])
+def test_elastic_span_is_a_shape_with_a_growing_window(kv_len):
+    pattern = ElasticSpan(alpha=32, beta=0.25, sink_tokens=8)
+    span = round(32 + 0.25 * (kv_len - 32))
+    assert pattern.span(kv_len) == span
+    sizes = dict(q_lens=kv_len, kv_lens=kv_len, num_heads=1, q_block_size=16, kv_block_size=16)
+    assert torch.equal(pattern.build_mask(**sizes).to_block_bool(), AShape(8, span).build_mask(**sizes).to_block_bool())
+    with pytest.raises(ValueError, match="beta"):
+        ElasticSpan(beta=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------- real attention
+REAL_LAYERS = (2, 6, 10)
+
+
+@pytest.fixture(scope="module")
+def smollm2_qk():
+    """Post-RoPE q/k of a few SmolLM2 layers on a ~4k-token licence text (the forward stops after the last one)."""
+    from sparse_attn.models import load_smollm2, smollm2_gguf_path
+    from sparse_attn.planner.calibrate import calibration_prompts, default_calibration_texts, recording_qk
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    model, tokenizer = load_smollm2()
+    ids = calibration_prompts(tokenizer, default_calibration_texts()[:1], 4096, 1)[0]
+    captured = {}
+
+    class Done(Exception):
+        pass
+
+    def on_layer(layer, q, k, v, scale):
+        if layer in REAL_LAYERS:
+            captured[layer] = (q[0].transpose(0, 1).clone(), k[0].transpose(0, 1).clone(), scale)
+        if layer == max(REAL_LAYERS):
+            raise Done
+
+    with torch.no_grad(), recording_qk(model, on_layer):
+        try:
+            model(ids[None], use_cache=False)
+        except Done:
+            pass
+    return captured
+
+
+def recall_and_oracle(q, k, scale, keep, bq=64, n_blocks=6):
+    """Attention mass the mask keeps and the most any mask with the same block counts could keep (exact block
+    masses of sampled query blocks, the last one included)."""
+    nq = keep.shape[1]
+    blocks = torch.linspace(nq // 4, nq - 1, n_blocks).round().long().unique()
+    rows = torch.cat([torch.arange(i * bq, min((i + 1) * bq, q.shape[0])) for i in blocks.tolist()])
+    mass = pooled_block_probs(q[rows].transpose(0, 1)[:, :, None], k, rows[:, None], 64, scale, True, True,
+                              backend="cpu")  # [H, rows, nk]
+    row_block = rows // bq
+    kept = (mass * keep[:, row_block]).sum(-1)
+    count = keep[:, row_block].sum(-1, keepdim=True)
+    ranked = mass.sort(-1, descending=True).values
+    oracle = (ranked * (torch.arange(mass.shape[-1]) < count)).sum(-1)
+    return kept.mean().item(), oracle.mean().item()
+
+
+def test_estimators_recall_on_real_smollm2_attention(smollm2_qk):
+    results = {}
+    for layer, (q, k, scale) in smollm2_qk.items():
+        seq = SeqContext(q.shape[0], k.shape[0], q.shape[1], 64, 64, True, q.device, q, k, scale)
+        visible = seq.causal_keep()
+        for name, pattern in (("proxy", HeadProxy(gamma=0.95, min_budget=256)),
+                              ("vslash", VerticalSlash(vertical=128, slash=512, last_q=64))):
+            keep = pattern.keep_blocks(seq) & visible
+            keep = keep.expand(q.shape[1], -1, -1)
+            recall, oracle = recall_and_oracle(q, k, scale, keep)
+            density = (keep.sum() / (visible.sum() * q.shape[1])).item()
+            results[(layer, name)] = (recall, oracle, density)
+    for (layer, name), (recall, oracle, density) in results.items():
+        assert recall <= oracle + 1e-6
+        assert recall >= 0.97 * oracle, (layer, name, recall, oracle)  # near the best selection of that size
+        assert density < 0.95, (layer, name, density)
+    proxy = [results[(layer, "proxy")] for layer in REAL_LAYERS]
+    assert sum(r for r, _, _ in proxy) / len(proxy) >= 0.93  # gamma 0.95 keeps about that much mass
+    assert sum(d for _, _, d in proxy) / len(proxy) < 0.75
