@@ -74,5 +74,8 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={},
+    entry_points={
+        "vllm.general_plugins": ["sparse_attn = sparse_attn.vllm.plugin:register"],
+        "console_scripts": ["sparse-attn-plan = sparse_attn.planner.cli:main"],
+    },
 )
