@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/conftest.py does the same)
 
-import random
 
 import pytest
 import torch
@@ -25,19 +24,9 @@ from sparse_attn.decode import (
     token_slots,
     write_tokens,
 )
-from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
+from backends import BACKENDS, DEVICE, ON_GPU
 
-ON_GPU = torch.cuda.is_available() and not triton_interpreter_enabled()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-TRITON_RUNS = triton_kernels() is not None and (ON_GPU or triton_interpreter_enabled())
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="triton cannot run here"))]
 TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-@pytest.fixture
-def rng():
-    seed = random.SystemRandom().randrange(1 << 31)
-    return torch.Generator().manual_seed(seed), seed
 
 
 def paged_cache(lens, num_kv_heads, head_dim, page_size, gen, *, dtype=torch.float32, spare_pages=3, vllm_layout=False):

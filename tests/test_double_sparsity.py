@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/conftest.py does the same)
 
-import random
 
 import pytest
 import torch
@@ -26,18 +25,8 @@ from sparse_attn.decode import (
     write_tokens,
 )
 from sparse_attn.decode.double_sparsity import dequantize_labels, quantize_labels
-from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
+from backends import BACKENDS, DEVICE, TRITON_RUNS
 
-ON_GPU = torch.cuda.is_available() and not triton_interpreter_enabled()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-TRITON_RUNS = triton_kernels() is not None and (ON_GPU or triton_interpreter_enabled())
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="triton cannot run here"))]
-
-
-@pytest.fixture
-def rng():
-    seed = random.SystemRandom().randrange(1 << 31)
-    return torch.Generator().manual_seed(seed), seed
 
 
 def planted(gen, num_tokens, num_heads, num_kv_heads, head_dim, heavy, *, heavy_scale=3.0):

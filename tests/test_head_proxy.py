@@ -1,7 +1,6 @@
 """Head-proxy estimation (ProxyAttn) and elastic spans: pooled probabilities against a float64 definition, the
 Triton kernel against it, the selection rules, and recall on real SmolLM2 attention at about 4k tokens."""
 
-import math
 
 import pytest
 import torch

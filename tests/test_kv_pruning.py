@@ -7,7 +7,6 @@ import torch
 from sparse_attn.decode.compressed import (
     TILE,
     CompressedKV,
-    CompressedKVCache,
     compress_kv,
     compress_tokens,
     compressed_decode_attention_torch,

@@ -8,27 +8,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/conftest.py does the same)
 
-import random
 
 import pytest
 import torch
 
 from sparse_attn import AShape, BlockSparseMask, Dense, Strided, TopKBlocks, block_sparse_attention
-from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
+from backends import BACKENDS, DEVICE, ON_GPU, TRITON_RUNS
 from sparse_attn.ops.reference import attention_reference_varlen
 
-ON_GPU = torch.cuda.is_available() and not triton_interpreter_enabled()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-TRITON_RUNS = triton_kernels() is not None and (ON_GPU or triton_interpreter_enabled())
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="triton cannot run here"))]
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-@pytest.fixture
-def rng():
-    """A generator seeded from the OS, and its seed for failure messages."""
-    seed = random.SystemRandom().randrange(1 << 31)
-    return torch.Generator().manual_seed(seed), seed
 
 
 def offsets(lens):
