@@ -32,3 +32,9 @@ if _importlib_util.find_spec("transformers") is not None:
 from .patterns import ElasticSpan, HeadProxy  # noqa: E402
 
 __all__ += ["ElasticSpan", "HeadProxy"]
+
+from .decode import DoubleSparsity, DoubleSparsityConfig, KVPruning, KVPruningConfig  # noqa: E402
+from .integrations.transformers import calibrate_double_sparsity, reset_decode_state  # noqa: E402
+
+__all__ += ["DoubleSparsity", "DoubleSparsityConfig", "KVPruning", "KVPruningConfig", "calibrate_double_sparsity",
+            "reset_decode_state"]

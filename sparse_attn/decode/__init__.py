@@ -17,3 +17,10 @@ __all__ = [
     "topk_token_indices",
     "as_paged_cache", "split_vllm_kv_cache", "token_slots", "gather_tokens", "write_tokens",
 ]
+
+from .kv_pruning import KVPruningConfig, pruned_decode_attention  # noqa: E402
+from .compressed import CompressedKVCache  # noqa: E402
+from .methods import DecodeMethod, DoubleSparsity, KVPruning  # noqa: E402
+
+__all__ += ["KVPruningConfig", "pruned_decode_attention", "CompressedKVCache", "DecodeMethod", "DoubleSparsity",
+            "KVPruning"]

@@ -12,6 +12,12 @@ causal batches arrive with ``attention_mask=None`` and run sparse; batches that 
 packed sequences, chunked prefill over a cache, decode into a static cache) run transformers' dense SDPA with that
 mask instead (correct, visibly dense: a warning is logged once).
 
+Sparse decode: ``configure(model, pattern, decode=DoubleSparsity(...) | KVPruning(...))`` gives every layer's
+SparseAttention a decode method; its label cache / compressed cache lives on that module beside transformers' KV
+cache (a DynamicCache layer holds only keys and values) and follows it by position, resetting on a new prompt
+(:mod:`sparse_attn.decode.methods`). :func:`reset_decode_state` frees it; :func:`calibrate_double_sparsity` ranks
+each layer's heavy channels on a calibration text.
+
 transformers is imported on first use, so this module (and ``sparse_attn.configure``) imports without it.
 """
 
@@ -21,10 +27,12 @@ import logging
 
 import torch
 
+from ..decode.methods import DecodeMethod, DoubleSparsity
 from ..modules import SparseAttention
 from ..patterns import Dense, Pattern
 
-__all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules"]
+__all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules",
+           "reset_decode_state", "calibrate_double_sparsity"]
 
 IMPLEMENTATION = "sparse"
 logger = logging.getLogger(__name__)
@@ -103,9 +111,12 @@ def configure(
     kv_block_size: int = 64,
     dense_below: int = 1024,
     backend: str | None = None,
+    decode: DecodeMethod | None = None,
 ) -> torch.nn.Module:
     """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else Dense.
 
+    ``decode`` (``DoubleSparsity`` with per-layer channels ``{layer: [Hkv, r]}`` from
+    :func:`calibrate_double_sparsity`, or ``KVPruning``) handles the one-query decode steps of every layer.
     Returns the model (changed in place).
     """
     modules = attention_modules(model)
@@ -118,15 +129,69 @@ def configure(
     for name, value in [("pattern", pattern)] + [(f"layers[{i}]", p) for i, p in layers.items()]:
         if value is not None and not isinstance(value, Pattern):
             raise ValueError(f"{name} must be a sparse_attn Pattern, got {type(value).__name__}")
+    if decode is not None and not isinstance(decode, DecodeMethod):
+        raise ValueError(f"decode must be None, DoubleSparsity or KVPruning, got {type(decode).__name__}")
+    if isinstance(decode, DoubleSparsity) and not decode.per_layer and len(modules) > 1:
+        raise ValueError("decode: DoubleSparsity needs per-layer channels {layer: [Hkv, r]} for a model "
+                         "(see calibrate_double_sparsity)")
+    layer_decode = {idx: decode.for_layer(idx) for idx in modules} if decode is not None else {}
+    for idx, method in layer_decode.items():
+        head_dim = getattr(modules[idx], "head_dim", None)
+        if isinstance(head_dim, int):
+            method.check_head_dim(head_dim)
     register()
     for idx, module in modules.items():
         chosen = layers.get(idx, pattern)
         module.sparse_attention = SparseAttention(
             chosen if chosen is not None else Dense(), q_block_size=q_block_size, kv_block_size=kv_block_size,
-            dense_below=dense_below, backend=backend,
+            dense_below=dense_below, backend=backend, decode=layer_decode.get(idx),
         )
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(IMPLEMENTATION)
     else:
         model.config._attn_implementation = IMPLEMENTATION
     return model
+
+
+def reset_decode_state(model: torch.nn.Module) -> None:
+    """Drop every layer's decode state (label / compressed cache). A new prompt resets it anyway (its prefill
+    does not continue the absorbed context); call this to free the memory after generation."""
+    for module in attention_modules(model).values():
+        attention = getattr(module, "sparse_attention", None)
+        if attention is not None:
+            attention.reset_decode_state()
+
+
+@torch.no_grad()
+def calibrate_double_sparsity(model: torch.nn.Module, tokenizer_or_input_ids, *, r: int = 16, mode: str = "qk",
+                              tokens: int = 2048) -> dict[int, torch.Tensor]:
+    """Double Sparsity's heavy channels of every layer, ``{layer: LongTensor [Hkv, r]}``, ranked on the post-RoPE
+    q/k of one calibration sequence (:func:`sparse_attn.decode.calibrate_heavy_channels`).
+
+    ``tokenizer_or_input_ids``: token ids ``[S]`` / ``[1, S]`` to calibrate on, or a tokenizer, which tokenizes
+    ``tokens`` tokens of the licence texts found on the machine (``default_calibration_texts``): calibration text
+    never comes from the prompts being evaluated.
+    """
+    from ..decode import calibrate_heavy_channels
+    from ..planner.calibrate import calibration_prompts, default_calibration_texts, recording_qk
+
+    if isinstance(tokenizer_or_input_ids, torch.Tensor):
+        ids = tokenizer_or_input_ids.reshape(-1)
+        if ids.numel() == 0 or ids.is_floating_point():
+            raise ValueError(f"tokenizer_or_input_ids: token ids must be a non-empty integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+    else:
+        if not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+        ids = calibration_prompts(tokenizer_or_input_ids, default_calibration_texts(), tokens, 1)[0]
+    channels: dict[int, torch.Tensor] = {}
+
+    def on_layer(layer, q, k, v, scale):
+        q_tokens, k_tokens = q[0].transpose(0, 1), k[0].transpose(0, 1)  # [S, H, D]
+        channels[layer] = calibrate_heavy_channels(q_tokens, k_tokens, r, mode).cpu()
+
+    with recording_qk(model, on_layer):
+        model(ids[None].to(next(model.parameters()).device), use_cache=False)
+    missing = sorted(set(attention_modules(model)) - set(channels))
+    if missing:
+        raise ValueError(f"model: layers {missing} never reported q/k (not dispatched through AttentionInterface)")
+    return channels

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..decode.methods import DecodeMethod, DecodeState
 from ..masks import BlockSparseMask
 from ..ops import block_sparse_attention, checks, dense_attention
 from ..patterns import Dense, Pattern
@@ -32,6 +33,13 @@ class SparseAttention(nn.Module):
         q_block_size, kv_block_size: block sizes of the mask.
         dense_below: contexts with fewer keys run dense; 0 always runs the sparse path.
         backend: implementation for the sparse path (None: $SPARSE_ATTN_BACKEND, else the best for the device).
+        decode: a decode method (:class:`sparse_attn.decode.DoubleSparsity` or :class:`sparse_attn.decode.KVPruning`)
+            for rows with one query (q_len == 1), whatever the context length (the method has its own thresholds,
+            e.g. ``DoubleSparsityConfig.dense_below``; KV pruning is a cache format, so every step reads it). Its
+            per-layer state (label cache / compressed cache) lives on this module beside the caller's KV cache and
+            absorbs the new keys of every call, prefill included; a call that does not continue the absorbed
+            context (a new prompt) resets it (:mod:`sparse_attn.decode.methods`). :meth:`reset_decode_state`
+            drops it. Prefill rows (q_len > 1) run the pattern as without a decode method.
     """
 
     def __init__(
@@ -42,6 +50,7 @@ class SparseAttention(nn.Module):
         kv_block_size: int = 64,
         dense_below: int = 1024,
         backend: str | None = None,
+        decode: DecodeMethod | None = None,
     ):
         super().__init__()
         pattern = Dense() if pattern is None else pattern
@@ -56,12 +65,22 @@ class SparseAttention(nn.Module):
         self.kv_block_size = kv_block_size
         self.dense_below = dense_below
         self.backend = backend
+        if decode is not None and not isinstance(decode, DecodeMethod):
+            raise ValueError(f"decode must be None, DoubleSparsity or KVPruning, got {type(decode).__name__}")
+        self.decode = decode
+        #: The decode method's state for the sequences this module last saw (None without a decode method).
+        self.decode_state: DecodeState | None = decode.new_state() if decode is not None else None
         #: Density of the last mask run (1.0 after a dense run): a cheap dense-vs-sparse diagnostic.
         self.last_density = 1.0
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, q_block_size={self.q_block_size}, kv_block_size={self.kv_block_size}, "
-                f"dense_below={self.dense_below}, backend={self.backend!r}")
+                f"dense_below={self.dense_below}, backend={self.backend!r}, decode={self.decode!r}")
+
+    def reset_decode_state(self) -> None:
+        """Forget the decode method's label / compressed cache (the next call rebuilds it from its context)."""
+        if self.decode_state is not None:
+            self.decode_state.reset()
 
     def build_mask(
         self, q: torch.Tensor, k: torch.Tensor, is_causal: bool = True, scale: float | None = None
@@ -89,6 +108,12 @@ class SparseAttention(nn.Module):
         checks.check_qkv(q, k, v, varlen=False)
         checks.check_lengths([q.shape[2]] * q.shape[0], [k.shape[2]] * q.shape[0], is_causal)
         scale = checks.check_scale(scale, q.shape[-1])
+        if self.decode_state is not None and mask is None:
+            self.decode_state.update(k, v, q.shape[2])
+            if q.shape[2] == 1:
+                out, lse = self.decode_state.attend(q[:, :, 0], k, v, scale, self.backend)
+                self.last_density = self.decode_state.last_read
+                return (out.unsqueeze(2), lse.unsqueeze(2)) if return_lse else out.unsqueeze(2)
         short = k.shape[2] < self.dense_below
         if mask is None and short and not return_lse:
             self.last_density = 1.0
