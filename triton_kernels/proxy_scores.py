@@ -24,6 +24,20 @@ LOG2E = 1.4426950408889634  # log2(e)
 
 
 @triton.jit
+def _masked_scores(q, k_rows, j, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
+                   KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores ``q . k * qk_scale`` of the rows against KV block j, -inf where a key is missing or causally hidden."""
+    key = j * KV_BLOCK + offs_n
+    k = tl.load(k_rows + key.to(tl.int64)[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=(key < kv_len)[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    allowed = row_ok[:, None] & (key < kv_len)[None, :]
+    if CAUSAL:
+        allowed = allowed & (key[None, :] <= pos[:, None])
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
 def _pooled_block_probs(
     Q, K, Pos, Out,
     stride_qh, stride_qb, stride_qr, stride_qd,
@@ -56,14 +70,8 @@ def _pooled_block_probs(
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for j in range(0, n_blocks):
-        key = j * KV_BLOCK + offs_n
-        k = tl.load(k_rows + key.to(tl.int64)[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=(key < kv_len)[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        allowed = row_ok[:, None] & (key < kv_len)[None, :]
-        if CAUSAL:
-            allowed = allowed & (key[None, :] <= pos[:, None])
-        s = tl.where(allowed, s, float("-inf"))
+        s = _masked_scores(q, k_rows, j, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
+                           KV_BLOCK, CAUSAL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
@@ -74,14 +82,9 @@ def _pooled_block_probs(
     inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     n_rows = tl.maximum(tl.sum(row_ok.to(tl.float32), 0), 1.0)
     for j in range(0, n_blocks):
-        key = j * KV_BLOCK + offs_n
-        k = tl.load(k_rows + key.to(tl.int64)[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=(key < kv_len)[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        allowed = row_ok[:, None] & (key < kv_len)[None, :]
-        if CAUSAL:
-            allowed = allowed & (key[None, :] <= pos[:, None])
-        p = tl.where(allowed, tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
+        s = _masked_scores(q, k_rows, j, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
+                           KV_BLOCK, CAUSAL, PRECISION)
+        p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]  # exp2(-inf) = 0 for hidden keys
         if MEAN:
             value = tl.sum(tl.sum(p, 1), 0) / n_rows
         else:
