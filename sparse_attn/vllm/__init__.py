@@ -1,7 +1,7 @@
 """vLLM integration: the ``sparse`` attention backend (``--attention-backend sparse``).
 
 ``plugin.register`` is the ``vllm.general_plugins`` entry point; ``backend`` holds the backend (it imports vLLM);
-``config`` parses the backend's options and needs no vLLM.
+``paged_core`` is its attention on vLLM's paged KV cache and ``config`` parses its options (neither imports vLLM).
 """
 
 from .config import ADDITIONAL_CONFIG_KEY, ENV_VAR, SparseAttnConfigError, SparseAttnOptions, parse_options

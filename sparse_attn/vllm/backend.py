@@ -1,28 +1,25 @@
-"""The vLLM attention backend ``SPARSE``: vLLM's paged KV cache, sparse-attn's masks and ``block_sparse_attention``.
+"""The vLLM attention backend ``SPARSE``: the vLLM side of :mod:`.paged_core` (which holds the attention itself).
 
 Three parts, each with one job (the split of vLLM's ``triton_attn.py``):
 
-- :class:`SparseAttentionBackend` declares what the backend supports; anything else fails at start-up.
+- :class:`SparseAttentionBackend` declares what the backend supports (anything else fails at start-up) and, with
+  Double Sparsity, widens the KV page by the label channels (``customize_spec``), so vLLM's KV memory accounting
+  counts the labels.
 - :class:`SparseAttentionMetadataBuilder` turns vLLM's per-step metadata into row groups (once per step, shared by
-  every layer) and gives each layer's impl its index and patterns (once, at start-up).
-- :class:`SparseAttentionImpl` writes new K/V into the pages and runs each row group through
-  ``block_sparse_attention`` with the mask of the layer's pattern.
+  every layer) and gives each layer's impl its index, patterns and decode selection (once, at start-up, sliced to
+  this tensor-parallel rank's heads).
+- :class:`SparseAttentionImpl` hands the writes and the forward pass to its :class:`.paged_core.PagedAttentionLayer`.
 
-Rows (requests) of a step are grouped by phase (decode: one query token; prefill: a prompt or a chunk of it, whose
-queries are the last ``q_len`` positions of ``seq_len``) and by whether they are shorter than ``dense_below``. A group
-reads its context from the pages through the block table into the varlen layout ``[Tk, Hkv, D]``, so the same op
-serves CPU (PyTorch) and CUDA (the project's Triton kernel, chosen by the op's dispatch).
-
-The page of one layer is vLLM's logical ``[num_blocks, Hkv, block_size, 2*D]`` (K | V per token and head) in the
-``LBNHC`` physical order, so ``kv_cache.transpose(1, 2)`` is ``[num_blocks, block_size, Hkv, 2*D]`` in memory order
-and slot ``s = block * block_size + offset`` is one row of a ``[num_blocks * block_size, Hkv, D]`` view.
+What each layer read is counted (:class:`.paged_core.SparsityStats`): logged every ``STATS_LOG_SECONDS`` and returned
+by ``llm.collective_rpc("sparse_attn_stats")`` (the plugin installs :class:`SparsityStatsExtension` as the worker
+extension when none is set).
 """
 
 from __future__ import annotations
 
 import logging
-from itertools import accumulate
-from dataclasses import dataclass, field
+import time
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -42,14 +39,26 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from ..masks import BlockSparseMask
-from ..ops import block_sparse_attention
-from ..patterns import Dense, Pattern
 from .config import SparseAttnOptions, options_from_vllm_config
+from .paged_core import PagedAttentionLayer, StepMetadata, layer_from_options, plan_step
 from .plugin import BACKEND_NAME
 
 MAX_HEAD_SIZE = 256  # the Triton kernel's limit
+STATS_LOG_SECONDS = 30.0
 logger = logging.getLogger("vllm.sparse_attn")  # under vLLM's logger, so it prints with vLLM's start-up lines
+
+#: The options this process's layers were built with (customize_spec runs outside vLLM's config context).
+_process_options: SparseAttnOptions | None = None
+#: Configured layers of this process, by layer name (what the statistics read).
+_layers: dict[str, "SparseAttentionImpl"] = {}
+
+
+def _options(vllm_config=None) -> SparseAttnOptions:
+    global _process_options
+    vllm_config = vllm_config or get_current_vllm_config_or_none()
+    if vllm_config is not None or _process_options is None:
+        _process_options = options_from_vllm_config(vllm_config)
+    return _process_options
 
 
 class SparseAttentionBackend(AttentionBackend):
@@ -80,7 +89,19 @@ class SparseAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        return (KVCacheLayout.LBNHC,)  # token-major pages: a slot is one [Hkv, 2*D] row
+        return (KVCacheLayout.LBNHC,)  # token-major pages: a slot is one [Hkv, C] row
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """With Double Sparsity each token and KV head stores its label (r channels of K, in the cache dtype) after
+        K and V: the page grows from ``2 * D`` to ``2 * D + r`` values and vLLM sizes the KV cache for that."""
+        width = _options().label_width
+        if not width:
+            return spec
+        if spec.state_content_bytes is not None:
+            raise ValueError(f"The {BACKEND_NAME} attention backend cannot add Double Sparsity labels to a packed KV "
+                             "page (a quantized KV cache)")
+        return replace(spec, state_content_bytes=(spec.head_size + spec.head_size_v + width) * spec.dtype.itemsize)
 
     # Everything below keeps vLLM's defaults (False / decoder only), stated here so the limits read in one place:
     # MLA, sparse-MLA indexers, sinks, sliding window, non-causal, encoder and cross attention, DCP/PCP are refused
@@ -90,157 +111,63 @@ class SparseAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
 
-@dataclass
-class RowGroup:
-    """Rows of one step that share one ``block_sparse_attention`` call: same phase, same dense-or-pattern choice.
-
-    ``token_index`` [Tq] picks the group's query tokens out of the step's tokens (``token_range`` when they are
-    contiguous); ``kv_slots`` [Tk] are the page slots of every context token of its rows, row after row.
-    """
-
-    phase: str  # "prefill" or "decode"
-    dense: bool  # the rows are shorter than dense_below
-    q_lens: list[int]
-    kv_lens: list[int]
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    token_index: torch.Tensor
-    token_range: tuple[int, int] | None
-    kv_slots: torch.Tensor
-    masks: dict[tuple, BlockSparseMask] = field(default_factory=dict)  # position-only masks, shared by layers
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        return x[self.token_range[0] : self.token_range[1]] if self.token_range else x.index_select(0, self.token_index)
-
-    def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        if self.token_range:
-            out[self.token_range[0] : self.token_range[1]] = values
-        else:
-            out.index_copy_(0, self.token_index, values)
-
-    def mask(self, pattern: Pattern, block_size: int, num_heads: int, q, k, scale: float) -> BlockSparseMask:
-        if pattern.content_aware:
-            return self._build(pattern, block_size, num_heads, q.device, q, k, scale)
-        key = (pattern, block_size, num_heads)
-        if key not in self.masks:
-            self.masks[key] = self._build(pattern, block_size, num_heads, q.device, None, None, scale)
-        return self.masks[key]
-
-    def _build(self, pattern, block_size, num_heads, device, q, k, scale) -> BlockSparseMask:
-        cu_q = self.cu_seqlens_q.tolist() if q is not None else None
-        cu_k = self.cu_seqlens_k.tolist() if k is not None else None
-        return pattern.build_mask(
-            q_lens=self.q_lens, kv_lens=self.kv_lens, num_heads=num_heads, q_block_size=block_size,
-            kv_block_size=block_size, causal=True, device=device, q=q, k=k,
-            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scale,
-        )
-
-
-@dataclass
-class SparseAttentionMetadata:
-    num_actual_tokens: int  # tokens of the step, possibly padded
-    num_scheduled_tokens: int  # tokens that belong to a request; rows past it are padding
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    block_table: torch.Tensor
-    slot_mapping: torch.Tensor
-    groups: list[RowGroup]
-
-
-def plan_row_groups(
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    block_table: torch.Tensor,
-    block_size: int,
-    dense_below: int,
-) -> list[RowGroup]:
-    """Group the rows of a step (see :class:`RowGroup`) and compute each group's token and slot indices.
-
-    ``query_start_loc`` [B+1] and ``seq_lens`` [B] are host lists; ``block_table`` [B, max_blocks] sits on the
-    device. A row's context token t lives in slot ``block_table[row, t // block_size] * block_size + t % block_size``.
-    """
-    device = block_table.device
-    rows_by_key: dict[tuple[str, bool], list[int]] = {}
-    for row, seq_len in enumerate(seq_lens):
-        q_len = query_start_loc[row + 1] - query_start_loc[row]
-        if q_len == 0:
-            continue  # a padding row
-        key = ("decode" if q_len == 1 else "prefill", seq_len < dense_below)
-        rows_by_key.setdefault(key, []).append(row)
-
-    groups = []
-    for (phase, dense), rows in rows_by_key.items():
-        q_starts = [query_start_loc[r] for r in rows]
-        q_lens = [query_start_loc[r + 1] - query_start_loc[r] for r in rows]
-        kv_lens = [seq_lens[r] for r in rows]
-        cu_q, cu_k = list(accumulate(q_lens, initial=0)), list(accumulate(kv_lens, initial=0))
-        token_index = _ragged_arange(q_starts, q_lens, cu_q, device)
-        contiguous = all(q_starts[i] + q_lens[i] == q_starts[i + 1] for i in range(len(rows) - 1))
-        token_range = (q_starts[0], q_starts[0] + cu_q[-1]) if contiguous else None
-        positions = _ragged_arange([0] * len(rows), kv_lens, cu_k, device)
-        row_of_token = torch.repeat_interleave(
-            torch.tensor(rows, device=device), torch.tensor(kv_lens, device=device)
-        )
-        pages = block_table[row_of_token, positions // block_size].long()
-        kv_slots = pages * block_size + positions % block_size
-        groups.append(RowGroup(
-            phase, dense, q_lens, kv_lens,
-            torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
-            token_index, token_range, kv_slots,
-        ))
-    return groups
-
-
-def _ragged_arange(starts: list[int], lengths: list[int], offsets: list[int], device) -> torch.Tensor:
-    """Concatenation of ``arange(start, start + length)`` over the rows, as one int64 tensor."""
-    lengths_t = torch.tensor(lengths, device=device)
-    base = torch.repeat_interleave(torch.tensor(starts, device=device) - torch.tensor(offsets[:-1], device=device), lengths_t)
-    return base + torch.arange(offsets[-1], device=device)
-
-
-class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
-    # Forward plans rows in Python on host lengths: it runs eagerly between the graph pieces (piecewise mode).
+class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
+    # Forward plans rows in Python on host lengths and selects a data-dependent number of tokens: it runs eagerly
+    # between the graph pieces (vLLM downgrades full CUDA graphs to piecewise for this backend).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
-        self.options = options_from_vllm_config(vllm_config)
+        self.page_size = kv_cache_spec.block_size
+        self.options = _options(vllm_config)
         self._init_reorder_batch_threshold(1)  # decode rows first: groups tend to be contiguous
-        configured = 0
+        tp_rank, tp_size = _tensor_parallel()
+        configured = []
         for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
             if isinstance(layer.impl, SparseAttentionImpl):
-                layer.impl.configure(layer_index(name), self.options)
-                configured += 1
-        o = self.options
+                layer.impl.configure(layer_index(name), self.options, tp_rank, tp_size)
+                _layers[name] = layer.impl
+                configured.append(layer.impl.core)
+        selecting = sum(not _is_pattern(c.decode) for c in configured)
         logger.info(
-            "%s attention backend: %d layers, prefill %s, decode %s, dense below %d tokens, dense layers %s",
-            BACKEND_NAME, configured, o.prefill, o.decode, o.dense_below, sorted(o.dense_layers),
+            "%s attention backend: %d layers (rank %d of %d, %d query / %d KV heads each), %s; %d layers select "
+            "decode tokens, page label width %d",
+            BACKEND_NAME, len(configured), tp_rank, tp_size, configured[0].num_heads if configured else 0,
+            configured[0].num_kv_heads if configured else 0, self.options.describe(), selecting,
+            self.options.label_width,
         )
+        self._last_log = time.monotonic()
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
-    ) -> SparseAttentionMetadata:
-        return build_metadata(common_attn_metadata, self.block_size, self.options.dense_below)
+    ) -> StepMetadata:
+        if time.monotonic() - self._last_log > STATS_LOG_SECONDS:
+            self._last_log = time.monotonic()
+            _log_stats()
+        return build_metadata(common_attn_metadata, self.page_size, self.options.dense_below)
 
 
-def build_metadata(cm: CommonAttentionMetadata, block_size: int, dense_below: int) -> SparseAttentionMetadata:
+def build_metadata(cm: CommonAttentionMetadata, page_size: int, dense_below: int) -> StepMetadata:
     """One step's metadata, shared by every layer of the KV cache group."""
     query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
     seq_lens = cm.seq_lens[: cm.num_reqs].cpu().tolist()  # exact lengths (a sync on GPU, once per step)
-    return SparseAttentionMetadata(
-        num_actual_tokens=cm.num_actual_tokens,
-        num_scheduled_tokens=query_start_loc[-1],
-        max_query_len=cm.max_query_len,
-        max_seq_len=cm.max_seq_len,
-        query_start_loc=cm.query_start_loc,
-        seq_lens=cm.seq_lens,
-        block_table=cm.block_table_tensor,
-        slot_mapping=cm.slot_mapping,
-        groups=plan_row_groups(query_start_loc, seq_lens, cm.block_table_tensor, block_size, dense_below),
-    )
+    return plan_step(query_start_loc, seq_lens, cm.block_table_tensor, cm.slot_mapping, page_size=page_size,
+                     dense_below=dense_below, num_actual_tokens=cm.num_actual_tokens)
+
+
+def _is_pattern(decode) -> bool:
+    from ..patterns import Pattern
+
+    return isinstance(decode, Pattern)
+
+
+def _tensor_parallel() -> tuple[int, int]:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError):  # no distributed state (a bare unit test)
+        return 0, 1
 
 
 def _is_set(value) -> bool:
@@ -256,7 +183,65 @@ def layer_index(layer_name: str) -> int | None:
         return None
 
 
-class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
+# ---------------------------------------------------------------------------------------------------- statistics
+def sparsity_stats(reset: bool = False) -> dict:
+    """What this process's layers read so far: ``{"layers": {index: {"prefill": {...}, "decode": {...}}},
+    "prefill": {...}, "decode": {...}}`` where each phase has ``rows``, ``sparse_rows`` and ``density`` (fraction
+    of dense attention's blocks / tokens read; None when no row ran). Keys are strings (it crosses vLLM's RPC)."""
+    layers, totals = {}, {phase: [0.0, 0, 0, 0] for phase in ("prefill", "decode")}
+    for name, impl in sorted(_layers.items(), key=lambda item: (layer_index(item[0]) is None, layer_index(item[0]) or 0)):
+        stats = impl.core.stats
+        layers[str(impl.core.layer_index if impl.core.layer_index is not None else name)] = stats.as_dict()
+        for phase, total in totals.items():
+            total[0] += float(stats.read[phase])
+            total[1] += stats.full[phase]
+            total[2] += stats.rows[phase]
+            total[3] += stats.sparse_rows[phase]
+        if reset:
+            stats.reset()
+    out = {"layers": layers}
+    for phase, (read, full, rows, sparse_rows) in totals.items():
+        out[phase] = {"rows": rows, "sparse_rows": sparse_rows, "density": read / full if full else None}
+    return out
+
+
+def _log_stats() -> None:
+    stats = sparsity_stats()
+    parts = []
+    for phase in ("prefill", "decode"):
+        densities = [layer[phase]["density"] for layer in stats["layers"].values() if layer[phase]["density"] is not None]
+        if densities:
+            parts.append(f"{phase} density {stats[phase]['density']:.3f} (layers {min(densities):.3f}.."
+                         f"{max(densities):.3f}; {stats[phase]['sparse_rows']} of {stats[phase]['rows']} layer-rows sparse)")
+    if parts:
+        logger.info("%s attention: %s", BACKEND_NAME, "; ".join(parts))
+
+
+class SparsityStatsExtension:
+    """Worker extension: ``llm.collective_rpc("sparse_attn_stats")`` returns :func:`sparsity_stats` of every
+    worker (one dict per tensor-parallel rank)."""
+
+    def sparse_attn_stats(self, reset: bool = False) -> dict:
+        return sparsity_stats(reset)
+
+    def sparse_attn_layers(self) -> dict:
+        """Each configured layer's prefill pattern and decode selection on this rank (for inspection)."""
+        out = {}
+        for name, impl in _layers.items():
+            core = impl.core
+            decode = core.decode
+            entry = {"prefill": repr(core.prefill), "num_heads": core.num_heads, "num_kv_heads": core.num_kv_heads}
+            if _is_pattern(decode):
+                entry["decode"] = repr(decode)
+            else:
+                entry["decode"] = repr(decode.config)
+                entry["channels"] = None if decode.channels is None else decode.channels.tolist()
+            out[str(core.layer_index if core.layer_index is not None else name)] = entry
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- the impl
+class SparseAttentionImpl(AttentionImpl[StepMetadata]):
     def __init__(
         self,
         num_heads: int,
@@ -292,32 +277,27 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         # Options are checked here too, so a worker started without the front-end check still fails at start-up.
-        self.configure(None, options_from_vllm_config(get_current_vllm_config_or_none()))
+        self.configure(None, _options(), *_tensor_parallel())
 
-    def configure(self, index: int | None, options: SparseAttnOptions) -> None:
-        """Per-layer state: the layer's index and patterns (called by the metadata builder at start-up)."""
-        self.layer_index = index
+    def configure(self, index: int | None, options: SparseAttnOptions, tp_rank: int = 0, tp_size: int = 1) -> None:
+        """Per-layer state: the layer's patterns and decode selection (called by the metadata builder at start-up,
+        when the layer index is known)."""
         self.options = options
-        self.prefill_pattern, self.decode_pattern = options.patterns_for_layer(index)
+        self._tp = (tp_rank, tp_size)
+        self.core: PagedAttentionLayer = layer_from_options(
+            options, index, self.num_heads, self.num_kv_heads, self.head_size, self.scale, tp_rank, tp_size
+        )
+
+    @property
+    def layer_index(self) -> int | None:
+        return self.core.layer_index
 
     def do_kv_cache_update(
         self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Write the step's new K/V into their slots; slot -1 marks padding. key/value may be padded past
-        ``slot_mapping``."""
-        key_cache, value_cache = self._slot_views(kv_cache)
-        slots = slot_mapping.long()
-        valid = slots >= 0
-        n = slots.shape[0]
-        key_cache[slots[valid]] = key[:n][valid].to(key_cache.dtype)
-        value_cache[slots[valid]] = value[:n][valid].to(value_cache.dtype)
-
-    def _slot_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[num_blocks * block_size, Hkv, D]`` views of the K and V halves (no copy in the LBNHC order)."""
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        shape = (-1, self.num_kv_heads, self.head_size)
-        return key_cache.view(shape), value_cache.view(shape)  # view, not reshape: writes must reach the pages
+        """Write the step's new K/V (and Double Sparsity labels) into their slots; slot -1 marks padding."""
+        self.core.write(kv_cache, key, value, slot_mapping)
 
     def forward(
         self,
@@ -326,7 +306,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        attn_metadata: SparseAttentionMetadata | None,
+        attn_metadata: StepMetadata | None,
         output: torch.Tensor,
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
@@ -336,20 +316,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             raise NotImplementedError(f"The {BACKEND_NAME} attention backend does not fuse output quantization")
         if attn_metadata is None:  # the profiling run
             return output.fill_(0)
-        if self.layer_index is None:  # a layer the builder did not see (e.g. one sharing another's KV cache)
-            self.configure(layer_index(getattr(layer, "layer_name", "")), self.options)
-
-        key_cache, value_cache = self._slot_views(kv_cache)
-        for group in attn_metadata.groups:
-            pattern = Dense() if group.dense else (self.decode_pattern if group.phase == "decode" else self.prefill_pattern)
-            q = group.take(query)
-            k = key_cache.index_select(0, group.kv_slots).to(q.dtype)
-            v = value_cache.index_select(0, group.kv_slots).to(q.dtype)
-            mask = group.mask(pattern, self.options.block_size, self.num_heads, q, k, self.scale)
-            out = block_sparse_attention(
-                q, k, v, mask, causal=True, scale=self.scale, cu_seqlens_q=group.cu_seqlens_q,
-                cu_seqlens_k=group.cu_seqlens_k, backend=self.options.op_backend,
-            )
-            group.put(output, out)
-        output[attn_metadata.num_scheduled_tokens : attn_metadata.num_actual_tokens].zero_()  # padding rows
-        return output
+        if self.core.layer_index is None:  # a layer the builder did not see (e.g. one sharing another's KV cache)
+            index = layer_index(getattr(layer, "layer_name", ""))
+            if index is not None:
+                self.configure(index, self.options, *self._tp)
+        return self.core.forward(query, kv_cache, attn_metadata, output)

@@ -6,8 +6,9 @@ vLLM runs :func:`register` once in every process (front end, engine core, worker
 2. teaches pickle to send that member by name: spawned processes unpickle their config before any plugin runs, and
    the default enum pickle (by value) would fail there; unpickling by name imports this module, which registers it;
 3. on CPU, wraps ``CpuPlatform.get_attn_backend_cls``, which otherwise always answers CPU_ATTN;
-4. checks the backend's options (:mod:`.config`) when the config is built, so a bad option fails in the caller's
-   process, before any engine starts.
+4. checks the backend's options (:mod:`.config`) when the config is built, so a bad option or a plan made for
+   another model fails in the caller's process, before any engine starts, and installs the worker extension that
+   answers ``collective_rpc("sparse_attn_stats")`` (unless the run already has a worker extension).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copyreg
 
 BACKEND_NAME = "SPARSE"
 BACKEND_PATH = "sparse_attn.vllm.backend.SparseAttentionBackend"
+STATS_EXTENSION = "sparse_attn.vllm.backend.SparsityStatsExtension"
 
 
 def register() -> None:
@@ -62,7 +64,10 @@ def _patch_platform() -> None:
         if sparse_backend_selected(vllm_config):
             from .config import options_from_vllm_config
 
-            options_from_vllm_config(vllm_config)  # raises SparseAttnConfigError naming the bad option
+            options_from_vllm_config(vllm_config)  # raises SparseAttnConfigError naming the bad option or plan
+            parallel = vllm_config.parallel_config
+            if not parallel.worker_extension_cls:  # llm.collective_rpc("sparse_attn_stats") then works
+                parallel.worker_extension_cls = STATS_EXTENSION
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 

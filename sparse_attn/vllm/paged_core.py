@@ -1,0 +1,359 @@
+"""The vLLM backend's attention on paged KV caches, without vLLM: step planning, page reads and writes, per-group
+attention, decode token selection and sparsity statistics. ``backend.py`` wraps it for vLLM; a GPU machine without
+vLLM drives it directly (tests/test_vllm_core.py).
+
+Inputs are vLLM's, as plain tensors:
+
+- a layer's page tensor ``kv_cache``: logical ``[num_pages, Hkv, page_size, C]`` in the ``LBNHC`` physical order, so
+  ``kv_cache.transpose(1, 2)`` is ``[num_pages, page_size, Hkv, C]`` in memory order. ``C = 2 * D + label_width``:
+  K, then V, then (with Double Sparsity) the key's label, its ``r`` heavy channels, per token and KV head;
+- ``block_table [B, max_pages]`` (token t of row b lives in page ``block_table[b, t // page_size]`` at offset
+  ``t % page_size``, i.e. slot ``page * page_size + offset``), ``slot_mapping [T]`` (the new tokens' slots; -1 pads),
+  ``query_start_loc [B + 1]`` and ``seq_lens [B]`` (context including the new tokens) as host lists.
+
+Rows (requests) of a step are grouped by phase (decode: one query token; prefill: a prompt or a chunk of it, whose
+queries are the last ``q_len`` positions of ``seq_len``) and by whether they are shorter than ``dense_below``. A
+prefill group (and a decode group with a block pattern) reads its context from the pages into the varlen layout
+``[Tk, Hkv, D]`` and runs ``block_sparse_attention`` with the layer's mask. A decode group with token selection
+scores every context token in place (exact ``q.K`` on the keys, or ``q[channels] . label`` with Double Sparsity),
+keeps the top k per KV group and runs ``sparse_decode_attention`` over the pages, reading only those tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Sequence
+
+import torch
+
+from ..decode import DoubleSparsityConfig, LabelCache, select_tokens, sparse_decode_attention, write_tokens
+from ..masks import BlockSparseMask, causal_block_bounds
+from ..ops import block_sparse_attention
+from ..ops.attention import cuda_op_available
+from ..patterns import Dense, Pattern
+from .config import SparseAttnOptions
+
+__all__ = ["RowGroup", "StepMetadata", "plan_step", "DecodeSelection", "PagedAttentionLayer", "SparsityStats",
+           "layer_from_options"]
+
+
+# ---------------------------------------------------------------------------------------------------- step planning
+@dataclass
+class RowGroup:
+    """Rows of one step that share one attention call: same phase, same dense-or-sparse choice.
+
+    ``token_index`` [Tq] picks the group's query tokens out of the step's tokens (``token_range`` when they are
+    contiguous); ``kv_slots`` [Tk] are the page slots of every context token of its rows, row after row (computed on
+    first use: token-selection decode never needs them).
+    """
+
+    phase: str  # "prefill" or "decode"
+    dense: bool  # the rows are shorter than dense_below
+    rows: list[int]
+    q_lens: list[int]
+    kv_lens: list[int]
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    token_index: torch.Tensor
+    token_range: tuple[int, int] | None
+    block_table: torch.Tensor  # the step's block table (all rows)
+    page_size: int
+    masks: dict[tuple, object] = field(default_factory=dict)  # position-only masks and counts, shared by layers
+    _kv_slots: torch.Tensor | None = None
+    _row_pages: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.token_range[0] : self.token_range[1]] if self.token_range else x.index_select(0, self.token_index)
+
+    def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        if self.token_range:
+            out[self.token_range[0] : self.token_range[1]] = values
+        else:
+            out.index_copy_(0, self.token_index, values)
+
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        if self._kv_slots is None:
+            device = self.block_table.device
+            cu_k = [0, *accumulate(self.kv_lens)]
+            positions = _ragged_arange([0] * len(self.rows), self.kv_lens, cu_k, device)
+            row_of_token = torch.repeat_interleave(
+                torch.tensor(self.rows, device=device), torch.tensor(self.kv_lens, device=device)
+            )
+            pages = self.block_table[row_of_token, positions // self.page_size].long()
+            self._kv_slots = pages * self.page_size + positions % self.page_size
+        return self._kv_slots
+
+    def row_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' block table ``[n, max_pages]`` and int32 context lengths ``[n]`` (the paged decode inputs)."""
+        if self._row_pages is None:
+            device = self.block_table.device
+            table = self.block_table.index_select(0, torch.tensor(self.rows, device=device))
+            self._row_pages = table, torch.tensor(self.kv_lens, dtype=torch.int32, device=device)
+        return self._row_pages
+
+    def mask(self, pattern: Pattern, block_size: int, num_heads: int, q, k, scale: float) -> BlockSparseMask:
+        if pattern.content_aware:
+            return self._build(pattern, block_size, num_heads, q.device, q, k, scale)
+        key = (pattern, block_size, num_heads)
+        if key not in self.masks:
+            self.masks[key] = self._build(pattern, block_size, num_heads, q.device, None, None, scale)
+        return self.masks[key]
+
+    def _build(self, pattern, block_size, num_heads, device, q, k, scale) -> BlockSparseMask:
+        cu_q = self.cu_seqlens_q.tolist() if q is not None else None
+        cu_k = self.cu_seqlens_k.tolist() if k is not None else None
+        return pattern.build_mask(
+            q_lens=self.q_lens, kv_lens=self.kv_lens, num_heads=num_heads, q_block_size=block_size,
+            kv_block_size=block_size, causal=True, device=device, q=q, k=k,
+            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scale,
+        )
+
+    def causal_blocks(self, block_size: int) -> int:
+        """Blocks a dense causal mask of one head reads over the group's rows (the density denominator)."""
+        key = ("causal_blocks", block_size)
+        if key not in self.masks:
+            self.masks[key] = sum(int(causal_block_bounds(q, k, block_size, block_size).sum())
+                                  for q, k in zip(self.q_lens, self.kv_lens))
+        return self.masks[key]
+
+
+@dataclass
+class StepMetadata:
+    """One step's metadata, shared by every layer."""
+
+    num_actual_tokens: int  # tokens of the step, possibly padded
+    num_scheduled_tokens: int  # tokens that belong to a request; rows past it are padding
+    slot_mapping: torch.Tensor
+    groups: list[RowGroup]
+
+
+def plan_step(
+    query_start_loc: Sequence[int],
+    seq_lens: Sequence[int],
+    block_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    page_size: int,
+    dense_below: int,
+    num_actual_tokens: int | None = None,
+) -> StepMetadata:
+    """Group the rows of a step (see :class:`RowGroup`). ``query_start_loc`` [B+1] and ``seq_lens`` [B] are host
+    lists; ``block_table`` [B, max_pages] and ``slot_mapping`` sit on the device."""
+    query_start_loc, seq_lens = list(query_start_loc), list(seq_lens)
+    if len(query_start_loc) != len(seq_lens) + 1:
+        raise ValueError(f"query_start_loc must have one entry more than seq_lens, got {len(query_start_loc)} and {len(seq_lens)}")
+    device = block_table.device
+    rows_by_key: dict[tuple[str, bool], list[int]] = {}
+    for row, seq_len in enumerate(seq_lens):
+        q_len = query_start_loc[row + 1] - query_start_loc[row]
+        if q_len == 0:
+            continue  # a padding row
+        if q_len < 0 or q_len > seq_len:
+            raise ValueError(f"row {row}: query length {q_len} must lie in [0, seq_len={seq_len}]")
+        key = ("decode" if q_len == 1 else "prefill", seq_len < dense_below)
+        rows_by_key.setdefault(key, []).append(row)
+
+    groups = []
+    for (phase, dense), rows in rows_by_key.items():
+        q_starts = [query_start_loc[r] for r in rows]
+        q_lens = [query_start_loc[r + 1] - query_start_loc[r] for r in rows]
+        kv_lens = [seq_lens[r] for r in rows]
+        cu_q, cu_k = list(accumulate(q_lens, initial=0)), list(accumulate(kv_lens, initial=0))
+        contiguous = all(q_starts[i] + q_lens[i] == q_starts[i + 1] for i in range(len(rows) - 1))
+        groups.append(RowGroup(
+            phase, dense, rows, q_lens, kv_lens,
+            torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
+            _ragged_arange(q_starts, q_lens, cu_q, device), (q_starts[0], q_starts[0] + cu_q[-1]) if contiguous else None,
+            block_table, page_size,
+        ))
+    scheduled = query_start_loc[-1]
+    return StepMetadata(scheduled if num_actual_tokens is None else num_actual_tokens, scheduled, slot_mapping, groups)
+
+
+def _ragged_arange(starts: list[int], lengths: list[int], offsets: list[int], device) -> torch.Tensor:
+    """Concatenation of ``arange(start, start + length)`` over the rows, as one int64 tensor."""
+    lengths_t = torch.tensor(lengths, device=device)
+    base = torch.repeat_interleave(torch.tensor(starts, device=device) - torch.tensor(offsets[:-1], device=device), lengths_t)
+    return base + torch.arange(offsets[-1], device=device)
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+class SparsityStats:
+    """What one layer read, per phase: ``read / full`` is the fraction of dense attention's work done.
+
+    Prefill counts (head, query block, KV block) blocks against the causal blocks; decode counts tokens per KV head
+    (token selection) or blocks per head (block patterns). Dense groups count as fully read. Counters stay on the
+    device (no synchronisation in the forward pass) until :meth:`as_dict` reads them.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.read = {"prefill": 0, "decode": 0}
+        self.full = {"prefill": 0, "decode": 0}
+        self.rows = {"prefill": 0, "decode": 0}
+        self.sparse_rows = {"prefill": 0, "decode": 0}
+
+    def add(self, phase: str, rows: int, read, full: int, sparse: bool) -> None:
+        self.read[phase] = self.read[phase] + read
+        self.full[phase] += full
+        self.rows[phase] += rows
+        self.sparse_rows[phase] += rows if sparse else 0
+
+    def as_dict(self) -> dict:
+        out = {}
+        for phase in ("prefill", "decode"):
+            read, full = float(self.read[phase]), self.full[phase]
+            out[phase] = {"rows": self.rows[phase], "sparse_rows": self.sparse_rows[phase],
+                          "density": read / full if full else None}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- one layer
+@dataclass(frozen=True)
+class DecodeSelection:
+    """Token selection for decode rows: ``config`` holds the budget rule; ``channels [Hkv, r]`` are the label
+    channels stored in the page (Double Sparsity), None for exact scores over the keys themselves."""
+
+    config: DoubleSparsityConfig
+    channels: torch.Tensor | None = field(default=None, compare=False)
+
+
+@dataclass
+class PageViews:
+    """``[num_pages, page_size, Hkv, *]`` views of one layer's pages (no copies; writes reach the pages)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    labels: torch.Tensor  # [..., label_width]; width 0 without Double Sparsity
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``[num_pages * page_size, Hkv, *]``: one row per slot (a view in the token-major LBNHC order)."""
+        return x.flatten(0, 1)
+
+
+class PagedAttentionLayer:
+    """One attention layer on paged KV: writes new tokens, attends per row group. Head counts are this rank's."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, *,
+                 prefill: Pattern = Dense(), decode: Pattern | DecodeSelection = Dense(), block_size: int = 64,
+                 label_width: int = 0, op_backend: str | None = None, layer_index: int | None = None):
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if isinstance(decode, DecodeSelection):
+            r = head_size if decode.channels is None else decode.channels.shape[1]
+            if decode.channels is not None:
+                if tuple(decode.channels.shape) != (num_kv_heads, r) or r > label_width:
+                    raise ValueError(f"decode channels must be [num_kv_heads={num_kv_heads}, r <= label_width="
+                                     f"{label_width}], got {tuple(decode.channels.shape)}")
+                if int(decode.channels.max()) >= head_size:
+                    raise ValueError(f"decode channels reach {int(decode.channels.max())}, the head size is {head_size}")
+            decode = DecodeSelection(dataclasses.replace(decode.config, r=r), decode.channels)
+        elif not isinstance(decode, Pattern):
+            raise ValueError(f"decode must be a Pattern or a DecodeSelection, got {type(decode).__name__}")
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale = float(scale)
+        self.prefill, self.decode = prefill, decode
+        self.block_size, self.label_width, self.op_backend = block_size, label_width, op_backend
+        self.layer_index = layer_index
+        self.stats = SparsityStats()
+        self._views_key = None
+
+    @property
+    def writes_labels(self) -> bool:
+        return isinstance(self.decode, DecodeSelection) and self.decode.channels is not None
+
+    def page_views(self, kv_cache: torch.Tensor) -> tuple[PageViews, LabelCache | None]:
+        """The K / V / label views of ``kv_cache`` and the label cache decode selection scores (cached per page
+        tensor: vLLM allocates a layer's pages once)."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()))
+        if self._views_key == key:
+            return self._views
+        d = self.head_size
+        if kv_cache.dim() != 4 or kv_cache.shape[1] != self.num_kv_heads or kv_cache.shape[3] != 2 * d + self.label_width:
+            raise ValueError(f"kv_cache must be [num_pages, Hkv={self.num_kv_heads}, page_size, 2*{d}+{self.label_width}]"
+                             f", got {tuple(kv_cache.shape)}")
+        pages = kv_cache.transpose(1, 2)
+        views = PageViews(pages[..., :d], pages[..., d : 2 * d], pages[..., 2 * d :])
+        labels = None
+        if isinstance(self.decode, DecodeSelection):
+            channels = self.decode.channels
+            if channels is None:  # exact scores: the keys are their own labels
+                labels = LabelCache.over(views.k, torch.arange(d, device=kv_cache.device).expand(self.num_kv_heads, d))
+            else:
+                labels = LabelCache.over(views.labels[..., : channels.shape[1]], channels.to(kv_cache.device))
+        self._views_key, self._views = key, (views, labels)
+        return self._views
+
+    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write the step's new K/V (and labels) into their slots; slot -1 marks padding; key/value may be padded
+        past ``slot_mapping``."""
+        views, labels = self.page_views(kv_cache)
+        write_tokens(views.k, slot_mapping, key)
+        write_tokens(views.v, slot_mapping, value)
+        if self.writes_labels:
+            labels.write(key.to(views.labels.dtype), slot_mapping)
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: StepMetadata, output: torch.Tensor) -> torch.Tensor:
+        """query ``[T, Hq, D]``; output ``[T, Hq, D]``, written for the first ``num_actual_tokens`` rows."""
+        views, labels = self.page_views(kv_cache)
+        for group in meta.groups:
+            if group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection):
+                out = self._selected_decode(group, group.take(query), views, labels)
+            else:
+                out = self._masked(group, group.take(query), views)
+            group.put(output, out.to(output.dtype))
+        output[meta.num_scheduled_tokens : meta.num_actual_tokens].zero_()  # padding rows
+        return output
+
+    def _masked(self, group: RowGroup, q: torch.Tensor, views: PageViews) -> torch.Tensor:
+        """Block-sparse attention over the rows' context read into the varlen layout."""
+        pattern = Dense() if group.dense else (self.decode if group.phase == "decode" else self.prefill)
+        k = views.flat(views.k).index_select(0, group.kv_slots).to(q.dtype)
+        v = views.flat(views.v).index_select(0, group.kv_slots).to(q.dtype)
+        mask = group.mask(pattern, self.block_size, self.num_heads, q, k, self.scale)
+        full = group.causal_blocks(self.block_size) * self.num_heads
+        read = full if isinstance(pattern, Dense) else mask.kv_num_blocks.sum()
+        self.stats.add(group.phase, len(group.rows), read, full, not isinstance(pattern, Dense))
+        return block_sparse_attention(
+            q, k, v, mask, causal=True, scale=self.scale, cu_seqlens_q=group.cu_seqlens_q,
+            cu_seqlens_k=group.cu_seqlens_k, backend=self.op_backend,
+        )
+
+    def _selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews, labels: LabelCache) -> torch.Tensor:
+        """Decode over the top-k tokens of each KV group, read in place from the pages."""
+        block_table, seq_lens = group.row_pages()
+        q = q.to(views.k.dtype)
+        selection = select_tokens(q, labels, None, block_table, seq_lens, self.decode.config,
+                                  max_seq_len=max(group.kv_lens), backend=self._decode_backend("label_scores_fwd"),
+                                  check_values=False)
+        out, _ = sparse_decode_attention(q, views.k, views.v, block_table, seq_lens, selection, scale=self.scale,
+                                         backend=self._decode_backend("sparse_decode_attention_fwd"), check_values=False)
+        full = sum(group.kv_lens) * self.num_kv_heads
+        self.stats.add("decode", len(group.rows), full if selection is None else selection.kv_num_blocks.sum(), full,
+                       True)
+        return out
+
+
+    def _decode_backend(self, cuda_op: str) -> str | None:
+        """``op_backend`` for a decode op; "cuda" names the block-sparse extension op, so a decode op the
+        extension lacks runs on the device's default implementation instead."""
+        if self.op_backend == "cuda" and not cuda_op_available(cuda_op):
+            return None
+        return self.op_backend
+
+
+def layer_from_options(options: SparseAttnOptions, layer_index: int | None, num_heads: int, num_kv_heads: int,
+                       head_size: int, scale: float, tp_rank: int = 0, tp_size: int = 1) -> PagedAttentionLayer:
+    """The layer ``layer_index`` as the backend's options configure it, on one tensor-parallel rank."""
+    prefill, decode = options.layer_settings(layer_index, num_heads, tp_rank, tp_size)
+    if isinstance(decode, tuple):
+        decode = DecodeSelection(*decode)
+    return PagedAttentionLayer(
+        num_heads, num_kv_heads, head_size, scale, prefill=prefill, decode=decode, block_size=options.block_size,
+        label_width=options.label_width, op_backend=options.op_backend, layer_index=layer_index,
+    )
