@@ -3,7 +3,9 @@
 // direct calls, and every message names the argument.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <string>
+#include <utility>
 
 #include "ops.h"
 
@@ -141,6 +143,89 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode_attention(
   return compressed_decode_attention_cpu(in);
 }
 
+// cu_seqlens: int32 [B + 1] from 0, non-decreasing, ending at the token count of its tensor.
+at::Tensor checked_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, int64_t tokens) {
+  check_tensor(cu, name, 1, {at::kInt}, cu.device());
+  TORCH_CHECK(cu.is_cpu(), name, " must be a CPU tensor, got ", cu.device());
+  check_size(cu, name, 0, batch + 1, "batch + 1");
+  auto c = cu.contiguous();
+  const int32_t* v = c.data_ptr<int32_t>();
+  TORCH_CHECK(v[0] == 0, name, " must start at 0, got ", v[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(v[b + 1] >= v[b], name, " must be non-decreasing, got ", v[b], " then ", v[b + 1]);
+  }
+  TORCH_CHECK(v[batch] == tokens, name, " ends at ", v[batch], " but the tensor holds ", tokens, " tokens");
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+    int64_t q_block_size, int64_t kv_block_size, bool causal, double scale, bool use_blas) {
+  TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
+  const auto dev = q.device();
+  check_tensor(q, "q", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
+  check_tensor(k, "k", 3, {q.scalar_type()}, dev);
+  check_tensor(v, "v", 3, {q.scalar_type()}, dev);
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", shape_of(k), " and ", shape_of(v));
+  const int64_t q_heads = q.size(1), kv_heads = k.size(1), head_dim = q.size(2);
+  TORCH_CHECK(head_dim > 0, "q head_dim must be positive, got shape ", shape_of(q));
+  check_size(k, "k", 2, head_dim, "the head_dim of q");
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "q heads (", q_heads,
+              ") must be a positive multiple of the KV heads of k (", kv_heads, ")");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->stride(2) == 1 || t->size(2) == 1, name, " must have unit stride along head_dim, got strides ",
+                c10::str(t->strides()));
+  }
+  const int64_t batch = cu_seqlens_q.dim() == 1 ? cu_seqlens_q.size(0) - 1 : -1;
+  TORCH_CHECK(batch >= 1, "cu_seqlens_q must be a 1-D tensor [batch + 1] with batch >= 1, got shape ",
+              shape_of(cu_seqlens_q));
+  const auto cu_q = checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q.size(0));
+  const auto cu_k = checked_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, k.size(0));
+  TORCH_CHECK(q_block_size >= 1 && kv_block_size >= 1, "q_block_size and kv_block_size must be positive, got ",
+              q_block_size, " and ", kv_block_size);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be positive and finite, got ", scale);
+
+  check_tensor(kv_num_blocks, "kv_num_blocks", 3, {at::kInt}, dev);
+  check_tensor(kv_indices, "kv_indices", 4, {at::kInt}, dev);
+  TORCH_CHECK(kv_num_blocks.size(0) == 1 || kv_num_blocks.size(0) == batch, "kv_num_blocks must have 1 or ", batch,
+              " (the batch) along axis 0, got shape ", shape_of(kv_num_blocks));
+  TORCH_CHECK(kv_num_blocks.size(1) == 1 || kv_num_blocks.size(1) == q_heads, "kv_num_blocks must have 1 or ",
+              q_heads, " (the query heads) along axis 1, got shape ", shape_of(kv_num_blocks));
+  for (int64_t axis = 0; axis < 3; ++axis) {
+    check_size(kv_indices, "kv_indices", axis, kv_num_blocks.size(axis), "the size of kv_num_blocks");
+  }
+  const int32_t* cq = cu_q.data_ptr<int32_t>();
+  int64_t max_q_len = 0;
+  for (int64_t b = 0; b < batch; ++b) max_q_len = std::max<int64_t>(max_q_len, cq[b + 1] - cq[b]);
+  const int64_t needed = (max_q_len + q_block_size - 1) / q_block_size;
+  TORCH_CHECK(kv_num_blocks.size(2) >= needed, "kv_num_blocks has ", kv_num_blocks.size(2), " query blocks of ",
+              q_block_size, ", too few for q_len ", max_q_len);
+  // Values: counts within the row width, used block ids non-negative (ids past a sequence are masked).
+  const int64_t width = kv_indices.size(3);
+  if (kv_num_blocks.numel() > 0) {
+    TORCH_CHECK(kv_num_blocks.min().item<int32_t>() >= 0 && kv_num_blocks.max().item<int32_t>() <= width,
+                "kv_num_blocks must lie in [0, ", width, "] (the width of kv_indices)");
+    const auto used = at::arange(width, kv_indices.options()) < kv_num_blocks.unsqueeze(-1);
+    TORCH_CHECK(!(used & (kv_indices < 0)).any().item<bool>(), "kv_indices has negative block ids");
+  }
+
+  BlockSparseAttentionInputs in;
+  in.q = q;
+  in.k = k;
+  in.v = v;
+  in.cu_seqlens_q = cu_q;
+  in.cu_seqlens_k = cu_k;
+  in.kv_num_blocks = kv_num_blocks;
+  in.kv_indices = kv_indices;
+  in.q_block_size = q_block_size;
+  in.kv_block_size = kv_block_size;
+  in.causal = causal;
+  in.scale = scale;
+  in.use_blas = use_blas;
+  return sparse_attn::block_sparse_attention_cpu(in);
+}
+
 }  // namespace
 }  // namespace sparse_attn
 
@@ -164,4 +249,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_bitmaps"), py::arg("k_values"), py::arg("k_keep"), py::arg("v_bitmaps"),
         py::arg("v_values"), py::arg("v_keep"), py::arg("offsets"), py::arg("comp_lengths"), py::arg("k_recent"),
         py::arg("v_recent"), py::arg("recent_lengths"), py::arg("scale"), py::arg("max_context") = 0);
+  m.def("block_sparse_attention_cpu", &sparse_attn::block_sparse_attention,
+        "Block-sparse attention on CPU tensors, varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k int32 "
+        "[B + 1], mask rows kv_num_blocks int32 [B or 1, Hq or 1, nq] and kv_indices int32 [.., nq, W]; queries are "
+        "the last q_len positions of each context. Returns (out [Tq, Hq, D] in q's dtype, lse fp32 [Hq, Tq]; 0 and "
+        "-inf for rows that read no key). use_blas=False runs the products as vectorized loops instead of torch's BLAS "
+        "sgemm (the path taken where torch carries none).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("kv_num_blocks"), py::arg("kv_indices"), py::arg("q_block_size"), py::arg("kv_block_size"),
+        py::arg("causal"), py::arg("scale"), py::arg("use_blas") = true);
 }

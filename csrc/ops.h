@@ -40,6 +40,23 @@ struct CompressedDecodeInputs {
 // Returns (out [B, Hq, D] in q's dtype, lse fp32 [B, Hq]; out 0 and lse -inf for an empty context).
 std::tuple<at::Tensor, at::Tensor> compressed_decode_attention_cpu(const CompressedDecodeInputs& in);
 
+// Inputs of block-sparse attention (semantics in sparse_attn/ops/attention.py): varlen q [Tq, Hq, D], k/v
+// [Tk, Hkv, D] (any token and head strides, unit stride along D), cu_seqlens_q/k int32 [B + 1]; the mask rows
+// kv_num_blocks int32 [B or 1, Hq or 1, nq] and kv_indices int32 [B or 1, Hq or 1, nq, W] (size-1 dims broadcast).
+// Queries are the last q_len positions of each context; query head h reads KV head h / (Hq / Hkv).
+struct BlockSparseAttentionInputs {
+  at::Tensor q, k, v;
+  at::Tensor cu_seqlens_q, cu_seqlens_k;
+  at::Tensor kv_num_blocks, kv_indices;
+  int64_t q_block_size = 1, kv_block_size = 1;
+  bool causal = true;
+  double scale = 1.0;
+  bool use_blas = true;  // false: the vectorized loops even where torch carries a BLAS (tests, benchmarks)
+};
+
+// Returns (out [Tq, Hq, D] in q's dtype, lse fp32 [Hq, Tq] natural log; out 0 and lse -inf for rows with no key).
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseAttentionInputs& in);
+
 #ifdef SPARSE_ATTN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> topk_tokens_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
                                                     int64_t sink, int64_t recent,

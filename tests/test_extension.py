@@ -11,7 +11,7 @@ from sparse_attn.decode.kv_pruning import KVPruningConfig, compressed_kv_attenti
 from sparse_attn.ops.extension import compressed_decode_attention, extension, extension_available, topk_tokens
 from sparse_attn.ops.reference import attention_reference_varlen
 
-OPS = ("topk_tokens", "compressed_decode_attention")
+OPS = ("topk_tokens", "compressed_decode_attention", "block_sparse_attention_cpu")
 requires_extension = pytest.mark.skipif(
     not extension_available(), reason="sparse_attn._C is not built (pip install --no-build-isolation -e .)"
 )

@@ -38,12 +38,17 @@ def test_dense_mask_equals_sdpa(sq, skv, hq, hkv):
 
 
 def test_cpu_op_chunks_match_unchunked(monkeypatch):
+    """The PyTorch CPU op (called directly: the "cpu" backend prefers the C++ kernel where it is built)."""
     q, k, v = qkv(1, 2, 1, 100, 100)
     mask = TopKBlocks(k=3).build_mask(q_lens=100, kv_lens=100, num_heads=2, q_block_size=16, kv_block_size=16,
-                                      q=q[0].transpose(0, 1), k=k[0].transpose(0, 1))
-    whole = block_sparse_attention(q, k, v, mask, backend="cpu")
+                                      q=q[0].transpose(0, 1), k=k[0].transpose(0, 1)).expand(1, 2)
+    q_t, k_t, v_t = (t[0].transpose(0, 1) for t in (q, k, v))
+    whole = cpu_op.block_sparse_attention_cpu(q_t, k_t, v_t, [0, 100], [0, 100], mask, True, 0.25)
     monkeypatch.setattr(cpu_op, "_CHUNK_BYTES", 1)  # one query block per chunk
-    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, backend="cpu"), whole, atol=1e-6, rtol=1e-6)
+    chunked = cpu_op.block_sparse_attention_cpu(q_t, k_t, v_t, [0, 100], [0, 100], mask, True, 0.25)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, backend="cpu", scale=0.25, return_lse=True)[0],
+                               whole[0].transpose(0, 1)[None], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

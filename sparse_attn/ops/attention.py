@@ -1,5 +1,8 @@
 """The attention entry point and the one place that chooses an implementation (Triton, CUDA, CPU or reference).
 
+The "cpu" backend runs the C++ kernel (``sparse_attn._C``) on CPU tensors where the extension is built, else the
+PyTorch op of ``cpu.py``, which stays importable on its own as a second implementation.
+
 Two input layouts, one semantics:
 - padded, like ``scaled_dot_product_attention``: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``;
 - varlen (ragged batches), like flash-attn: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` with ``cu_seqlens_q/k [B+1]``.
@@ -50,6 +53,12 @@ def cuda_op_available(op: str) -> bool:
     """Whether the extension was built with CUDA and provides ``op``."""
     ext = cuda_extension()
     return ext is not None and hasattr(ext, op) and getattr(ext, "with_cuda", True)
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the extension provides the C++ CPU kernel that the "cpu" backend prefers for CPU tensors."""
+    ext = cuda_extension()
+    return ext is not None and hasattr(ext, "block_sparse_attention_cpu")
 
 
 def resolve_backend(
@@ -128,7 +137,15 @@ def block_sparse_attention(
         out, lse = attention_reference_varlen(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
         out = out.to(q.dtype)
     elif name == "cpu":
-        out, lse = block_sparse_attention_cpu(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
+        # The C++ kernel where it is built and the tensors are on the CPU; else the PyTorch op (any device). The
+        # kernel has no backward, so inputs that need gradients also take the PyTorch op (autograd runs through it).
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if q.device.type == "cpu" and not needs_grad and cpu_kernel_available():
+            from .extension import block_sparse_attention_cpu as cpu_kernel  # lazy: extension.py imports this module
+
+            out, lse = cpu_kernel(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale, checked=True)
+        else:
+            out, lse = block_sparse_attention_cpu(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
     else:
         cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
         cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=q.device)

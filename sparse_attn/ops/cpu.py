@@ -1,4 +1,7 @@
-"""Block-sparse attention on the CPU (any device PyTorch runs on), with work proportional to the blocks kept.
+"""Block-sparse attention in PyTorch (any device PyTorch runs on), with work proportional to the blocks kept.
+
+The "cpu" backend uses it where the C++ kernel (``sparse_attn._C.block_sparse_attention_cpu``, several times faster)
+is not built or the tensors are not on the CPU; tests call it directly as a second implementation of the same op.
 
 For each sequence and a chunk of query blocks, the kept KV blocks are gathered into a dense ``[H, nq, W*Bk, D]``
 slab (W = widest row), scored, masked (padding slots, keys past the sequence, causality), and reduced with an fp32

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import checks
 from .attention import cuda_extension
 
 if TYPE_CHECKING:
     from ..decode.compressed import CompressedKV
+    from ..masks import BlockSparseMask
 
 NOT_BUILT = (
     "sparse_attn._C (the C++/CUDA extension) is not built: reinstall with "
@@ -121,4 +123,45 @@ def compressed_decode_attention(
     return extension().compressed_decode_attention(
         q.contiguous(), c.k_bitmaps, c.k_values, c.k_keep, c.v_bitmaps, c.v_values, c.v_keep, c.offsets, c.lengths,
         k_recent.contiguous(), v_recent.contiguous(), recent_lengths.to(torch.int32), scale, max_context,
+    )
+
+
+def block_sparse_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: list[int] | torch.Tensor,
+    cu_seqlens_k: list[int] | torch.Tensor,
+    mask: BlockSparseMask,
+    causal: bool,
+    scale: float | None,
+    *,
+    checked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ CPU kernel for block-sparse attention; same arguments and results as the PyTorch op
+    :func:`sparse_attn.ops.cpu.block_sparse_attention_cpu` (varlen q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, cu_seqlens
+    as lists, mask broadcastable to ``[B, Hq]``).
+
+    Returns out ``[Tq, Hq, D]`` in q's dtype and lse ``[Hq, Tq]`` fp32 (natural log; 0 and -inf for rows that read no
+    key). Work follows the kept blocks: a flash-style loop over each row's KV blocks with an online softmax and fp32
+    accumulation. Tensors are read in place with any token and head strides (a non-unit stride along head_dim is
+    copied first); ``scale=None`` means ``head_dim ** -0.5``. ``checked=True`` skips the Python argument checks, for
+    the entry point (:func:`sparse_attn.ops.attention.block_sparse_attention`) that has run them already.
+    """
+    if q.device.type != "cpu":
+        raise ValueError(f"q must be a CPU tensor for the C++ CPU kernel, got {q.device}")
+    cu_q_t, cu_k_t = (torch.as_tensor(cu, dtype=torch.int32) for cu in (cu_seqlens_q, cu_seqlens_k))
+    if not checked:
+        checks.check_qkv(q, k, v, varlen=True)
+        cu_q = checks.check_cu_seqlens("cu_seqlens_q", cu_q_t, q.shape[0], q.device)
+        cu_k = checks.check_cu_seqlens("cu_seqlens_k", cu_k_t, k.shape[0], q.device)
+        q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        kv_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        checks.check_lengths(q_lens, kv_lens, causal)
+        checks.check_mask(mask, len(q_lens), q.shape[1], max(q_lens), max(kv_lens), q.device)
+    scale = checks.check_scale(scale, q.shape[-1])
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return extension().block_sparse_attention_cpu(
+        q, k, v, cu_q_t, cu_k_t, mask.kv_num_blocks, mask.kv_indices, mask.q_block_size, mask.kv_block_size,
+        bool(causal), scale,
     )
