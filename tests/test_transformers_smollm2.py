@@ -11,6 +11,7 @@ AutoModelForCausalLM = transformers.AutoModelForCausalLM
 
 import sparse_attn
 from sparse_attn import AShape, Dense
+from sparse_attn.patterns import default_pattern
 from sparse_attn.integrations import transformers as integration
 from sparse_attn.models.smollm2 import cache_dir, load_smollm2, make_passkey_prompt, passkey_answer
 
@@ -43,7 +44,7 @@ def test_from_pretrained_accepts_sparse(smollm2):
     _, tokenizer = smollm2  # the fixture made sure the cached folder exists
     model = AutoModelForCausalLM.from_pretrained(cache_dir(), attn_implementation="sparse").eval()
     assert model.config._attn_implementation == "sparse"
-    assert not hasattr(model.model.layers[0].self_attn, "sparse_attention")  # unconfigured: the exact default
+    assert not hasattr(model.model.layers[0].self_attn, "sparse_attention")  # unconfigured: dense when this short
     ids = tokenizer("Sparse attention reads only the blocks that matter.", return_tensors="pt")["input_ids"]
     reference = logits(use(model, "sdpa"), ids)
     model.set_attn_implementation("sparse")
@@ -94,7 +95,7 @@ def test_configure_per_layer_patterns(smollm2):
     sparse_attn.configure(model, layers={0: a_shape}, dense_below=0, kv_block_size=32)
     layers = model.model.layers
     assert layers[0].self_attn.sparse_attention.pattern == a_shape
-    assert layers[1].self_attn.sparse_attention.pattern == Dense()
+    assert layers[1].self_attn.sparse_attention.pattern == default_pattern()  # no pattern: the content-aware default
     assert layers[29].self_attn.sparse_attention.kv_block_size == 32
     with pytest.raises(ValueError, match="layers"):
         sparse_attn.configure(model, layers={30: a_shape})

@@ -7,7 +7,7 @@ Usage::
     sparse_attn.configure(model, sparse_attn.AShape(sink_tokens=64, local_tokens=1024))
 
 Every attention module with a ``layer_idx`` gets its own :class:`SparseAttention` (``module.sparse_attention``);
-modules never configured run the exact Dense setting. The mask function is transformers' SDPA one, so plain
+modules never configured run the content-aware default (head-proxy estimation; dense below 1024 keys). The mask function is transformers' SDPA one, so plain
 causal batches arrive with ``attention_mask=None`` and run sparse; batches that need an explicit mask (padding,
 packed sequences, chunked prefill over a cache, decode into a static cache) run transformers' dense SDPA with that
 mask instead (correct, visibly dense: a warning is logged once).
@@ -24,19 +24,20 @@ transformers is imported on first use, so this module (and ``sparse_attn.configu
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from ..decode.methods import DecodeMethod, DoubleSparsity
+from ..decode.methods import DecodeMethod, DoubleSparsity, KVPruning
 from ..modules import SparseAttention
-from ..patterns import Dense, Pattern
+from ..patterns import Pattern, default_pattern
 
 __all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules",
            "reset_decode_state", "calibrate_double_sparsity"]
 
 IMPLEMENTATION = "sparse"
 logger = logging.getLogger(__name__)
-_default_attention = SparseAttention(Dense())
+_default_attention = SparseAttention(default_pattern())  # unconfigured layers: content-aware, dense when short
 _warned_dense_fallback = False
 
 
@@ -112,16 +113,28 @@ def configure(
     dense_below: int = 1024,
     backend: str | None = None,
     decode: DecodeMethod | None = None,
+    plan=None,
 ) -> torch.nn.Module:
-    """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else Dense.
+    """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else the
+    content-aware default (:func:`sparse_attn.patterns.default_pattern`).
 
     ``decode`` (``DoubleSparsity`` with per-layer channels ``{layer: [Hkv, r]}`` from
     :func:`calibrate_double_sparsity`, or ``KVPruning``) handles the one-query decode steps of every layer.
-    Returns the model (changed in place).
+    ``plan`` (a :class:`sparse_attn.planner.Plan` or the path of a plan file, checked against the model) gives
+    every layer its per-head prefill patterns, block sizes and decode method (Double Sparsity or KV pruning where
+    the plan chose them); it excludes ``pattern``, ``layers`` and ``decode``. Returns the model (changed in place).
     """
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"model: {type(model).__name__} has no attention module with a layer_idx to configure")
+    plan_decode: dict = {}
+    if plan is not None:
+        given = [name for name, value in (("pattern", pattern), ("layers", layers), ("decode", decode)) if value]
+        if given:
+            raise ValueError(f"plan: give either a plan or {', '.join(given)}, not both")
+        plan = _load_plan(plan, model)
+        layers, plan_decode = plan.to_patterns(), _plan_decode_methods(plan)
+        q_block_size, kv_block_size = plan.q_block_size, plan.kv_block_size
     layers = dict(layers or {})
     unknown = sorted(set(layers) - set(modules))
     if unknown:
@@ -134,7 +147,7 @@ def configure(
     if isinstance(decode, DoubleSparsity) and not decode.per_layer and len(modules) > 1:
         raise ValueError("decode: DoubleSparsity needs per-layer channels {layer: [Hkv, r]} for a model "
                          "(see calibrate_double_sparsity)")
-    layer_decode = {idx: decode.for_layer(idx) for idx in modules} if decode is not None else {}
+    layer_decode = {idx: decode.for_layer(idx) for idx in modules} if decode is not None else plan_decode
     for idx, method in layer_decode.items():
         head_dim = getattr(modules[idx], "head_dim", None)
         if isinstance(head_dim, int):
@@ -143,7 +156,7 @@ def configure(
     for idx, module in modules.items():
         chosen = layers.get(idx, pattern)
         module.sparse_attention = SparseAttention(
-            chosen if chosen is not None else Dense(), q_block_size=q_block_size, kv_block_size=kv_block_size,
+            chosen if chosen is not None else default_pattern(), q_block_size=q_block_size, kv_block_size=kv_block_size,
             dense_below=dense_below, backend=backend, decode=layer_decode.get(idx),
         )
     if hasattr(model, "set_attn_implementation"):
@@ -151,6 +164,29 @@ def configure(
     else:
         model.config._attn_implementation = IMPLEMENTATION
     return model
+
+
+def _load_plan(plan, model):
+    from ..planner import Plan, load_plan
+
+    if isinstance(plan, Plan):
+        plan.check_model(model)
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan, model)
+    raise ValueError(f"plan must be a sparse_attn.planner.Plan or a path to a plan file, got {type(plan).__name__}")
+
+
+def _plan_decode_methods(plan) -> dict[int, DecodeMethod]:
+    """The decode method of each layer the plan gave one (Double Sparsity first, else KV pruning)."""
+    methods: dict[int, DecodeMethod] = {}
+    for layer in range(plan.shape.num_layers):
+        ds = plan.double_sparsity(layer)
+        if ds is not None:
+            methods[layer] = DoubleSparsity(*ds)
+        elif (pruning := plan.kv_pruning(layer)) is not None:
+            methods[layer] = KVPruning(pruning)
+    return methods
 
 
 def reset_decode_state(model: torch.nn.Module) -> None:

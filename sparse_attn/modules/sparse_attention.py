@@ -8,7 +8,7 @@ from torch import nn
 from ..decode.methods import DecodeMethod, DecodeState
 from ..masks import BlockSparseMask
 from ..ops import block_sparse_attention, checks, dense_attention
-from ..patterns import Dense, Pattern
+from ..patterns import Dense, Pattern, default_pattern
 
 
 class SparseAttention(nn.Module):
@@ -29,7 +29,8 @@ class SparseAttention(nn.Module):
         print(attn.last_density)                   # fraction of the causal block area that was read
 
     Args:
-        pattern: which blocks each head reads; per-head mixes use :class:`sparse_attn.PerHead`.
+        pattern: which blocks each head reads; per-head mixes use :class:`sparse_attn.PerHead`. None: the
+            content-aware default (:func:`sparse_attn.patterns.default_pattern`, head-proxy estimation).
         q_block_size, kv_block_size: block sizes of the mask.
         dense_below: contexts with fewer keys run dense; 0 always runs the sparse path.
         backend: implementation for the sparse path (None: $SPARSE_ATTN_BACKEND, else the best for the device).
@@ -53,7 +54,7 @@ class SparseAttention(nn.Module):
         decode: DecodeMethod | None = None,
     ):
         super().__init__()
-        pattern = Dense() if pattern is None else pattern
+        pattern = default_pattern() if pattern is None else pattern
         if not isinstance(pattern, Pattern):
             raise ValueError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
         for name, value, minimum in (("q_block_size", q_block_size, 1), ("kv_block_size", kv_block_size, 1),

@@ -7,4 +7,10 @@ from .head_proxy import HeadProxy
 from .static import AShape, Dense, Strided
 
 __all__ = ["Pattern", "PerHead", "SeqContext", "Dense", "AShape", "Strided", "VerticalSlash", "TopKBlocks",
-           "ElasticSpan", "HeadProxy"]
+           "ElasticSpan", "HeadProxy", "default_pattern"]
+
+
+def default_pattern() -> Pattern:
+    """The pattern for heads no plan covers: ProxyAttn's content-aware selection with its published defaults
+    (cumulative mass 0.95, 1 of 4 query rows, at least 2048 tokens per query block), never a static window."""
+    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048)
