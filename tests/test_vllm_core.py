@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from backends import BACKENDS, DEVICE
-from sparse_attn.decode import DoubleSparsityConfig, LabelCache
+from sparse_attn.decode import DoubleSparsityConfig, LabelCache, write_tokens
+from sparse_attn.decode.pruned_pages import PrunedSlotFormat
 from sparse_attn.ops.reference import attention_reference_varlen
 from sparse_attn.patterns import AShape, Dense, HeadProxy
 from sparse_attn.vllm.paged_core import DecodeSelection, PagedAttentionLayer, plan_step
@@ -32,11 +33,11 @@ TOL = dict(atol=5e-5, rtol=2e-5)
 class Step:
     """Pages holding each row's cached context, the step's new tokens (written by the layer) and 3 padding tokens."""
 
-    def __init__(self, rows, label_width, gen):
+    def __init__(self, rows, label_width, gen, kv_width=2 * D):
         self.rows = rows
         num_pages = sum(-(-s // PAGE) for _, s in rows) + 3
         # Unused slots hold NaN: a read from a wrong slot shows in the output.
-        physical = torch.full((num_pages, PAGE, HKV, 2 * D + label_width), float("nan"))
+        physical = torch.full((num_pages, PAGE, HKV, kv_width + label_width), float("nan"))
         self.kv_cache = physical.to(DEVICE).permute(0, 2, 1, 3)  # vLLM's logical [pages, Hkv, page, C] view
         pages = torch.randperm(num_pages, generator=gen)
         width = max(-(-s // PAGE) for _, s in rows) + 1  # one spare column: vLLM's tables are wider than needed
@@ -68,16 +69,20 @@ class Step:
         new = [(r, range(s - q, s)) for r, (q, s) in enumerate(self.rows)]
         pad = lambda n: torch.randn(n, HKV, D, generator=gen).to(DEVICE)  # noqa: E731
         slot_mapping = torch.cat([self.slots(r, p) for r, p in new] + [torch.full((3,), -1, device=DEVICE)])
-        layer.write(self.kv_cache, torch.cat([self.k[r][list(p)] for r, p in new] + [pad(5)]),
-                    torch.cat([self.v[r][list(p)] for r, p in new] + [pad(5)]), slot_mapping)
+        self.key = torch.cat([self.k[r][list(p)] for r, p in new] + [pad(5)])
+        self.value = torch.cat([self.v[r][list(p)] for r, p in new] + [pad(5)])
+        layer.write(self.kv_cache, self.key, self.value, slot_mapping)
         return slot_mapping
 
-    def run(self, layer: PagedAttentionLayer, gen, dense_below: int = 0) -> torch.Tensor:
+    def run(self, layer: PagedAttentionLayer, gen, dense_below: int = 0, pass_new_tokens: bool = True) -> torch.Tensor:
+        """One step; the forward gets the step's new key/value (as vLLM passes them) unless ``pass_new_tokens`` is
+        False."""
         slot_mapping = self.fill(layer, gen)
         meta = plan_step(self.query_start_loc, [s for _, s in self.rows], self.block_table, slot_mapping,
                          page_size=PAGE, dense_below=dense_below, num_actual_tokens=self.num_new + 3)
         output = torch.full_like(self.query, float("nan"))
-        layer.forward(self.query, self.kv_cache, meta, output)
+        new = (self.key, self.value) if pass_new_tokens else (None, None)
+        layer.forward(self.query, self.kv_cache, meta, output, *new)
         assert torch.all(output[self.num_new : self.num_new + 3] == 0)  # padding rows are zeroed
         assert torch.isnan(output[self.num_new + 3 :]).all()  # rows past num_actual_tokens are not written
         return output
@@ -92,18 +97,20 @@ def masked_reference(q, k, v, mask, scale):
     return out
 
 
-def selected_reference(q, k, v, config: DoubleSparsityConfig, channels, scale):
+def selected_reference(q, k, v, config: DoubleSparsityConfig, channels, scale, label_keys=None):
     """Decode over each KV group's top-k tokens, all in float64: scores ``max_h q_h[ch] . k[ch]`` over the group's
-    query heads, sink and recent tokens forced in, k from the config's budget rule."""
+    query heads (k: ``label_keys`` when the labels come from other keys than those attended), sink and recent tokens
+    forced in, k from the config's budget rule."""
     seq_len, group = k.shape[0], HQ // HKV
     q64, k64, v64 = q[0].double(), k.double(), v.double()
+    label64 = k64 if label_keys is None else label_keys.double()
     budget = config.token_budget(seq_len)
     out = torch.empty(HQ, D, dtype=torch.float64, device=q.device)
     positions = torch.arange(seq_len, device=q.device)
     for h in range(HKV):
         ch = channels[h].to(q.device) if channels is not None else torch.arange(D, device=q.device)
         heads = range(h * group, (h + 1) * group)
-        scores = torch.stack([k64[:, h, ch] @ q64[g, ch] for g in heads]).amax(0)
+        scores = torch.stack([label64[:, h, ch] @ q64[g, ch] for g in heads]).amax(0)
         protected = (positions < config.sink_tokens) | (positions >= seq_len - config.recent_tokens)
         keep = scores.masked_fill(protected, math.inf).topk(budget).indices
         for g in heads:
@@ -112,15 +119,19 @@ def selected_reference(q, k, v, config: DoubleSparsityConfig, channels, scale):
     return out[None]
 
 
-def check_against_reference(step: Step, output, prefill, decode, dense_below=0):
-    """Compare every row with the float64 reference; returns how many rows the sparse setting changed."""
+def check_against_reference(step: Step, output, prefill, decode, dense_below=0, keys=None, values=None):
+    """Compare every row with the float64 reference over ``keys``/``values`` (per row; default: the step's K/V as
+    written); returns how many rows the sparse setting changed."""
     scale = D ** -0.5
     changed = 0
+    keys, values = keys or step.k, values or step.v
     for r, (q_len, seq_len) in enumerate(step.rows):
-        q, k, v = step.row_query(r), step.k[r], step.v[r]
+        q, k, v = step.row_query(r), keys[r], values[r]
         dense = seq_len < dense_below
         if not dense and q_len == 1 and isinstance(decode, DecodeSelection):
-            expected = selected_reference(q, k, v, decode.config, decode.channels, scale)
+            # Labels are written from the unpruned keys; exact scores read the keys as attended.
+            labels = None if decode.channels is None else step.k[r]
+            expected = selected_reference(q, k, v, decode.config, decode.channels, scale, label_keys=labels)
         else:
             pattern = Dense() if dense else (decode if q_len == 1 else prefill)
             mask = pattern.build_mask(q_lens=q_len, kv_lens=seq_len, num_heads=HQ, q_block_size=16, kv_block_size=16,
@@ -169,7 +180,9 @@ def test_head_proxy_prefill_and_exact_top_k_decode(rng, backend):
     """The backend's defaults, scaled down: content-aware prefill blocks and decode over the exact top-k tokens."""
     gen, seed = rng
     step = Step(ROWS, 0, gen)
-    prefill = HeadProxy(gamma=0.6, min_budget=16)
+    # gamma 0.2: the best of the 5 blocks of row (16, 70) always holds >= 1/5 of the mass, so each head keeps one
+    # block besides the sink and the diagonal: at most 4 of 5, whatever the random inputs.
+    prefill = HeadProxy(gamma=0.2, min_budget=16)
     decode = DecodeSelection(label_config(r=D))
     layer = PagedAttentionLayer(HQ, HKV, D, D ** -0.5, prefill=prefill, decode=decode, block_size=16, op_backend=backend)
     output = step.run(layer, gen)
@@ -216,6 +229,129 @@ def test_double_sparsity_with_every_channel_and_token_is_dense(rng, backend):
     assert layer.stats.as_dict()["decode"]["density"] == 1.0
 
 
+# ---------------------------------------------------------------------------------------------------- KV pruning
+def top_magnitude_reference(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """``x`` with all but its ``keep`` largest |x| per vector zeroed, decided in float64 by a threshold: entries
+    above the keep-th largest magnitude, then equal ones from the lowest channel up."""
+    mag = x.double().abs()
+    threshold = mag.topk(keep, dim=-1).values[..., -1:]
+    above = mag > threshold
+    ties = mag == threshold
+    kept = above | (ties & (ties.cumsum(-1) <= keep - above.sum(-1, keepdim=True)))
+    assert bool((kept.sum(-1) == keep).all())
+    return torch.where(kept, x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 100, 128, 256])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.99])
+def test_pruned_slots_round_trip_keeps_the_top_magnitudes(rng, dtype, head_dim, sparsity):
+    gen, seed = rng
+    fmt = PrunedSlotFormat.for_sparsity(head_dim, sparsity, dtype)
+    k = torch.randn(9, HKV, head_dim, generator=gen).to(dtype)
+    v = torch.randn(9, HKV, head_dim, generator=gen).to(dtype)
+    k[0, 0] = 1.0  # all tied: the lowest channels win
+    k[0, 1, : fmt.keep] = 50.0  # the low channels kept: all-ones bitmap bytes, a NaN bit pattern in the cache dtype
+    v[1, 0] = 0.0  # kept entries that are zero
+    k[1, 1, head_dim - 1] = -80.0  # the last channel (the top bit of the last bitmap byte)
+    slots = fmt.pack(k, v)
+    assert slots.dtype == dtype and slots.shape == (9, HKV, fmt.width)
+    # Through a page of NaN-filled slots: written at scattered slots, gathered back.
+    page = torch.full((4, 8, HKV, fmt.width), float("nan"), dtype=dtype)
+    where = torch.randperm(32, generator=gen)[:9]
+    write_tokens(page, where, slots)
+    k_out, v_out = fmt.unpack(page.flatten(0, 1).index_select(0, where))
+    assert torch.equal(k_out, top_magnitude_reference(k, fmt.keep)), f"seed {seed}"
+    assert torch.equal(v_out, top_magnitude_reference(v, fmt.keep)), f"seed {seed}"
+    if sparsity == 0.0:  # the dense layout, bit for bit
+        assert fmt.keep == head_dim and torch.equal(slots, torch.cat([k, v], -1))
+
+
+def test_pruned_slot_sizes():
+    fp16 = PrunedSlotFormat.for_sparsity(64, 0.5, torch.float16)
+    # 32 + 32 values (128 B) and two 64-bit bitmaps (16 B) against 256 B dense; channel ids would take 192 B.
+    assert (fp16.keep, fp16.width, fp16.nbytes, fp16.dense_nbytes) == (32, 72, 144, 256)
+    assert PrunedSlotFormat.for_sparsity(64, 0.7, torch.float16).nbytes == 2 * 19 * 2 + 16
+    assert PrunedSlotFormat.for_sparsity(64, 0.5, torch.float32).nbytes == 272
+    assert PrunedSlotFormat.for_sparsity(100, 0.5, torch.float32).width == 100 + 7  # 2 x 13 bitmap bytes in 7 floats
+    assert PrunedSlotFormat.for_sparsity(64, 0.0, torch.bfloat16).width == 128  # no bitmap at all
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        PrunedSlotFormat.for_sparsity(64, 1.0, torch.float16)
+    with pytest.raises(ValueError, match="a quantized cache cannot be pruned"):
+        PrunedSlotFormat.for_sparsity(64, 0.5, torch.int8)
+    with pytest.raises(ValueError, match=r"slots must be a tensor \[\.\.\., 72\]"):
+        fp16.unpack(torch.zeros(3, 128, dtype=torch.float16))
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        fp16.pack(torch.zeros(2, 64), torch.zeros(3, 64))
+
+
+def pruned_context(step: Step, keep: int, new_tokens_exact: bool = True):
+    """Each row's K and V as the pruned layer attends them: cached tokens pruned, the step's own tokens exact."""
+    def row(x, q_len):
+        cached = x.shape[0] - q_len if new_tokens_exact else x.shape[0]
+        return torch.cat([top_magnitude_reference(x[:cached], keep), x[cached:]])
+
+    return ([row(k, q) for k, (q, _) in zip(step.k, step.rows)], [row(v, q) for v, (q, _) in zip(step.v, step.rows)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setting", ["dense", "dense, new tokens read pruned", "a_shape", "top_k", "double_sparsity"])
+def test_kv_pruning_attends_the_pruned_paged_context(rng, backend, setting):
+    """Pages store every token pruned (50%); each row attends its cached context pruned and the step's own tokens
+    exactly, through every attention path, equal to the float64 reference over those K/V."""
+    gen, seed = rng
+    fmt = PrunedSlotFormat.for_sparsity(D, 0.5, torch.float32)
+    label_width, channels = 0, None
+    prefill = decode = Dense()
+    if setting == "a_shape":
+        prefill = decode = AShape(sink_tokens=16, local_tokens=16)
+    elif setting == "top_k":
+        decode = DecodeSelection(label_config(r=D))
+    elif setting == "double_sparsity":
+        label_width = 8
+        channels = torch.stack([torch.randperm(D, generator=gen)[:6] for _ in range(HKV)])
+        decode = DecodeSelection(label_config(r=6), channels)
+    step = Step(ROWS, label_width, gen, kv_width=fmt.width)
+    layer = PagedAttentionLayer(HQ, HKV, D, D ** -0.5, prefill=prefill, decode=decode, block_size=16,
+                                label_width=label_width, kv_sparsity=0.5, op_backend=backend)
+    exact_new = setting != "dense, new tokens read pruned"
+    output = step.run(layer, gen, pass_new_tokens=exact_new)
+
+    pages = step.kv_cache.transpose(1, 2)
+    for row, (_, seq_len) in enumerate(ROWS):
+        slots = step.slots(row, range(seq_len))
+        stored = pages[slots // PAGE, slots % PAGE]  # [L, Hkv, slot width + labels]
+        k, v = fmt.unpack(stored[..., : fmt.width])
+        assert torch.equal(k, top_magnitude_reference(step.k[row], fmt.keep))
+        assert torch.equal(v, top_magnitude_reference(step.v[row], fmt.keep))
+        if channels is not None:  # labels: the unpruned key at the heavy channels
+            expected = torch.stack([step.k[row][:, h, channels[h].to(DEVICE)] for h in range(HKV)], 1)
+            assert torch.equal(stored[..., fmt.width : fmt.width + 6], expected)
+    keys, values = pruned_context(step, fmt.keep, exact_new)
+    check_against_reference(step, output, prefill, decode, keys=keys, values=values)
+    if setting.startswith("dense"):  # pruning changed every row that reads pruned tokens, and only those
+        for r, (q_len, seq_len) in enumerate(ROWS):
+            start = step.query_start_loc[r]
+            exact = masked_reference(step.row_query(r), step.k[r], step.v[r], None, D ** -0.5)
+            same = torch.allclose(output[start : start + q_len].double(), exact, **TOL)
+            assert same == (exact_new and q_len == seq_len), f"row {r}, seed {seed}"
+
+
+def test_kv_pruning_at_sparsity_zero_is_the_dense_page(rng):
+    gen, seed = rng
+    state = gen.get_state()
+    pages, outputs = [], []
+    for extra in ({}, {"kv_sparsity": 0.0}):
+        gen.set_state(state)
+        step = Step(ROWS, 0, gen)
+        layer = PagedAttentionLayer(HQ, HKV, D, D ** -0.5, decode=DecodeSelection(label_config(r=D)), block_size=16,
+                                    **extra)
+        outputs.append(step.run(layer, gen))
+        pages.append(step.kv_cache.view(torch.int32))  # bit patterns (unused slots hold NaN)
+    assert torch.equal(pages[0], pages[1])
+    assert torch.equal(outputs[0].view(torch.int32), outputs[1].view(torch.int32))
+
+
 def test_step_planning_groups_rows_by_phase_and_length():
     block_table = torch.arange(12, dtype=torch.int32).view(6, 2)
     meta = plan_step([0, 1, 24, 25, 41, 42, 43], [37, 23, 5, 70, 90, 64], block_table, torch.zeros(43),
@@ -241,6 +377,11 @@ def test_bad_layer_settings_are_refused():
     layer = PagedAttentionLayer(HQ, HKV, D, 1.0)
     with pytest.raises(ValueError, match=r"kv_cache must be \[num_pages, Hkv=2, page_size, 2\*32\+0\]"):
         layer.page_views(torch.zeros(4, HKV, PAGE, 2 * D + 8))
+    pruned = PagedAttentionLayer(HQ, HKV, D, 1.0, kv_sparsity=0.5)
+    with pytest.raises(ValueError, match=r"page_size, 34 \(K and V of 32 pruned to 16 values\)\+0\]"):
+        pruned.page_views(torch.zeros(4, HKV, PAGE, 2 * D))
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        PagedAttentionLayer(HQ, HKV, D, 1.0, kv_sparsity=1.0)
     labels = torch.zeros(4, PAGE, HKV, 8)
     with pytest.raises(ValueError, match=r"channels must be an integer tensor \[Hkv, r\] = \(2, 8\)"):
         LabelCache.over(labels, channels[:, :4])

@@ -20,7 +20,8 @@ __all__ = [
 
 from .kv_pruning import KVPruningConfig, pruned_decode_attention  # noqa: E402
 from .compressed import CompressedKVCache  # noqa: E402
+from .pruned_pages import PrunedSlotFormat  # noqa: E402
 from .methods import DecodeMethod, DoubleSparsity, KVPruning  # noqa: E402
 
 __all__ += ["KVPruningConfig", "pruned_decode_attention", "CompressedKVCache", "DecodeMethod", "DoubleSparsity",
-            "KVPruning"]
+            "KVPruning", "PrunedSlotFormat"]

@@ -2,9 +2,10 @@
 
 Three parts, each with one job (the split of vLLM's ``triton_attn.py``):
 
-- :class:`SparseAttentionBackend` declares what the backend supports (anything else fails at start-up) and, with
-  Double Sparsity, widens the KV page by the label channels (``customize_spec``), so vLLM's KV memory accounting
-  counts the labels.
+- :class:`SparseAttentionBackend` declares what the backend supports (anything else fails at start-up) and sizes the
+  KV page (``customize_spec``): narrower with KV pruning (each token's K and V pruned to a fixed number of values and
+  packed with keep bitmaps), wider with Double Sparsity (the label channels), so vLLM's KV memory accounting counts
+  exactly what the pages hold and allocates as many blocks as fit.
 - :class:`SparseAttentionMetadataBuilder` turns vLLM's per-step metadata into row groups (once per step, shared by
   every layer) and gives each layer's impl its index, patterns and decode selection (once, at start-up, sliced to
   this tensor-parallel rank's heads).
@@ -93,15 +94,24 @@ class SparseAttentionBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        """With Double Sparsity each token and KV head stores its label (r channels of K, in the cache dtype) after
-        K and V: the page grows from ``2 * D`` to ``2 * D + r`` values and vLLM sizes the KV cache for that."""
-        width = _options().label_width
-        if not width:
+        """The page holds per token and KV head: K and V (``2 * D`` values; with KV pruning a slot of ``2 * m``
+        kept values and two D-bit keep bitmaps), then with Double Sparsity the key's label (r channels of K). Values
+        are in the cache dtype; vLLM sizes the KV cache (the number of blocks) for this page."""
+        options = _options()
+        if not options.label_width and not options.kv_sparsity:
             return spec
+        what = "add Double Sparsity labels to" if options.label_width else "prune"
         if spec.state_content_bytes is not None:
-            raise ValueError(f"The {BACKEND_NAME} attention backend cannot add Double Sparsity labels to a packed KV "
-                             "page (a quantized KV cache)")
-        return replace(spec, state_content_bytes=(spec.head_size + spec.head_size_v + width) * spec.dtype.itemsize)
+            raise ValueError(f"The {BACKEND_NAME} attention backend cannot {what} a packed KV page (a quantized KV "
+                             "cache)")
+        if spec.head_size_v != spec.head_size:
+            raise ValueError(f"The {BACKEND_NAME} attention backend cannot {what} a KV page whose K and V sizes "
+                             f"differ ({spec.head_size} and {spec.head_size_v})")
+        try:
+            width = options.page_width(spec.head_size, spec.dtype)
+        except ValueError as e:  # a cache dtype that cannot hold pruned values
+            raise ValueError(f"The {BACKEND_NAME} attention backend cannot {what} this KV cache: {e}") from None
+        return replace(spec, state_content_bytes=width * spec.dtype.itemsize)
 
     # Everything below keeps vLLM's defaults (False / decoder only), stated here so the limits read in one place:
     # MLA, sparse-MLA indexers, sinks, sliding window, non-causal, encoder and cross attention, DCP/PCP are refused
@@ -136,6 +146,16 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
             configured[0].num_kv_heads if configured else 0, self.options.describe(), selecting,
             self.options.label_width,
         )
+        spec = kv_cache_spec
+        if self.options.kv_sparsity and hasattr(spec, "head_size") and hasattr(spec, "dtype"):
+            slot = self.options.slot_format(spec.head_size, spec.dtype)
+            logger.info("%s attention backend: KV pruning keeps %d of %d values of each token's K and V per KV head: "
+                        "%d bytes per token and KV head instead of %d (%.3f of dense); page slot of %d %s values",
+                        BACKEND_NAME, slot.keep, slot.head_dim, slot.nbytes, slot.dense_nbytes,
+                        slot.nbytes / slot.dense_nbytes, self.options.page_width(spec.head_size, spec.dtype),
+                        spec.dtype)
+        elif self.options.kv_pruning_source and self.options.kv_pruning_source.startswith("the plan"):
+            logger.warning("%s attention backend: %s", BACKEND_NAME, self.options.kv_pruning_source)
         self._last_log = time.monotonic()
 
     def build(
@@ -230,7 +250,8 @@ class SparsityStatsExtension:
         for name, impl in _layers.items():
             core = impl.core
             decode = core.decode
-            entry = {"prefill": repr(core.prefill), "num_heads": core.num_heads, "num_kv_heads": core.num_kv_heads}
+            entry = {"prefill": repr(core.prefill), "num_heads": core.num_heads, "num_kv_heads": core.num_kv_heads,
+                     "kv_sparsity": core.kv_sparsity}
             if _is_pattern(decode):
                 entry["decode"] = repr(decode)
             else:
@@ -320,4 +341,6 @@ class SparseAttentionImpl(AttentionImpl[StepMetadata]):
             index = layer_index(getattr(layer, "layer_name", ""))
             if index is not None:
                 self.configure(index, self.options, *self._tp)
-        return self.core.forward(query, kv_cache, attn_metadata, output)
+        # The step's new K/V: attended unpruned with KV pruning (a layer sharing another's KV cache did not write them).
+        own = self.kv_sharing_target_layer_name is None
+        return self.core.forward(query, kv_cache, attn_metadata, output, key if own else None, value if own else None)

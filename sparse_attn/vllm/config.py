@@ -20,6 +20,13 @@ Two sources, both JSON objects of the same shape: the environment variable ``SPA
 - ``dense_layers``: layer indices that always run dense.
 - ``block_size``: query and KV block size of the masks (a power of two >= 16, what the Triton kernel tiles by).
 - ``op_backend``: implementation of the attention ops (``auto``, ``triton``, ``cuda``, ``cpu``, ``reference``).
+- ``kv_pruning``: ``{"sparsity": s}``, s in [0, 1): every layer stores each token's K and V per KV head pruned to its
+  ``round((1 - s) * D)`` largest-magnitude values plus keep bitmaps, in a smaller KV page, so vLLM fits more tokens in
+  the same KV memory (:mod:`sparse_attn.decode.pruned_pages`); attention reads the pruned context, with the step's own
+  new tokens unpruned. Without it a plan's per-layer ``kv_pruning`` entries apply: vLLM gives every layer one page
+  format, so the page is sized by the smallest sparsity of any layer (a layer without an entry keeps every value, so
+  then nothing is pruned) and every layer keeps that many values. ``dense_layers`` choose attention patterns, not
+  storage: their KV is pruned too. ``s = 0`` keeps the dense page, bit for bit.
 
 This module does not import vLLM, so the options can be checked (and tested) without it.
 """
@@ -37,6 +44,8 @@ from typing import Any, Mapping
 import torch
 
 from ..decode import DoubleSparsityConfig
+from ..decode.compressed import check_sparsity
+from ..decode.pruned_pages import PrunedSlotFormat
 from ..ops import BACKENDS
 from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, Strided, TopKBlocks, VerticalSlash
 from ..planner.plan import ModelShape, Plan, PlanError, load_plan, tensor_parallel_heads
@@ -56,7 +65,7 @@ PATTERNS: dict[str, type[Pattern]] = {
     "head_proxy": HeadProxy,
 }
 _NOT_OPTIONS = {"scores", "stats", "backend"}
-_KEYS = ("prefill", "decode", "plan", "dense_below", "dense_layers", "block_size", "op_backend")
+_KEYS = ("prefill", "decode", "plan", "dense_below", "dense_layers", "block_size", "op_backend", "kv_pruning")
 CALIBRATE_HINT = (
     "calibrate them with `sparse-attn-plan calibrate --model MODEL --out plan.json` and pass {\"plan\": \"plan.json\"}, "
     "or save sparse_attn.calibrate_double_sparsity(model, tokenizer) with torch.save and pass "
@@ -126,6 +135,9 @@ class SparseAttnOptions:
     block_size: int = 64
     op_backend: str | None = None
     plan_path: str | None = None
+    #: KV pruning of every layer's page (0: dense pages) and where it came from.
+    kv_sparsity: float = 0.0
+    kv_pruning_source: str | None = field(default=None, compare=False)
     #: Loaded once; ``channels[layer]`` LongTensor [Hkv (all ranks), r] from a channels file.
     plan: Plan | None = field(default=None, compare=False, repr=False)
     channels: dict[int, torch.Tensor] | None = field(default=None, compare=False, repr=False)
@@ -134,8 +146,20 @@ class SparseAttnOptions:
     def describe(self) -> str:
         decode = self.decode if isinstance(self.decode, (Pattern, TopKDecode)) else "from the plan"
         prefill = f"from plan {self.plan_path}" if self.plan is not None else self.prefill
-        return (f"prefill {prefill}, decode {decode}, dense below {self.dense_below} tokens, "
+        text = (f"prefill {prefill}, decode {decode}, dense below {self.dense_below} tokens, "
                 f"dense layers {sorted(self.dense_layers)}, block size {self.block_size}")
+        if self.kv_sparsity or self.kv_pruning_source:
+            text += f", KV pruning sparsity {self.kv_sparsity:g} ({self.kv_pruning_source})"
+        return text
+
+    def slot_format(self, head_size: int, dtype: torch.dtype) -> PrunedSlotFormat:
+        """How every layer stores K and V of a token and KV head (dense ``K | V`` without KV pruning)."""
+        return PrunedSlotFormat.for_sparsity(head_size, self.kv_sparsity, dtype)
+
+    def page_width(self, head_size: int, dtype: torch.dtype) -> int:
+        """Values of ``dtype`` per token and KV head in every layer's page: K and V (pruned and packed with KV
+        pruning), then the Double Sparsity labels."""
+        return self.slot_format(head_size, dtype).width + self.label_width
 
     @property
     def label_width(self) -> int:
@@ -350,11 +374,6 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
         if plan.q_block_size != plan.kv_block_size:
             raise SparseAttnConfigError(f"{where}: plan: blocks.q ({plan.q_block_size}) and blocks.kv "
                                         f"({plan.kv_block_size}) differ; the backend uses one block size")
-        if any(entry and "kv_pruning" in entry for entry in plan.decode or []):
-            layers = [i for i, entry in enumerate(plan.decode) if entry and "kv_pruning" in entry]
-            raise SparseAttnConfigError(
-                f"{where}: plan: layers {layers} use KV pruning, which the vLLM backend does not support; "
-                "re-solve the plan without --kv-budget (`sparse-attn-plan solve --profile ... --out ...`)")
 
     prefill = build_pattern(raw["prefill"], f"{where}: prefill") if "prefill" in raw else HeadProxy()
     if "decode" in raw:
@@ -396,8 +415,34 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
     op_backend = raw.get("op_backend")
     if op_backend is not None and op_backend not in BACKENDS + ("auto",):
         raise SparseAttnConfigError(f"{where}: op_backend must be one of {('auto',) + BACKENDS}, got {op_backend!r}")
-    return SparseAttnOptions(prefill, decode, dense_below, dense_layers, block_size, op_backend, plan_path, plan,
-                             channels)
+    kv_sparsity, kv_source = _kv_pruning(raw.get("kv_pruning"), plan, where)
+    return SparseAttnOptions(prefill, decode, dense_below, dense_layers, block_size, op_backend, plan_path,
+                             kv_sparsity=kv_sparsity, kv_pruning_source=kv_source, plan=plan, channels=channels)
+
+
+def _kv_pruning(spec: Any, plan: Plan | None, where: str) -> tuple[float, str | None]:
+    """(sparsity of every layer's page, a description of where it came from) from the ``kv_pruning`` option, else
+    from the plan's per-layer entries: the smallest sparsity of any layer, since all layers share one page format."""
+    if spec is not None:
+        if not isinstance(spec, Mapping) or set(spec) != {"sparsity"}:
+            raise SparseAttnConfigError(
+                f"{where}: kv_pruning must be an object {{\"sparsity\": s}} with s in [0, 1), got {spec!r} (the "
+                "vLLM pages hold a fixed number of values per token: no dense recent window or batched compression; "
+                "the step's own new tokens are attended unpruned)")
+        try:
+            return check_sparsity(spec["sparsity"]), "the kv_pruning option"
+        except ValueError as e:
+            raise SparseAttnConfigError(f"{where}: kv_pruning.{e}") from None
+    if plan is None or not plan.decode or not any(entry and "kv_pruning" in entry for entry in plan.decode):
+        return 0.0, None
+    per_layer = [plan.kv_pruning(i) for i in range(len(plan.decode))]
+    whole = [i for i, config in enumerate(per_layer) if config is None]
+    if whole:
+        return 0.0, (f"the plan prunes {len(per_layer) - len(whole)} layers but keeps layers {whole} whole, and all "
+                     "layers share one page format: nothing is pruned; pass kv_pruning to prune every layer")
+    sparsity = min(config.sparsity for config in per_layer)
+    return sparsity, (f"the smallest of the plan's per-layer sparsities "
+                      f"{sorted({c.sparsity for c in per_layer})}: every layer keeps that many values")
 
 
 def merged_raw_options(additional_config: Any) -> tuple[dict[str, Any], str]:

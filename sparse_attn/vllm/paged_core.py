@@ -5,8 +5,10 @@ vLLM drives it directly (tests/test_vllm_core.py).
 Inputs are vLLM's, as plain tensors:
 
 - a layer's page tensor ``kv_cache``: logical ``[num_pages, Hkv, page_size, C]`` in the ``LBNHC`` physical order, so
-  ``kv_cache.transpose(1, 2)`` is ``[num_pages, page_size, Hkv, C]`` in memory order. ``C = 2 * D + label_width``:
-  K, then V, then (with Double Sparsity) the key's label, its ``r`` heavy channels, per token and KV head;
+  ``kv_cache.transpose(1, 2)`` is ``[num_pages, page_size, Hkv, C]`` in memory order. Per token and KV head: K and V
+  (``2 * D`` values, or with KV pruning the packed slot of :class:`~sparse_attn.decode.pruned_pages.PrunedSlotFormat`:
+  each vector's m largest-magnitude values and keep bitmaps), then with Double Sparsity the key's label (its ``r``
+  heavy channels, unpruned): ``C = slot width + label_width``;
 - ``block_table [B, max_pages]`` (token t of row b lives in page ``block_table[b, t // page_size]`` at offset
   ``t % page_size``, i.e. slot ``page * page_size + offset``), ``slot_mapping [T]`` (the new tokens' slots; -1 pads),
   ``query_start_loc [B + 1]`` and ``seq_lens [B]`` (context including the new tokens) as host lists.
@@ -17,6 +19,13 @@ prefill group (and a decode group with a block pattern) reads its context from t
 ``[Tk, Hkv, D]`` and runs ``block_sparse_attention`` with the layer's mask. A decode group with token selection
 scores every context token in place (exact ``q.K`` on the keys, or ``q[channels] . label`` with Double Sparsity),
 keeps the top k per KV group and runs ``sparse_decode_attention`` over the pages, reading only those tokens.
+
+With KV pruning every token is written pruned; a group reads its rows' context unpacked into dense K/V, in which the
+step's own new tokens (the forward's key/value arguments) replace their pruned copies: a prompt (or a chunk of one)
+attends to itself exactly and each decode step to its own token exactly, as Mustafar's prefill runs on unpruned K/V.
+Fixed-size slots leave no room for Mustafar's dense window of recent tokens, so earlier tokens, including earlier
+chunks of a chunked prefill, are read pruned. Token-selection decode then works on that dense context (exact scores
+over the pruned keys, or the page's unpruned labels with Double Sparsity).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from typing import Sequence
 import torch
 
 from ..decode import DoubleSparsityConfig, LabelCache, select_tokens, sparse_decode_attention, write_tokens
+from ..decode.compressed import check_sparsity
+from ..decode.pruned_pages import PrunedSlotFormat
 from ..masks import BlockSparseMask, causal_block_bounds
 from ..ops import block_sparse_attention
 from ..ops.attention import cuda_op_available
@@ -63,6 +74,8 @@ class RowGroup:
     masks: dict[tuple, object] = field(default_factory=dict)  # position-only masks and counts, shared by layers
     _kv_slots: torch.Tensor | None = None
     _row_pages: tuple[torch.Tensor, torch.Tensor] | None = None
+    _new_positions: torch.Tensor | None = None
+    _token_pages: torch.Tensor | None = None
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.token_range[0] : self.token_range[1]] if self.token_range else x.index_select(0, self.token_index)
@@ -85,6 +98,24 @@ class RowGroup:
             pages = self.block_table[row_of_token, positions // self.page_size].long()
             self._kv_slots = pages * self.page_size + positions % self.page_size
         return self._kv_slots
+
+    @property
+    def new_positions(self) -> torch.Tensor:
+        """Where the step's new tokens (the last ``q_len`` of each row) sit in the ``kv_slots`` order [Tq]."""
+        if self._new_positions is None:
+            cu_k = self.cu_seqlens_k.tolist()
+            starts = [cu_k[i + 1] - q for i, q in enumerate(self.q_lens)]
+            cu_q = self.cu_seqlens_q.tolist()
+            self._new_positions = _ragged_arange(starts, self.q_lens, cu_q, self.block_table.device)
+        return self._new_positions
+
+    def token_pages(self) -> torch.Tensor:
+        """int32 ``[n, max kv_len]`` block table that reads the varlen context ``[Tk, Hkv, *]`` (the ``kv_slots``
+        order) as pages of one token: row i's token t is page ``cu_seqlens_k[i] + t``."""
+        if self._token_pages is None:
+            t = torch.arange(max(self.kv_lens), dtype=torch.int32, device=self.block_table.device)
+            self._token_pages = self.cu_seqlens_k[:-1, None] + t
+        return self._token_pages
 
     def row_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' block table ``[n, max_pages]`` and int32 context lengths ``[n]`` (the paged decode inputs)."""
@@ -227,8 +258,9 @@ class DecodeSelection:
 class PageViews:
     """``[num_pages, page_size, Hkv, *]`` views of one layer's pages (no copies; writes reach the pages)."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor  # [..., slot width]: K and V of each token, dense (K | V) or packed (KV pruning)
+    k: torch.Tensor | None  # [..., D] views into kv when it is dense, else None
+    v: torch.Tensor | None
     labels: torch.Tensor  # [..., label_width]; width 0 without Double Sparsity
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,11 +269,15 @@ class PageViews:
 
 
 class PagedAttentionLayer:
-    """One attention layer on paged KV: writes new tokens, attends per row group. Head counts are this rank's."""
+    """One attention layer on paged KV: writes new tokens, attends per row group. Head counts are this rank's.
+
+    ``kv_sparsity``: KV pruning, the fraction of each token's K and V values dropped (0: dense pages); the slot format
+    follows from it, the head size and the page dtype (:class:`PrunedSlotFormat`)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, *,
                  prefill: Pattern = Dense(), decode: Pattern | DecodeSelection = Dense(), block_size: int = 64,
-                 label_width: int = 0, op_backend: str | None = None, layer_index: int | None = None):
+                 label_width: int = 0, kv_sparsity: float = 0.0, op_backend: str | None = None,
+                 layer_index: int | None = None):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         if isinstance(decode, DecodeSelection):
@@ -259,6 +295,7 @@ class PagedAttentionLayer:
         self.scale = float(scale)
         self.prefill, self.decode = prefill, decode
         self.block_size, self.label_width, self.op_backend = block_size, label_width, op_backend
+        self.kv_sparsity = check_sparsity(kv_sparsity)
         self.layer_index = layer_index
         self.stats = SparsityStats()
         self._views_key = None
@@ -267,54 +304,86 @@ class PagedAttentionLayer:
     def writes_labels(self) -> bool:
         return isinstance(self.decode, DecodeSelection) and self.decode.channels is not None
 
+    def slot_format(self, dtype: torch.dtype) -> PrunedSlotFormat:
+        """How K and V of a token and KV head are stored in pages of ``dtype``."""
+        return PrunedSlotFormat.for_sparsity(self.head_size, self.kv_sparsity, dtype)
+
     def page_views(self, kv_cache: torch.Tensor) -> tuple[PageViews, LabelCache | None]:
-        """The K / V / label views of ``kv_cache`` and the label cache decode selection scores (cached per page
+        """The K|V / label views of ``kv_cache`` and the label cache decode selection scores (cached per page
         tensor: vLLM allocates a layer's pages once)."""
-        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()))
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()), kv_cache.dtype)
         if self._views_key == key:
             return self._views
-        d = self.head_size
-        if kv_cache.dim() != 4 or kv_cache.shape[1] != self.num_kv_heads or kv_cache.shape[3] != 2 * d + self.label_width:
-            raise ValueError(f"kv_cache must be [num_pages, Hkv={self.num_kv_heads}, page_size, 2*{d}+{self.label_width}]"
-                             f", got {tuple(kv_cache.shape)}")
+        d, slot = self.head_size, self.slot_format(kv_cache.dtype)
+        width = slot.width + self.label_width
+        if kv_cache.dim() != 4 or kv_cache.shape[1] != self.num_kv_heads or kv_cache.shape[3] != width:
+            what = f"2*{d}" if not slot.pruned else f"{slot.width} (K and V of {d} pruned to {slot.keep} values)"
+            raise ValueError(f"kv_cache must be [num_pages, Hkv={self.num_kv_heads}, page_size, "
+                             f"{what}+{self.label_width}], got {tuple(kv_cache.shape)}")
         pages = kv_cache.transpose(1, 2)
-        views = PageViews(pages[..., :d], pages[..., d : 2 * d], pages[..., 2 * d :])
+        kv = pages[..., : slot.width]
+        k, v = (None, None) if slot.pruned else (kv[..., :d], kv[..., d:])
+        views = PageViews(kv, k, v, pages[..., slot.width :])
         labels = None
-        if isinstance(self.decode, DecodeSelection):
-            channels = self.decode.channels
-            if channels is None:  # exact scores: the keys are their own labels
-                labels = LabelCache.over(views.k, torch.arange(d, device=kv_cache.device).expand(self.num_kv_heads, d))
-            else:
-                labels = LabelCache.over(views.labels[..., : channels.shape[1]], channels.to(kv_cache.device))
-        self._views_key, self._views = key, (views, labels)
+        channels = self.decode.channels if isinstance(self.decode, DecodeSelection) else None
+        if channels is not None:
+            labels = LabelCache.over(views.labels[..., : channels.shape[1]], channels.to(kv_cache.device))
+        elif isinstance(self.decode, DecodeSelection) and not slot.pruned:  # exact scores: keys are their own labels
+            labels = LabelCache.over(views.k, torch.arange(d, device=kv_cache.device).expand(self.num_kv_heads, d))
+        # Pruned pages without labels: exact scores read the unpacked keys of each step (_pruned_selected_decode).
+        self._views_key, self._views, self._slot = key, (views, labels), slot
         return self._views
 
     def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write the step's new K/V (and labels) into their slots; slot -1 marks padding; key/value may be padded
-        past ``slot_mapping``."""
+        """Write the step's new K/V (pruned and packed with KV pruning; and labels) into their slots; slot -1 marks
+        padding; key/value may be padded past ``slot_mapping``."""
         views, labels = self.page_views(kv_cache)
-        write_tokens(views.k, slot_mapping, key)
-        write_tokens(views.v, slot_mapping, value)
+        if self._slot.pruned:
+            n = slot_mapping.shape[0]
+            write_tokens(views.kv, slot_mapping, self._slot.pack(key[:n], value[:n]))
+        else:
+            write_tokens(views.k, slot_mapping, key)
+            write_tokens(views.v, slot_mapping, value)
         if self.writes_labels:
             labels.write(key.to(views.labels.dtype), slot_mapping)
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: StepMetadata, output: torch.Tensor) -> torch.Tensor:
-        """query ``[T, Hq, D]``; output ``[T, Hq, D]``, written for the first ``num_actual_tokens`` rows."""
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: StepMetadata, output: torch.Tensor,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+        """query ``[T, Hq, D]``; output ``[T, Hq, D]``, written for the first ``num_actual_tokens`` rows. ``key`` /
+        ``value`` ``[T, Hkv, D]``: the step's new tokens as written; with KV pruning they are attended unpruned
+        (None: read pruned from the pages like the rest of the context)."""
         views, labels = self.page_views(kv_cache)
+        new_tokens = (key, value) if key is not None and value is not None else None
         for group in meta.groups:
-            if group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection):
-                out = self._selected_decode(group, group.take(query), views, labels)
+            q = group.take(query)
+            selecting = group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection)
+            if selecting and not self._slot.pruned:
+                out = self._selected_decode(group, q, views, labels)
+            elif selecting:
+                out = self._pruned_selected_decode(group, q, views, labels, new_tokens)
             else:
-                out = self._masked(group, group.take(query), views)
+                out = self._masked(group, q, *self._context(group, views, new_tokens, q.dtype))
             group.put(output, out.to(output.dtype))
         output[meta.num_scheduled_tokens : meta.num_actual_tokens].zero_()  # padding rows
         return output
 
-    def _masked(self, group: RowGroup, q: torch.Tensor, views: PageViews) -> torch.Tensor:
-        """Block-sparse attention over the rows' context read into the varlen layout."""
+    def _context(self, group: RowGroup, views: PageViews, new_tokens, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' context K/V in the varlen layout ``[Tk, Hkv, D]`` (``kv_slots`` order), in ``dtype`` (None: the
+        page dtype). Pruned slots are unpacked, and the step's new tokens replace their pruned copies."""
+        dtype = dtype or views.kv.dtype
+        if not self._slot.pruned:  # two contiguous gathers straight from the pages
+            return (views.flat(views.k).index_select(0, group.kv_slots).to(dtype),
+                    views.flat(views.v).index_select(0, group.kv_slots).to(dtype))
+        k, v = self._slot.unpack(views.flat(views.kv).index_select(0, group.kv_slots))
+        if new_tokens is not None:
+            positions = group.new_positions
+            k.index_copy_(0, positions, group.take(new_tokens[0]).to(k.dtype))  # as the page dtype would hold them
+            v.index_copy_(0, positions, group.take(new_tokens[1]).to(v.dtype))
+        return k.to(dtype), v.to(dtype)
+
+    def _masked(self, group: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block-sparse attention over the rows' context ``k, v`` in the varlen layout."""
         pattern = Dense() if group.dense else (self.decode if group.phase == "decode" else self.prefill)
-        k = views.flat(views.k).index_select(0, group.kv_slots).to(q.dtype)
-        v = views.flat(views.v).index_select(0, group.kv_slots).to(q.dtype)
         mask = group.mask(pattern, self.block_size, self.num_heads, q, k, self.scale)
         full = group.causal_blocks(self.block_size) * self.num_heads
         read = full if isinstance(pattern, Dense) else mask.kv_num_blocks.sum()
@@ -327,17 +396,34 @@ class PagedAttentionLayer:
     def _selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews, labels: LabelCache) -> torch.Tensor:
         """Decode over the top-k tokens of each KV group, read in place from the pages."""
         block_table, seq_lens = group.row_pages()
-        q = q.to(views.k.dtype)
-        selection = select_tokens(q, labels, None, block_table, seq_lens, self.decode.config,
+        return self._select_and_attend(group, q.to(views.kv.dtype), labels, block_table, views.k, views.v, block_table,
+                                       seq_lens)
+
+    def _pruned_selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews, labels: LabelCache | None,
+                                new_tokens) -> torch.Tensor:
+        """Decode over the top-k tokens of each KV group of pruned pages: the rows' context unpacked (each row's new
+        token exact) and read as pages of one token; scored exactly on it, or on the page's labels."""
+        k, v = self._context(group, views, new_tokens)
+        table = group.token_pages()
+        k_pages, v_pages = k[:, None], v[:, None]  # [Tk, 1, Hkv, D]
+        label_table = group.row_pages()[0]
+        if labels is None:  # exact scores over the (pruned) keys
+            d = self.head_size
+            labels = LabelCache.over(k_pages, torch.arange(d, device=k.device).expand(self.num_kv_heads, d))
+            label_table = table
+        seq_lens = group.row_pages()[1]
+        return self._select_and_attend(group, q.to(k.dtype), labels, label_table, k_pages, v_pages, table, seq_lens)
+
+    def _select_and_attend(self, group, q, labels, label_table, k_cache, v_cache, block_table, seq_lens):
+        selection = select_tokens(q, labels, None, label_table, seq_lens, self.decode.config,
                                   max_seq_len=max(group.kv_lens), backend=self._decode_backend("label_scores_fwd"),
                                   check_values=False)
-        out, _ = sparse_decode_attention(q, views.k, views.v, block_table, seq_lens, selection, scale=self.scale,
+        out, _ = sparse_decode_attention(q, k_cache, v_cache, block_table, seq_lens, selection, scale=self.scale,
                                          backend=self._decode_backend("sparse_decode_attention_fwd"), check_values=False)
         full = sum(group.kv_lens) * self.num_kv_heads
         self.stats.add("decode", len(group.rows), full if selection is None else selection.kv_num_blocks.sum(), full,
                        True)
         return out
-
 
     def _decode_backend(self, cuda_op: str) -> str | None:
         """``op_backend`` for a decode op; "cuda" names the block-sparse extension op, so a decode op the
@@ -355,5 +441,6 @@ def layer_from_options(options: SparseAttnOptions, layer_index: int | None, num_
         decode = DecodeSelection(*decode)
     return PagedAttentionLayer(
         num_heads, num_kv_heads, head_size, scale, prefill=prefill, decode=decode, block_size=options.block_size,
-        label_width=options.label_width, op_backend=options.op_backend, layer_index=layer_index,
+        label_width=options.label_width, kv_sparsity=options.kv_sparsity, op_backend=options.op_backend,
+        layer_index=layer_index,
     )
