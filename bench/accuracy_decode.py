@@ -57,6 +57,7 @@ def decode_read(model) -> float:
 def decode_perplexity(model, ids: torch.Tensor, decode_tokens: int) -> float:
     """Perplexity of the last ``decode_tokens`` of ``ids``: prefill the rest, then one teacher-forced step per token."""
     prefill = ids.numel() - decode_tokens
+    ids = ids.to(next(model.parameters()).device)
     out = model(ids[None, :prefill], use_cache=True)
     cache, logits = out.past_key_values, [out.logits[0, -1]]
     for t in range(prefill, ids.numel() - 1):
@@ -79,6 +80,10 @@ def passkey_key(n: int, depth: float) -> int:
     return 10000 + (n * 7919 + round(depth * 100) * 104729) % 90000  # a fixed 5-digit key per case
 
 
+METHOD_NAMES = ("dense", "ds_r16_1/8", "prune_50", "prune_70")
+NAME = "accuracy_decode"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="2048,4096,7168")
@@ -91,25 +96,41 @@ def main(argv=None) -> int:
     parser.add_argument("--ppl-methods", default="dense,ds_r16_1/8,prune_50,prune_70")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    depths = [float(x) for x in args.depths.split(",") if x]
-    passkey_methods = [m for m in args.passkey_methods.split(",") if m]
-    ppl_methods = [m for m in args.ppl_methods.split(",") if m]
-    unknown = sorted(set(passkey_methods + ppl_methods) - {"dense", "ds_r16_1/8", "prune_50", "prune_70"})
-    if unknown:
-        parser.error(f"unknown methods {unknown}")
-    if not 0 < args.ppl_decode < args.ppl_len:
-        parser.error("--ppl-decode must lie in (0, --ppl-len)")
+    try:
+        report = run(lengths=[int(x) for x in args.lengths.split(",") if x],
+                     depths=[float(x) for x in args.depths.split(",") if x], ppl_len=args.ppl_len,
+                     ppl_decode=args.ppl_decode, ppl_text=args.ppl_text, calib_tokens=args.calib_tokens,
+                     passkey_methods=[m for m in args.passkey_methods.split(",") if m],
+                     ppl_methods=[m for m in args.ppl_methods.split(",") if m], out=args.out,
+                     command=command_line("bench.accuracy_decode", sys.argv[1:] if argv is None else argv))
+    except ValueError as error:
+        parser.error(str(error))
+    print(render(report))
+    return 0
 
-    model, tokenizer = load_smollm2()
+
+def run(*, lengths: list[int], depths: list[float], ppl_len: int, ppl_decode: int, ppl_text: str | None = None,
+        calib_tokens: int = 2048, passkey_methods=("dense", "ds_r16_1/8", "prune_50"),
+        ppl_methods=("dense", "ds_r16_1/8", "prune_50", "prune_70"), out=None, command: str | None = None,
+        model=None, tokenizer=None, device: torch.device | None = None) -> dict:
+    """The passkey grid and decode perplexity of the decode methods; writes ``out/accuracy_decode.json`` and
+    ``.md`` when ``out`` is given. ``model``/``tokenizer``: an already loaded SmolLM2 (loaded when None)."""
+    passkey_methods, ppl_methods = list(passkey_methods), list(ppl_methods)
+    unknown = sorted(set(passkey_methods + ppl_methods) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHOD_NAMES)}")
+    if ppl_methods and not 0 < ppl_decode < ppl_len:
+        raise ValueError("--ppl-decode must lie in (0, --ppl-len)")
+    if model is None:
+        model, tokenizer = load_smollm2()
+    device = next(model.parameters()).device if device is None else device
     start = time.perf_counter()
-    channels = sparse_attn.calibrate_double_sparsity(model, tokenizer, r=16, tokens=args.calib_tokens)
-    print(f"calibrated heavy channels on {args.calib_tokens} tokens ({time.perf_counter() - start:.0f} s)", flush=True)
+    channels = sparse_attn.calibrate_double_sparsity(model, tokenizer, r=16, tokens=calib_tokens)
+    print(f"calibrated heavy channels on {calib_tokens} tokens ({time.perf_counter() - start:.0f} s)", flush=True)
     runs = methods(channels)
-    command = command_line("bench.accuracy_decode", sys.argv[1:] if argv is None else argv)
-    report = {"environment": environment(torch.device("cpu"), command),
+    report = {"benchmark": NAME, "environment": environment(device, command),
               "settings": {name: repr(m) if m is not None else "dense" for name, m in runs.items()},
-              "calibration": {"text": "default_calibration_texts()[0] (start)", "tokens": args.calib_tokens},
+              "calibration": {"text": "default_calibration_texts()[0] (start)", "tokens": calib_tokens},
               "passkey": [], "perplexity": {}}
 
     for n in lengths:
@@ -129,15 +150,15 @@ def main(argv=None) -> int:
                 sparse_attn.reset_decode_state(model)
 
     if ppl_methods:
-        ids = perplexity_ids(tokenizer, args.ppl_text, args.ppl_len)
-        report["perplexity_setup"] = {"text": args.ppl_text or (str(GPL3) if GPL3.is_file() else "last default text"),
-                                      "tokens": args.ppl_len, "decoded": args.ppl_decode}
+        ids = perplexity_ids(tokenizer, ppl_text, ppl_len)
+        report["perplexity_setup"] = {"text": ppl_text or (str(GPL3) if GPL3.is_file() else "last default text"),
+                                      "tokens": ppl_len, "decoded": ppl_decode}
     for name in ppl_methods:
         use(model, runs[name])
         t0 = time.perf_counter()
-        ppl = decode_perplexity(model, ids, args.ppl_decode)
+        ppl = decode_perplexity(model, ids, ppl_decode)
         report["perplexity"][name] = {"perplexity": ppl, "decode_read": decode_read(model)}
-        print(f"[{name}] perplexity {ppl:.4f} over the last {args.ppl_decode} of {args.ppl_len} tokens "
+        print(f"[{name}] perplexity {ppl:.4f} over the last {ppl_decode} of {ppl_len} tokens "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         sparse_attn.reset_decode_state(model)
 
@@ -148,11 +169,11 @@ def main(argv=None) -> int:
     report["passkey_kept"] = {name: all(p["retrieved"] for p in report["passkey"]
                                         if p["method"] == name and (p["target_tokens"], p["depth"]) in dense_ok)
                               for name in passkey_methods}
-    out = Path(args.out)
-    write_json(out / "accuracy_decode.json", report)
-    (out / "accuracy_decode.md").write_text(render(report) + "\n")
-    print(render(report))
-    return 0
+    if out is not None:
+        out = Path(out)
+        write_json(out / "accuracy_decode.json", report)
+        (out / "accuracy_decode.md").write_text(render(report) + "\n")
+    return report
 
 
 def render(report: dict) -> str:
@@ -166,19 +187,20 @@ def render(report: dict) -> str:
             return "–"
         return ("ok" if p["retrieved"] else "MISSED") + (f" (read {p['decode_read']:.3f})" if name != "dense" else "")
 
-    lines = ["# Sparse decode accuracy on SmolLM2-135M-Instruct (CPU)", "",
-             f"`{report['environment'].get('command', '')}`", "",
+    env = report["environment"]
+    lines = [f"### Sparse decode accuracy on SmolLM2-135M-Instruct ({env.get('device', {}).get('type', 'cpu').upper()})",
+             "", f"`{env.get('command', '')}`", "",
              "Prefill is dense for every method; only the one-query decode steps differ. "
              "`read` = fraction of the context the last decode step read (mean over layers).", "",
-             "## Passkey retrieval (greedy, 8 new tokens)", ""]
+             "Passkey retrieval (greedy, 8 new tokens):", ""]
     lines.append(markdown_table(["tokens", "depth", *names],
                                 [[tokens, depth, *(cell(m, n, depth) for m in names)] for n, tokens, depth in cases]))
     lines += ["", "Keeps every dense success: " + ", ".join(f"{k}: {v}" for k, v in report["passkey_kept"].items()), ""]
     if not report["perplexity"]:
         return "\n".join(lines)
     setup = report.get("perplexity_setup", {})
-    lines += [f"## Perplexity (last {setup.get('decoded')} of {setup.get('tokens')} tokens of {setup.get('text')}, "
-              "teacher-forced token-by-token decode after a dense prefill of the rest)", ""]
+    lines += [f"Perplexity (last {setup.get('decoded')} of {setup.get('tokens')} tokens of {setup.get('text')}, "
+              "teacher-forced token-by-token decode after a dense prefill of the rest):", ""]
     lines.append(markdown_table(["method", "perplexity", "change vs dense", "decode read"],
                                 [[name, f"{e['perplexity']:.4f}",
                                   "–" if e["change"] is None else f"{100 * e['change']:+.2f}%", f"{e['decode_read']:.3f}"]

