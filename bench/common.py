@@ -266,3 +266,14 @@ def environment_line(payload: dict) -> str:
     parts += [f"{name} {v[key]}" for key, name in (("triton", "triton"), ("cuda", "CUDA"), ("cudnn", "cuDNN")) if v.get(key)]
     parts += [f"sparse-attn {v['sparse_attn']}", f"commit `{sha}`", payload.get("timestamp", "")]
     return " · ".join(p for p in parts if p)
+
+
+def benchmark_main(module, argv: Sequence[str] | None = None) -> int:
+    """The command line of one benchmark module (``NAME``, ``settings_from_args``, ``run``, ``markdown``): parse,
+    run, print the table and where the files went."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings, out = module.settings_from_args(argv)
+    payload = module.run(settings, out, command_line(f"bench.{module.NAME}", argv))
+    print(module.markdown(payload))
+    print(f"\nwrote {out / (module.NAME + '.json')} and {out / (module.NAME + '.md')}")
+    return 0

@@ -786,12 +786,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    settings, out = settings_from_args(argv)
-    payload = run(settings, out, common.command_line("bench.decode", argv))
-    print(markdown(payload))
-    print(f"\nwrote {out / (NAME + '.json')} and {out / (NAME + '.md')}")
-    return 0
+    return common.benchmark_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
