@@ -47,7 +47,7 @@ from ..decode import DoubleSparsityConfig
 from ..decode.compressed import check_sparsity
 from ..decode.pruned_pages import PrunedSlotFormat
 from ..ops import BACKENDS
-from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, Strided, TopKBlocks, VerticalSlash
+from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, Strided, TopKBlocks, VerticalSlash, default_pattern
 from ..planner.plan import ModelShape, Plan, PlanError, load_plan, tensor_parallel_heads
 
 ENV_VAR = "SPARSE_ATTN_VLLM_CONFIG"
@@ -128,7 +128,7 @@ PLAN_DECODE = "plan"
 # ---------------------------------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class SparseAttnOptions:
-    prefill: Pattern = HeadProxy()
+    prefill: Pattern = field(default_factory=default_pattern)
     decode: Pattern | TopKDecode | str = TopKDecode()
     dense_below: int = DEFAULT_DENSE_BELOW
     dense_layers: frozenset[int] = frozenset()
@@ -375,7 +375,7 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
             raise SparseAttnConfigError(f"{where}: plan: blocks.q ({plan.q_block_size}) and blocks.kv "
                                         f"({plan.kv_block_size}) differ; the backend uses one block size")
 
-    prefill = build_pattern(raw["prefill"], f"{where}: prefill") if "prefill" in raw else HeadProxy()
+    prefill = build_pattern(raw["prefill"], f"{where}: prefill") if "prefill" in raw else default_pattern()
     if "decode" in raw:
         decode = build_decode(raw["decode"], f"{where}: decode")
     else:
