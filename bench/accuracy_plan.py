@@ -5,10 +5,11 @@ prefill density the plan actually ran at.
                                   [--ppl-len 4096] [--out DIR]
 
 Without ``--plan`` it calibrates one first (as ``sparse-attn-plan calibrate --model smollm2``) with
-``--target-density``. The perplexity text is held out from calibration: calibration reads the default licence
-texts from their start (:func:`sparse_attn.planner.calibrate.calibration_prompts`), perplexity is measured on
-``--ppl-text`` (default: the GPL-3 text where the system has it, else the last default text).
-Writes ``DIR/accuracy_plan.json``.
+``--target-density`` on ``--calib-prompts`` prompts of ``--calib-len`` tokens, and saves it as ``DIR/plan.json``.
+The perplexity text is held out from calibration: it is ``--ppl-text`` (default: the GPL-3 text where the system has
+it, else the last default text), and calibration reads the default licence texts from their start
+(:func:`sparse_attn.planner.calibrate.calibration_prompts`) leaving out every text that shares a passage with it
+(several installed licence files embed the GPL-3). Writes ``DIR/accuracy_plan.json`` and ``DIR/summary.md``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,24 @@ from sparse_attn.planner.calibrate import calibrate, calibration_prompts, defaul
 from sparse_attn.planner.solver import make_plan
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def held_out(texts: list[str], test_text: str, passage: int = 200, step: int = 1000) -> list[str]:
+    """``texts`` without those sharing a ``passage``-character stretch (whitespace-normalised, sampled every
+    ``step`` characters of the test text) with ``test_text``: calibration never reads the text it is judged on."""
+    test = _words(test_text)
+    probes = [test[i:i + passage] for i in range(0, max(1, len(test) - passage), step)]
+    return [t for t in texts if not any(p in _words(t) for p in probes)]
+
+
+def perplexity_text(args) -> str:
+    if args.ppl_text:
+        return Path(args.ppl_text).read_text()
+    return GPL3.read_text() if GPL3.is_file() else default_calibration_texts()[-1]
 
 
 def prefill_density(model) -> float:
@@ -60,9 +80,7 @@ def perplexity(model, ids: torch.Tensor) -> float:
 
 def evaluate(model, tokenizer, args, tag: str) -> dict:
     result = {"passkey": [], "perplexity": None}
-    text = Path(args.ppl_text).read_text() if args.ppl_text else (GPL3.read_text() if GPL3.is_file()
-                                                                   else default_calibration_texts()[-1])
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(perplexity_text(args), return_tensors="pt")["input_ids"][0]
     ids = ids.repeat(-(-args.ppl_len // ids.numel()))[: args.ppl_len]
     if args.ppl_len:
         start = time.perf_counter()
@@ -86,31 +104,76 @@ def evaluate(model, tokenizer, args, tag: str) -> dict:
     return result
 
 
+def calibrated_plan(model, tokenizer, args, out: Path):
+    """Calibrate on the default texts minus the held-out perplexity text; save the plan (and the profile)."""
+    texts = held_out(default_calibration_texts(), perplexity_text(args))
+    prompts = calibration_prompts(tokenizer, texts, args.calib_len, args.calib_prompts)
+    profile = calibrate(model, prompts, default_candidates(args.calib_len), model_id="SmolLM2-135M-Instruct",
+                        query_rows=args.query_rows, decode=None)
+    profile.info["texts"] = [t.strip().splitlines()[0][:80] for t in texts[: args.calib_prompts]]
+    profile.save(out / "profile.pt")
+    plan = make_plan(profile, target_density=args.target_density, decode_budget=None)
+    plan.save(out / "plan.json")
+    return plan, str(out / "plan.json")
+
+
+def summary_markdown(report: dict, argv: list[str]) -> str:
+    """A short human-readable account of one run."""
+    plan = report["plan"]
+    lines = ["# Plan accuracy on SmolLM2-135M-Instruct (CPU)", "",
+             f"Command: `python -m bench.accuracy_plan {' '.join(argv)}`", "",
+             f"Plan: `{plan['file']}`, budget {plan['budget']}, planned mean density {plan['density']:.3f}, "
+             f"patterns {plan['patterns']}.", ""]
+    run, dense = report["plan_run"], report.get("dense")
+    if run.get("perplexity") is not None:
+        rise = f", rise {100 * run['perplexity_rise']:+.2f}%" if "perplexity_rise" in run else ""
+        base = f"dense {dense['perplexity']:.4f}, " if dense else ""
+        lines.append(f"Perplexity ({report['settings']['ppl_len']} tokens of held-out text): {base}"
+                     f"plan {run['perplexity']:.4f}{rise}, run-time density {run['perplexity_density']:.3f}.")
+    if run["passkey"]:
+        lines += ["", "| tokens | depth | dense | plan | plan prefill density |", "|---|---|---|---|---|"]
+        dense_rows = dense["passkey"] if dense else [None] * len(run["passkey"])
+        for p, d in zip(run["passkey"], dense_rows):
+            mark = lambda ok: "ok" if ok else "missed"  # noqa: E731
+            lines.append(f"| {p['tokens']} | {p['depth']} | {mark(d['retrieved']) if d else '-'} | "
+                         f"{mark(p['retrieved'])} | {p['prefill_density']:.3f} |")
+        if "passkey_kept" in run:
+            lines += ["", f"Every dense passkey success kept: {run['passkey_kept']}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", help="plan file (default: calibrate one)")
+    parser.add_argument("--plan", help="plan file (default: calibrate one and save it as DIR/plan.json)")
     parser.add_argument("--target-density", type=float, default=0.3)
+    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts (default 4)")
+    parser.add_argument("--calib-len", type=int, default=4096, help="calibration prompt length (default 4096)")
+    parser.add_argument("--query-rows", type=int, default=1024, help="query rows profiled per layer and prompt")
     parser.add_argument("--lengths", default="4096,6144")
     parser.add_argument("--depths", default="0.25,0.5,0.75")
     parser.add_argument("--ppl-len", type=int, default=4096, help="perplexity tokens (0: no perplexity)")
     parser.add_argument("--ppl-text")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default="bench/results/accuracy_plan")
     parser.add_argument("--skip-dense", action="store_true", help="only the plan (dense numbers from an earlier run)")
     parser.add_argument("--no-plan-default", action="store_true",
                         help="also run the no-plan default (sparse_attn.planner.default_pattern() on every head)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.lengths = [int(x) for x in args.lengths.split(",")]
-    args.depths = [float(x) for x in args.depths.split(",")]
+    args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    args.depths = [float(x) for x in args.depths.split(",") if x]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_smollm2()
     if args.plan:
-        plan = load_plan(args.plan, model)
+        plan, plan_file = load_plan(args.plan, model), args.plan
     else:
-        prompts = calibration_prompts(tokenizer, default_calibration_texts(), 4096, 2)
-        profile = calibrate(model, prompts, default_candidates(4096), model_id="SmolLM2-135M-Instruct")
-        plan = make_plan(profile, target_density=args.target_density)
-    report = {"plan": {"file": args.plan, "budget": plan.budget, "density": plan.mean("density"),
-                       "recall": plan.mean("recall"), "patterns": plan.pattern_counts()}}
+        plan, plan_file = calibrated_plan(model, tokenizer, args, out)
+    report = {"settings": {"lengths": args.lengths, "depths": args.depths, "ppl_len": args.ppl_len,
+                           "ppl_text": args.ppl_text or (str(GPL3) if GPL3.is_file() else "last default text")},
+              "plan": {"file": plan_file, "budget": plan.budget, "density": plan.mean("density"),
+                       "recall": plan.mean("recall"), "error": plan.mean("error"), "patterns": plan.pattern_counts(),
+                       "calibration": plan.calibration}}
     if not args.skip_dense:
         report["dense"] = evaluate(model, tokenizer, args, "dense")
     sparse_attn.configure(model, layers=plan.to_patterns(), q_block_size=plan.q_block_size,
@@ -127,9 +190,8 @@ def main(argv=None) -> int:
             run["passkey_kept"] = all(p["retrieved"] for p, d in zip(run["passkey"], dense["passkey"]) if d["retrieved"])
             rise = f"{100 * run['perplexity_rise']:.2f}%" if "perplexity_rise" in run else "not measured"
             print(f"{run_name}: perplexity rise {rise}, passkey kept every dense success: {run['passkey_kept']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy_plan.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "summary.md").write_text(summary_markdown(report, argv))
     return 0
 
 

@@ -243,3 +243,26 @@ def test_estimators_recall_on_real_smollm2_attention(smollm2_qk):
     proxy = [results[(layer, "proxy")] for layer in REAL_LAYERS]
     assert sum(r for r, _, _ in proxy) / len(proxy) >= 0.93  # gamma 0.95 keeps about that much mass
     assert sum(d for _, _, d in proxy) / len(proxy) < 0.75
+
+
+def test_head_proxy_budget_caps_fractions_and_options():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(320, 6, 16, generator=g), torch.randn(320, 2, 16, generator=g)
+    sizes = dict(q_lens=320, kv_lens=320, num_heads=6, q_block_size=16, kv_block_size=16, q=q, k=k)
+    visible = causal_block_bounds(320, 320, 16, 16)
+    # gamma 1.0 wants every block; a cap of 48 tokens (3 blocks) holds each row to 3 + the sink and the diagonal.
+    capped = HeadProxy(gamma=1.0, min_budget=16, max_budget=48).build_mask(**sizes).to_block_bool()[0]
+    assert int(capped.sum(-1).max()) <= 5 and bool((capped.sum(-1) >= torch.clamp(visible, max=3)).all())
+    # A float budget is a fraction of the context: 0.5 of 320 keys = 10 blocks at least.
+    half = HeadProxy(gamma=0.01, min_budget=0.5).build_mask(**sizes).to_block_bool()[0]
+    assert bool((half.sum(-1)[:, -1] >= 10).all())
+    # Per-head proxies and other poolings keep the selection rules (sink, diagonal, causality).
+    for options in ({"head_scores": True}, {"pooling": "mean"}, {"pooling": "max+mean"}, {"allocation": "head"}):
+        keep = HeadProxy(gamma=0.8, min_budget=16, **options).build_mask(**sizes).to_block_bool()[0]
+        assert bool(keep[:, :, 0].all()) and bool(keep[:, torch.arange(20), torch.arange(20)].all()), options
+        assert not bool((keep & ~(torch.arange(20)[None, :] < visible[:, None])).any()), options
+    for bad, message in (({"pooling": "sum"}, "pooling"), ({"allocation": "row"}, "allocation"),
+                         ({"max_budget": 0}, "max_budget"), ({"min_budget": 64, "max_budget": 32}, "max_budget"),
+                         ({"min_budget": 1.5}, "min_budget")):
+        with pytest.raises(ValueError, match=message):
+            HeadProxy(**bad)

@@ -26,7 +26,12 @@ from ..ops.attention import resolve_backend, triton_kernels
 from .base import Pattern, SeqContext
 from .static import _positive_int
 
-__all__ = ["HeadProxy", "pooled_block_probs", "blocks_for_mass", "strided_rows"]
+__all__ = ["HeadProxy", "pooled_block_probs", "blocks_for_mass", "strided_rows", "POOLINGS"]
+
+#: Block score pooling over a query block's sampled rows: the max probability, the mean block mass, or their sum.
+POOLINGS = ("max", "mean", "max+mean")
+#: How a head spends its budget: b_h blocks in every query block, or the same total on its best pairs anywhere.
+ALLOCATIONS = ("block", "head")
 
 # Elements of one chunk of the score matrix on the PyTorch path (bounds its memory: 2**24 fp32 = 64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -95,6 +100,19 @@ def blocks_for_mass(mass: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return ((ordered < target[:, None]).sum(-1) + 1).clamp(max=mass.shape[-1])
 
 
+def _is_budget(value) -> bool:
+    """Tokens (an int >= 1) or a fraction of the context (a float in (0, 1])."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0.0 < value <= 1.0)
+
+
+def _budget_blocks(budget: int | float, seq: SeqContext) -> int:
+    """A budget in KV blocks: int budgets are tokens, float budgets a fraction of the context's ``kv_len`` keys."""
+    tokens = budget * seq.kv_len if isinstance(budget, float) else budget
+    return min(seq.num_kv_blocks, math.ceil(tokens / seq.kv_block_size))
+
+
 @dataclass(frozen=True)
 class HeadProxy(Pattern):
     """ProxyAttn block selection (see the module docstring).
@@ -110,9 +128,13 @@ class HeadProxy(Pattern):
 
     gamma: float | tuple[float, ...] = 0.95
     q_stride: int = 4
-    min_budget: int = 2048
+    min_budget: int | tuple[int, ...] = 2048
     kv_heads_per_group: int = 1
     backend: str | None = None
+    max_budget: int | tuple[int | None, ...] | None = None
+    head_scores: bool = False
+    pooling: str = "max"
+    allocation: str = "block"
     #: Filled by every estimate: ``seconds`` (estimation time of the last call, apart from the attention kernel),
     #: ``total_seconds`` and ``calls`` (running totals), ``budget_tokens`` (per head, last call).
     stats: dict = field(default_factory=dict, compare=False, repr=False)
@@ -120,14 +142,32 @@ class HeadProxy(Pattern):
     content_aware = True
 
     def __post_init__(self):
-        if isinstance(self.gamma, list):
-            object.__setattr__(self, "gamma", tuple(self.gamma))
+        for name in ("gamma", "min_budget", "max_budget"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         gammas = self.gamma if isinstance(self.gamma, tuple) else (self.gamma,)
         if not gammas or not all(isinstance(g, (int, float)) and 0.0 < g <= 1.0 for g in gammas):
             raise ValueError(f"gamma must lie in (0, 1], got {self.gamma!r}")
         _positive_int("q_stride", self.q_stride)
-        _positive_int("min_budget", self.min_budget, 0)
+        lows = self.min_budget if isinstance(self.min_budget, tuple) else (self.min_budget,)
+        highs = self.max_budget if isinstance(self.max_budget, tuple) else (self.max_budget,)
+        if not lows or not all(_is_budget(b) or b == 0 for b in lows):
+            raise ValueError(f"min_budget must be tokens (an int >= 0) or a fraction of the context (a float in "
+                             f"(0, 1]), or one of those per query head; got {self.min_budget!r}")
+        if not highs or not all(b is None or _is_budget(b) for b in highs):
+            raise ValueError(f"max_budget must be None, tokens (an int >= 1) or a fraction of the context (a float "
+                             f"in (0, 1]), or one of those per query head; got {self.max_budget!r}")
+        if len(lows) == len(highs) or 1 in (len(lows), len(highs)):
+            pairs = zip(lows * (len(highs) if len(lows) == 1 else 1), highs * (len(lows) if len(highs) == 1 else 1))
+            if any(high is not None and type(high) is type(low) and high < low for low, high in pairs):
+                raise ValueError(f"max_budget {self.max_budget!r} must be >= min_budget {self.min_budget!r}")
         _positive_int("kv_heads_per_group", self.kv_heads_per_group)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not isinstance(self.head_scores, bool):
+            raise ValueError(f"head_scores must be a bool, got {self.head_scores!r}")
 
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         nq, nk = seq.num_q_blocks, seq.num_kv_blocks
@@ -143,6 +183,11 @@ class HeadProxy(Pattern):
                           budget_tokens=(budget * seq.kv_block_size).tolist())
         return keep
 
+    @property
+    def estimate_key(self) -> tuple:
+        """The settings :meth:`estimate` depends on: settings with equal keys can share one estimate."""
+        return (self.q_stride, self.kv_heads_per_group, self.head_scores, self.pooling)
+
     def estimate(self, seq: SeqContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-3 before the budget: proxy block scores ``[groups, nq, nk]`` and each head's block masses on
         the last query block ``[Hq, nk]``. They depend on ``q_stride`` and the grouping only, not on gamma or the
@@ -154,12 +199,21 @@ class HeadProxy(Pattern):
         scale = seq.scale if seq.scale is not None else head_dim ** -0.5
         groups = num_kv_heads // self.kv_heads_per_group
 
-        q_proxy = q.unflatten(1, (groups, num_heads // groups)).float().mean(2).to(q.dtype)  # [Lq, G, D]
         k_proxy = k.unflatten(1, (groups, self.kv_heads_per_group)).float().mean(2).to(k.dtype)  # [Lk, G, D]
+        if self.head_scores:  # every query head its own proxy, against its group's proxy key
+            q_proxy = q
+        else:
+            q_proxy = q.unflatten(1, (groups, num_heads // groups)).float().mean(2).to(q.dtype)  # [Lq, G, D]
         rows, pos = strided_rows(seq, self.q_stride)
-        q_rows = q_proxy[rows.clamp(min=0)].permute(2, 0, 1, 3)  # [G, nq, R, D]
-        scores = pooled_block_probs(q_rows, k_proxy, pos, seq.kv_block_size, scale, seq.causal, mean=False,
-                                    backend=self.backend).float()
+        q_rows = q_proxy[rows.clamp(min=0)].permute(2, 0, 1, 3)  # [G or Hq, nq, R, D]
+        pool = lambda mean: pooled_block_probs(q_rows, k_proxy, pos, seq.kv_block_size, scale, seq.causal,  # noqa: E731
+                                               mean=mean, backend=self.backend).float()
+        if self.pooling == "max":
+            scores = pool(False)
+        elif self.pooling == "mean":
+            scores = pool(True)
+        else:  # "max+mean": a block ranks high when some row attends to it sharply or many rows attend to it
+            scores = pool(False) + pool(True)
 
         last = torch.arange((seq.num_q_blocks - 1) * seq.q_block_size, seq.q_len, device=seq.device)
         q_last = q[last].transpose(0, 1)[:, None]  # [Hq, 1, rows, D]
@@ -172,20 +226,37 @@ class HeadProxy(Pattern):
         block, the attention sink, and the diagonal block, the local context; invisible blocks never) and the
         budgets ``b_h`` in blocks ``[Hq]``."""
         num_heads, (groups, nq, nk) = mass.shape[0], scores.shape
-        gamma = torch.tensor(self.gamma if isinstance(self.gamma, tuple) else (self.gamma,) * num_heads,
-                             dtype=torch.float64, device=seq.device)
-        if gamma.numel() != num_heads:
-            raise ValueError(f"gamma has {gamma.numel()} values but the layer has {num_heads} query heads")
-        floor = min(nk, math.ceil(self.min_budget / seq.kv_block_size))
-        budget = blocks_for_mass(mass, gamma).clamp(min=floor)
+        gamma = torch.tensor(self._per_head("gamma", num_heads), dtype=torch.float64, device=seq.device)
+        low, high = self._per_head("min_budget", num_heads), self._per_head("max_budget", num_heads)
+        floor = torch.tensor([_budget_blocks(b, seq) for b in low], device=seq.device)
+        cap = torch.tensor([nk if b is None else _budget_blocks(b, seq) for b in high], device=seq.device)
+        budget = torch.maximum(torch.minimum(blocks_for_mass(mass, gamma), cap), floor)
         always = torch.zeros(nq, nk, dtype=torch.bool, device=seq.device)
         always[:, 0] = True  # the attention sink: cheap, and losing it costs far more than its share of mass
         if seq.causal:
             scores = scores.masked_fill(~seq.causal_keep(), float("-inf"))
             _, last_row = seq.q_block_rows()
             always[torch.arange(nq, device=seq.device), (last_row // seq.kv_block_size).clamp(max=nk - 1)] = True
+        group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
+        if self.allocation == "head":
+            # The same number of blocks as b_h per query block would read, spent on the head's best-scoring
+            # (query block, KV block) pairs wherever they are: one score threshold per head instead of one per row.
+            visible = (scores > float("-inf")).sum(-1)  # [G, nq]
+            area = torch.minimum(budget[:, None], visible[group_of_head]).sum(-1)  # [Hq]
+            flat = scores.flatten(1)  # [G, nq * nk]
+            order = flat.argsort(dim=-1, descending=True)
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(flat.shape[1], device=seq.device).expand_as(order))
+            top = (rank[group_of_head] < area[:, None]).view(num_heads, nq, nk) & (scores[group_of_head] > float("-inf"))
+            return top | always, budget
         order = scores.argsort(dim=-1, descending=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nk, device=seq.device).expand_as(order))
-        group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
         top = (rank[group_of_head] < budget[:, None, None]) & (scores[group_of_head] > float("-inf"))
         return top | always, budget
+
+    def _per_head(self, name: str, num_heads: int) -> tuple:
+        value = getattr(self, name)
+        if not isinstance(value, tuple):
+            return (value,) * num_heads
+        if len(value) != num_heads:
+            raise ValueError(f"{name} has {len(value)} values but the layer has {num_heads} query heads")
+        return value

@@ -301,27 +301,40 @@ def tensor_parallel_heads(num_heads: int, num_kv_heads: int, rank: int, size: in
     return range(rank * q_per_rank, (rank + 1) * q_per_rank), kv
 
 
+#: HeadProxy parameters one shared HeadProxy takes per query head: its heads differ only in their budget rule.
+_PER_HEAD = ("gamma", "min_budget", "max_budget")
+
+
 def _layer_pattern(settings: list[HeadSetting], layer: int) -> Pattern:
     shared: dict[tuple[str, str], Pattern] = {}
     patterns = []
     for h, setting in enumerate(settings):
         params = dict(setting.params)
         if setting.pattern == "HeadProxy":
-            params.pop("gamma", None)  # heads differing only in gamma share one HeadProxy with a per-head gamma
+            # Heads whose settings differ only in their budget rule share one HeadProxy: one estimate per layer.
+            params = _estimate_params(params)
         key = (setting.pattern, json.dumps(params, sort_keys=True))
         if key not in shared:
             if setting.pattern == "HeadProxy":
-                params["gamma"] = tuple(
-                    float(other.params.get("gamma", HeadProxy.gamma))
-                    if other.pattern == "HeadProxy" and _without_gamma(other.params) == params else 1.0
-                    for other in settings)
+                members = [other.pattern == "HeadProxy" and _estimate_params(other.params) == params for other in settings]
+                for name in _PER_HEAD:
+                    default = getattr(HeadProxy, name)
+                    values = [other.params.get(name, default) for other, m in zip(settings, members) if m]
+                    if name == "gamma":  # other heads' entries are unused; 1.0 is a valid filler
+                        params[name] = tuple(float(other.params.get(name, default)) if m else 1.0
+                                             for other, m in zip(settings, members))
+                    elif all(v == values[0] for v in values):
+                        params[name] = values[0]
+                    else:
+                        params[name] = tuple(other.params.get(name, default) if m else values[0]
+                                             for other, m in zip(settings, members))
             shared[key] = build_pattern(setting.pattern, params, f"layers[{layer}].heads[{h}]")
         patterns.append(shared[key])
     return patterns[0] if len(shared) == 1 else PerHead(tuple(patterns))
 
 
-def _without_gamma(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k != "gamma"}
+def _estimate_params(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in _PER_HEAD}
 
 
 # ---------------------------------------------------------------------------------------------------- validation
