@@ -3,12 +3,12 @@
     profile = calibrate(model, prompts)                    # measure every candidate on every (layer, head)
     plan = make_plan(profile, target_density=0.3)          # choose one per head under the budget
     plan.save("plan.json")                                 # docs/PLAN_FORMAT.md
-    sparse_attn.configure(model, layers=load_plan("plan.json", model).to_patterns())
+    sparse_attn.configure(model, plan="plan.json")                # checked against the model
 
 Without a plan, :func:`default_pattern` is the content-aware choice for every head.
 """
 
-from ..patterns import HeadProxy, Pattern
+from ..patterns import default_pattern
 from .calibrate import Candidate, Profile, calibrate, calibration_prompts, default_candidates, profile_layer
 from .plan import PLAN_FORMAT, PLAN_VERSION, PATTERNS, HeadSetting, ModelShape, Plan, PlanError, build_pattern, load_plan
 from .render import render_plan
@@ -18,8 +18,3 @@ __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PATTERNS", "HeadSetting", "ModelShape
            "load_plan", "Candidate", "Profile", "calibrate", "calibration_prompts", "default_candidates",
            "profile_layer", "KernelTimeModel", "choose", "make_plan", "render_plan", "default_pattern"]
 
-
-def default_pattern() -> Pattern:
-    """The pattern for heads no plan covers: ProxyAttn's content-aware selection with its published defaults
-    (cumulative mass 0.95, 1 of 4 query rows, at least 2048 tokens per query block), never a static window."""
-    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048)
