@@ -2,20 +2,20 @@
 prefill density the plan actually ran at.
 
     python -m bench.accuracy_plan --plan plan.json [--lengths 4096,6144] [--depths 0.25,0.5,0.75]
-                                  [--ppl-len 4096] [--out DIR]
+                                  [--ppl-len 4096] [--ppl-text FILE ...] [--out DIR]
 
 Without ``--plan`` it calibrates one first (as ``sparse-attn-plan calibrate --model smollm2``) with
-``--target-density`` on ``--calib-prompts`` prompts of ``--calib-len`` tokens, and saves it as ``DIR/plan.json``.
-The perplexity text is held out from calibration: it is ``--ppl-text`` (default: the GPL-3 text where the system has
-it, else the last default text), and calibration reads the default licence texts from their start
-(:func:`sparse_attn.planner.calibrate.calibration_prompts`) leaving out every text that shares a passage with it
-(several installed licence files embed the GPL-3). Writes ``DIR/accuracy_plan.json`` and ``DIR/summary.md``.
+``--target-density`` and ``--block-size`` on ``--calib-prompts`` prompts of ``--calib-len`` tokens, and saves it as
+``DIR/plan.json``. The perplexity texts are held out from calibration: they are the ``--ppl-text`` files (default:
+the GPL-3, LGPL-2.1 and MPL-1.1 texts where the system has them, else the last default text), and calibration reads
+the default licence texts from their start (:func:`sparse_attn.planner.calibrate.calibration_prompts`) leaving out
+every text that shares a passage with one of them (several installed licence files embed the GPL-3). Writes
+``DIR/accuracy_plan.json`` and ``DIR/summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -24,13 +24,16 @@ from pathlib import Path
 import torch
 
 import sparse_attn
+from bench.common import command_line, environment, environment_line, write_json
 from sparse_attn.integrations.transformers import attention_modules
 from sparse_attn.models import load_smollm2, make_passkey_prompt, passkey_retrieved
 from sparse_attn.planner import default_pattern, load_plan
 from sparse_attn.planner.calibrate import calibrate, calibration_prompts, default_calibration_texts, default_candidates
 from sparse_attn.planner.solver import make_plan
 
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
+NAME = "accuracy_plan"
+#: Held-out perplexity texts, where the system has them.
+PPL_TEXTS = tuple(Path("/usr/share/common-licenses") / name for name in ("GPL-3", "LGPL-2.1", "MPL-1.1"))
 
 
 def _words(text: str) -> str:
@@ -45,10 +48,13 @@ def held_out(texts: list[str], test_text: str, passage: int = 200, step: int = 1
     return [t for t in texts if not any(p in _words(t) for p in probes)]
 
 
-def perplexity_text(args) -> str:
-    if args.ppl_text:
-        return Path(args.ppl_text).read_text()
-    return GPL3.read_text() if GPL3.is_file() else default_calibration_texts()[-1]
+def perplexity_texts(args) -> dict[str, str]:
+    """Name -> text of every perplexity text: ``--ppl-text`` files, else :data:`PPL_TEXTS`, else the last default
+    calibration text."""
+    paths = [Path(p) for p in args.ppl_text] if args.ppl_text else [p for p in PPL_TEXTS if p.is_file()]
+    if paths:
+        return {p.name: p.read_text() for p in paths}
+    return {"last default text": default_calibration_texts()[-1]}
 
 
 def prefill_density(model) -> float:
@@ -79,15 +85,15 @@ def perplexity(model, ids: torch.Tensor) -> float:
 
 
 def evaluate(model, tokenizer, args, tag: str) -> dict:
-    result = {"passkey": [], "perplexity": None}
-    ids = tokenizer(perplexity_text(args), return_tensors="pt")["input_ids"][0]
-    ids = ids.repeat(-(-args.ppl_len // ids.numel()))[: args.ppl_len]
-    if args.ppl_len:
+    result = {"passkey": [], "perplexity": {}}
+    for name, text in (perplexity_texts(args).items() if args.ppl_len else ()):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+        ids = ids.repeat(-(-args.ppl_len // ids.numel()))[: args.ppl_len]
         start = time.perf_counter()
-        result["perplexity"] = perplexity(model, ids)
-        result["perplexity_density"] = prefill_density(model) if tag != "dense" else 1.0
-        print(f"[{tag}] perplexity {result['perplexity']:.4f} at {args.ppl_len} tokens "
-              f"(density {result['perplexity_density']:.3f}, {time.perf_counter() - start:.0f} s)", flush=True)
+        entry = {"perplexity": perplexity(model, ids), "density": prefill_density(model) if tag != "dense" else 1.0}
+        result["perplexity"][name] = entry
+        print(f"[{tag}] perplexity of {name} {entry['perplexity']:.4f} at {args.ppl_len} tokens "
+              f"(density {entry['density']:.3f}, {time.perf_counter() - start:.0f} s)", flush=True)
     for n in args.lengths:
         for depth in args.depths:
             key = 10000 + (n * 7919 + round(depth * 100) * 104729) % 90000  # a fixed 5-digit key per case
@@ -105,11 +111,14 @@ def evaluate(model, tokenizer, args, tag: str) -> dict:
 
 
 def calibrated_plan(model, tokenizer, args, out: Path):
-    """Calibrate on the default texts minus the held-out perplexity text; save the plan (and the profile)."""
-    texts = held_out(default_calibration_texts(), perplexity_text(args))
+    """Calibrate on the default texts minus the held-out perplexity texts; save the plan (and the profile)."""
+    texts = default_calibration_texts()
+    for test_text in perplexity_texts(args).values():
+        texts = held_out(texts, test_text)
     prompts = calibration_prompts(tokenizer, texts, args.calib_len, args.calib_prompts)
-    profile = calibrate(model, prompts, default_candidates(args.calib_len), model_id="SmolLM2-135M-Instruct",
-                        query_rows=args.query_rows, decode=None)
+    profile = calibrate(model, prompts, default_candidates(), model_id="SmolLM2-135M-Instruct",
+                        q_block_size=args.block_size, kv_block_size=args.block_size, query_rows=args.query_rows,
+                        decode=None)
     profile.info["texts"] = [t.strip().splitlines()[0][:80] for t in texts[: args.calib_prompts]]
     profile.save(out / "profile.pt")
     plan = make_plan(profile, target_density=args.target_density, decode_budget=None)
@@ -117,19 +126,23 @@ def calibrated_plan(model, tokenizer, args, out: Path):
     return plan, str(out / "plan.json")
 
 
-def summary_markdown(report: dict, argv: list[str]) -> str:
-    """A short human-readable account of one run."""
+def markdown(report: dict) -> str:
+    """A short human-readable account of one run (also what ``python -m bench report`` renders)."""
     plan = report["plan"]
-    lines = ["# Plan accuracy on SmolLM2-135M-Instruct (CPU)", "",
-             f"Command: `python -m bench.accuracy_plan {' '.join(argv)}`", "",
-             f"Plan: `{plan['file']}`, budget {plan['budget']}, planned mean density {plan['density']:.3f}, "
+    blocks = f", blocks {plan['blocks']['q']}x{plan['blocks']['kv']}" if "blocks" in plan else ""
+    lines = ["### Per-head plan accuracy on SmolLM2-135M-Instruct", "", environment_line(report), "",
+             f"Command: `{report['command']}`", "",
+             f"Plan: `{plan['file']}`{blocks}, budget {plan['budget']}, planned mean density {plan['density']:.3f}, "
              f"patterns {plan['patterns']}.", ""]
     run, dense = report["plan_run"], report.get("dense")
-    if run.get("perplexity") is not None:
-        rise = f", rise {100 * run['perplexity_rise']:+.2f}%" if "perplexity_rise" in run else ""
-        base = f"dense {dense['perplexity']:.4f}, " if dense else ""
-        lines.append(f"Perplexity ({report['settings']['ppl_len']} tokens of held-out text): {base}"
-                     f"plan {run['perplexity']:.4f}{rise}, run-time density {run['perplexity_density']:.3f}.")
+    if run["perplexity"]:
+        lines += [f"Perplexity over {report['settings']['ppl_len']} tokens of each held-out text:", "",
+                  "| text | dense | plan | rise | plan prefill density |", "|---|---|---|---|---|"]
+        for name, entry in run["perplexity"].items():
+            base = dense["perplexity"][name]["perplexity"] if dense else None
+            rise = f"{100 * entry['rise']:+.2f}%" if "rise" in entry else "-"
+            lines.append(f"| {name} | {f'{base:.4f}' if base else '-'} | {entry['perplexity']:.4f} | {rise} | "
+                         f"{entry['density']:.3f} |")
     if run["passkey"]:
         lines += ["", "| tokens | depth | dense | plan | plan prefill density |", "|---|---|---|---|---|"]
         dense_rows = dense["passkey"] if dense else [None] * len(run["passkey"])
@@ -148,11 +161,12 @@ def main(argv=None) -> int:
     parser.add_argument("--target-density", type=float, default=0.3)
     parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts (default 4)")
     parser.add_argument("--calib-len", type=int, default=4096, help="calibration prompt length (default 4096)")
+    parser.add_argument("--block-size", type=int, default=32, help="query and KV block size of the plan (default 32)")
     parser.add_argument("--query-rows", type=int, default=1024, help="query rows profiled per layer and prompt")
     parser.add_argument("--lengths", default="4096,6144")
     parser.add_argument("--depths", default="0.25,0.5,0.75")
     parser.add_argument("--ppl-len", type=int, default=4096, help="perplexity tokens (0: no perplexity)")
-    parser.add_argument("--ppl-text")
+    parser.add_argument("--ppl-text", action="append", help="held-out perplexity text file (repeatable)")
     parser.add_argument("--out", default="bench/results/accuracy_plan")
     parser.add_argument("--skip-dense", action="store_true", help="only the plan (dense numbers from an earlier run)")
     parser.add_argument("--no-plan-default", action="store_true",
@@ -169,9 +183,11 @@ def main(argv=None) -> int:
         plan, plan_file = load_plan(args.plan, model), args.plan
     else:
         plan, plan_file = calibrated_plan(model, tokenizer, args, out)
-    report = {"settings": {"lengths": args.lengths, "depths": args.depths, "ppl_len": args.ppl_len,
-                           "ppl_text": args.ppl_text or (str(GPL3) if GPL3.is_file() else "last default text")},
-              "plan": {"file": plan_file, "budget": plan.budget, "density": plan.mean("density"),
+    report = {"benchmark": NAME, **environment(torch.device("cpu"), command_line("bench.accuracy_plan", argv)),
+              "settings": {"lengths": args.lengths, "depths": args.depths, "ppl_len": args.ppl_len,
+                           "ppl_texts": list(perplexity_texts(args))},
+              "plan": {"file": plan_file, "blocks": {"q": plan.q_block_size, "kv": plan.kv_block_size},
+                       "budget": plan.budget, "density": plan.mean("density"),
                        "recall": plan.mean("recall"), "error": plan.mean("error"), "patterns": plan.pattern_counts(),
                        "calibration": plan.calibration}}
     if not args.skip_dense:
@@ -185,13 +201,15 @@ def main(argv=None) -> int:
     for run_name in ("plan_run", "default_run"):
         if "dense" in report and run_name in report:
             dense, run = report["dense"], report[run_name]
-            if run["perplexity"] is not None:
-                run["perplexity_rise"] = run["perplexity"] / dense["perplexity"] - 1
+            for name, entry in run["perplexity"].items():
+                entry["rise"] = entry["perplexity"] / dense["perplexity"][name]["perplexity"] - 1
             run["passkey_kept"] = all(p["retrieved"] for p, d in zip(run["passkey"], dense["passkey"]) if d["retrieved"])
-            rise = f"{100 * run['perplexity_rise']:.2f}%" if "perplexity_rise" in run else "not measured"
+            rises = [e["rise"] for e in run["perplexity"].values()]
+            run["max_perplexity_rise"] = max(rises) if rises else None
+            rise = f"{100 * max(rises):.2f}% at most" if rises else "not measured"
             print(f"{run_name}: perplexity rise {rise}, passkey kept every dense success: {run['passkey_kept']}")
-    (out / "accuracy_plan.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "summary.md").write_text(summary_markdown(report, argv))
+    write_json(out / "accuracy_plan.json", report)
+    (out / "summary.md").write_text(markdown(report))
     return 0
 
 

@@ -257,12 +257,55 @@ def test_head_proxy_budget_caps_fractions_and_options():
     half = HeadProxy(gamma=0.01, min_budget=0.5).build_mask(**sizes).to_block_bool()[0]
     assert bool((half.sum(-1)[:, -1] >= 10).all())
     # Per-head proxies and other poolings keep the selection rules (sink, diagonal, causality).
-    for options in ({"head_scores": True}, {"pooling": "mean"}, {"pooling": "max+mean"}, {"allocation": "head"}):
+    for options in ({"head_scores": True}, {"pooling": "mean"}, {"head_scores": True, "pooling": "mean"}):
         keep = HeadProxy(gamma=0.8, min_budget=16, **options).build_mask(**sizes).to_block_bool()[0]
         assert bool(keep[:, :, 0].all()) and bool(keep[:, torch.arange(20), torch.arange(20)].all()), options
         assert not bool((keep & ~(torch.arange(20)[None, :] < visible[:, None])).any()), options
-    for bad, message in (({"pooling": "sum"}, "pooling"), ({"allocation": "row"}, "allocation"),
+    for bad, message in (({"pooling": "sum"}, "pooling"), ({"head_scores": 1}, "head_scores"),
                          ({"max_budget": 0}, "max_budget"), ({"min_budget": 64, "max_budget": 32}, "max_budget"),
                          ({"min_budget": 1.5}, "min_budget")):
         with pytest.raises(ValueError, match=message):
             HeadProxy(**bad)
+
+
+def test_fixed_budgets_are_exact_per_head_and_skip_the_budget_pass():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(320, 6, 16, generator=g), torch.randn(320, 2, 16, generator=g)
+    sizes = dict(q_lens=320, kv_lens=320, num_heads=6, q_block_size=16, kv_block_size=16, q=q, k=k)
+    visible = causal_block_bounds(320, 320, 16, 16)
+    # Per head: 1, 2, 3, 4 blocks as tokens, 1/4 of the context (5 blocks), 6 blocks: the minimum equals the cap.
+    low = (16, 32, 48, 64, 0.25, 96)
+    pattern = HeadProxy(gamma=0.5, min_budget=low, max_budget=low, head_scores=True, pooling="mean")
+    seq = seq_of(q, k)
+    scores, mass = pattern.estimate(seq)
+    assert mass is None and scores.shape == (6, 20, 20)  # one proxy per query head, no gamma pass
+    keep, budget = pattern.select(seq, scores, mass)
+    assert budget.tolist() == [1, 2, 3, 4, 5, 6]
+    top = torch.minimum(budget[:, None], visible[None])  # [H, nq]: the budget, or every visible block
+    assert bool((keep.sum(-1) >= top).all()) and bool((keep.sum(-1) <= top + 2).all())
+    assert torch.equal(pattern.build_mask(**sizes).to_block_bool()[0], keep)
+    # The same density on any content: fixed budgets do not read the text.
+    other = HeadProxy(gamma=0.5, min_budget=low, max_budget=low, head_scores=True, pooling="mean")
+    q2, k2 = torch.randn(320, 6, 16, generator=g), torch.randn(320, 2, 16, generator=g)
+    density = lambda m: m.density()  # noqa: E731
+    assert density(other.build_mask(**dict(sizes, q=q2, k=k2))) == pytest.approx(density(pattern.build_mask(**sizes)), abs=0.01)
+    with pytest.raises(ValueError, match="needs the masses"):
+        HeadProxy(gamma=0.5, min_budget=16).select(seq, scores, None)
+    with pytest.raises(ValueError, match="min_budget has 2 values"):
+        HeadProxy(min_budget=(16, 32)).build_mask(**sizes)
+
+
+def test_head_scores_equal_group_scores_when_groups_have_one_head():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(200, 3, 16, generator=g), torch.randn(200, 3, 16, generator=g)
+    sizes = dict(q_lens=200, kv_lens=200, num_heads=3, q_block_size=16, kv_block_size=16, q=q, k=k)
+    for pooling in ("max", "mean"):
+        group = HeadProxy(gamma=0.8, min_budget=32, pooling=pooling).build_mask(**sizes).to_block_bool()
+        head = HeadProxy(gamma=0.8, min_budget=32, pooling=pooling, head_scores=True).build_mask(**sizes).to_block_bool()
+        assert torch.equal(group, head)
+    # With 3 query heads per KV head the per-head proxies rank blocks differently from the group mean.
+    q6 = torch.randn(200, 6, 16, generator=g)
+    sizes6 = dict(sizes, num_heads=6, q=q6, k=k[:, :2])
+    fixed = dict(gamma=1.0, min_budget=48, max_budget=48)
+    assert not torch.equal(HeadProxy(**fixed).build_mask(**sizes6).to_block_bool(),
+                           HeadProxy(**fixed, head_scores=True).build_mask(**sizes6).to_block_bool())

@@ -359,3 +359,57 @@ def test_cli_calibrate_with_a_model_folder(tmp_path, tiny_llama, monkeypatch, ca
     plan = load_plan(out, tiny_llama)
     assert plan.model_id == "tiny-llama" and plan.mean("density") <= 0.9
     assert "wrote" in capsys.readouterr().out
+
+
+def test_heads_differing_in_budget_rules_share_one_head_proxy():
+    fixed = {"gamma": 1.0, "head_scores": True, "pooling": "mean"}
+    settings = [HeadSetting("HeadProxy", dict(fixed, min_budget=0.25, max_budget=0.25)),
+                HeadSetting("HeadProxy", dict(fixed, min_budget=32, max_budget=32)),
+                HeadSetting("AShape", {"sink_tokens": 16, "local_tokens": 32}),
+                HeadSetting("HeadProxy", dict(fixed, gamma=0.9, min_budget=16))]
+    plan = Plan("tiny-model", SHAPE, [settings, [HeadSetting("Dense")] * 4], 16, 16)
+    layer = plan.to_patterns()[0]
+    proxy = layer.patterns[0]
+    assert proxy is layer.patterns[1] is layer.patterns[3]  # one estimate for the layer
+    assert proxy.min_budget == (0.25, 32, 0.25, 16) and proxy.max_budget == (0.25, 32, 0.25, None)
+    assert proxy.gamma == (1.0, 1.0, 1.0, 0.9)
+    torch.manual_seed(0)
+    q, k = torch.randn(160, 4, 16), torch.randn(160, 2, 16)
+    sizes = dict(q_lens=160, kv_lens=160, num_heads=4, q_block_size=16, kv_block_size=16, q=q, k=k)
+    got = layer.build_mask(**sizes).to_block_bool()[0]
+    for h in (0, 1, 3):
+        alone = HeadProxy(**{name: value for name, value in settings[h].params.items()}).build_mask(**sizes)
+        assert torch.equal(got[h], alone.to_block_bool()[0, h])
+
+
+def test_default_candidates_have_content_independent_densities():
+    """The density a plan is solved for is the density it runs at, whatever the text."""
+    from sparse_attn.planner.calibrate import default_candidates
+
+    candidates = default_candidates()
+    assert {c.pattern for c in candidates} == {"Dense", "ElasticSpan", "HeadProxy"}
+    g = torch.Generator().manual_seed(0)
+    sizes = dict(q_block_size=16, kv_block_size=16, query_rows=32)
+    densities = []
+    for _ in range(2):
+        q, k, v = (torch.randn(1024, h, 16, generator=g) for h in (4, 2, 2))
+        densities.append(profile_layer(q, k, candidates, v, **sizes)["density"])
+    assert torch.equal(densities[0], densities[1])
+    assert bool((densities[0][1:] < 1).all()) and bool((densities[0][0] == 1).all())
+    # Budgets that are fractions of the context: about the same density at twice the length.
+    q, k, v = (torch.randn(2048, h, 16, generator=g) for h in (4, 2, 2))
+    longer = profile_layer(q, k, candidates, v, **sizes)["density"]
+    proxies = [c.pattern == "HeadProxy" for c in candidates]
+    assert torch.allclose(longer[proxies], densities[0][proxies], atol=0.02)
+
+
+def test_time_model_charges_per_head_proxies_and_the_gamma_pass():
+    model = KernelTimeModel()
+    density = torch.tensor(0.2)
+    group = model.cost(Candidate.of("HeadProxy", gamma=1.0, min_budget=0.1, max_budget=0.1), density, 3, 64, 4096)
+    per_head = model.cost(Candidate.of("HeadProxy", gamma=1.0, min_budget=0.1, max_budget=0.1, head_scores=True),
+                          density, 3, 64, 4096)
+    adaptive = model.cost(Candidate.of("HeadProxy", gamma=0.9, min_budget=256), density, 3, 64, 4096)
+    assert float(group) == pytest.approx(0.2 + 0.5 / 4 / 3)
+    assert float(per_head) == pytest.approx(0.2 + 0.5 / 4)
+    assert float(adaptive) == pytest.approx(0.2 + 0.5 / 4 / 3 + 0.5 * 64 / 4096)

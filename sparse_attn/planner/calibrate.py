@@ -10,10 +10,19 @@ sampled query rows, the exact attention probabilities and outputs split by KV bl
                  blocks are read (softmax renormalised over them, as the sparse kernel computes it),
     density[h] = kept blocks / causally visible blocks,
 
-averaged over rows. Rows are sampled evenly over the sequence and, separately, all rows of the last query block
-(the rows that produce the next token); recall and error are the mean of the two averages so both count.
-Mass recall says how much attention a pattern drops; the output error also says whether it mattered (dropping
-part of a near-uniform average over similar values changes little), which is what the solver optimises.
+averaged over rows. Rows are sampled evenly over the sequence (``query_rows``, perplexity weighs every position
+alike) and, separately, all rows of the last query block (the rows that produce the next token); recall and error
+are the mean of the two averages so both count. Mass recall says how much attention a pattern drops; the output
+error also says whether it mattered (dropping part of a near-uniform average over similar values changes little),
+which is what the solver optimises.
+
+Why the plain output error and not the loss: on SmolLM2, the loss change a layer causes when it alone runs sparse
+adds up over layers (the sum came within 1-12% of the whole plan's), and first/second-order Taylor terms of the
+next-token loss (from the loss gradient at each attention output) predict it better than the output error on the
+text they are measured on; but it varies from text to text (per-layer loss changes of one plan on two licence
+texts correlated 0.06), and plans that weighted errors by such sensitivities, per head or per layer, ran 0.5-3
+points of perplexity worse on held-out text than plans from the unweighted error at the same density. The output
+error is stable across texts, so plans built on it transfer.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from .decode import DecodeCandidates, heavy_channel_ranking, profile_decode
 from .plan import ModelShape, build_pattern
 
 __all__ = ["CALIBRATE_IMPLEMENTATION", "Candidate", "Profile", "default_candidates", "profile_layer", "calibrate",
+           "candidate_keeps", "BUDGET_FRACTIONS", "WINDOW_FRACTIONS",
            "recording_qk", "calibration_prompts", "default_calibration_texts"]
 
 CALIBRATE_IMPLEMENTATION = "sparse_calibrate"
@@ -55,17 +65,24 @@ class Candidate:
         return f"{self.pattern}({', '.join(f'{k}={v}' for k, v in self.params)})"
 
 
-def default_candidates(context_len: int = 4096) -> list[Candidate]:
-    """Dense, sinks + windows, elastic spans, vertical-slash and head-proxy (gamma x minimum budget), sized for
-    contexts of about ``context_len`` tokens. TopKBlocks is left out: its mean-pooled block scores can miss the
-    attention sink on text unlike the calibration prompts (an output error of 10x on SmolLM2 where calibration
-    measured 2%); a profile can still include it explicitly."""
+#: Context fractions the default candidates' budgets and windows take (1/32 .. 1/2).
+BUDGET_FRACTIONS = (1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2)
+WINDOW_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+def default_candidates() -> list[Candidate]:
+    """Dense, sinks + windows growing with the context, and HeadProxy with fixed budgets (a fraction of the
+    context), scored per query head (the most accurate) or per KV group (a third of the estimation work).
+
+    Every candidate's density depends on the context length only, never on the text, so the density a plan is
+    solved for is the density it runs at, on any input (content-adaptive budgets, e.g. HeadProxy's gamma rule or
+    VerticalSlash, read 20-50% more blocks on some texts than on the calibration text), and fractions keep it
+    at other lengths. Gamma budgets, VerticalSlash and TopKBlocks can still be profiled explicitly."""
     out = [Candidate.of("Dense")]
-    out += [Candidate.of("AShape", sink_tokens=64, local_tokens=w) for w in (128, 256, 512, 1024, 2048) if w < context_len]
-    out += [Candidate.of("ElasticSpan", alpha=a, beta=b, sink_tokens=64) for a, b in ((128, 0.125), (256, 0.25))]
-    out += [Candidate.of("VerticalSlash", vertical=v, slash=s, last_q=64) for v, s in ((64, 256), (128, 512), (256, 1024))]
-    out += [Candidate.of("HeadProxy", gamma=g, min_budget=b) for g in (0.7, 0.8, 0.9, 0.95, 0.98)
-            for b in (128, 256, 512, 1024)]
+    out += [Candidate.of("ElasticSpan", alpha=64, beta=f, sink_tokens=64) for f in WINDOW_FRACTIONS]
+    out += [Candidate.of("HeadProxy", gamma=1.0, min_budget=f, max_budget=f, head_scores=True, pooling="mean")
+            for f in BUDGET_FRACTIONS]
+    out += [Candidate.of("HeadProxy", gamma=1.0, min_budget=f, max_budget=f) for f in BUDGET_FRACTIONS]
     return out
 
 
@@ -87,11 +104,6 @@ class Profile:
     #: [sparsity] candidates; ``ds_recall``/``ds_error`` ``[layers, S, Hq]``, ``ds_read`` ``[layers, S]``,
     #: ``prune_error`` ``[layers, P, Hq]``; ``channels`` ``[layers, Hkv, D]`` heavy-channel ranking.
     decode: dict | None = None
-    #: Taylor terms of the mean next-token loss change ``[layers, candidates, heads]`` (None when calibrated
-    #: without ``sensitivity``): first order ``mean_r g_r . (o'_r - o_r)`` and second order
-    #: ``mean_r (g_r . (o'_r - o_r))^2 / 2``, with g_r the loss gradient at row r's attention output.
-    nll_first: torch.Tensor | None = None
-    nll_second: torch.Tensor | None = None
 
     def save(self, path) -> None:
         """Keep the measurements, to plan again under other budgets without calibrating again."""
@@ -99,7 +111,7 @@ class Profile:
                     "candidates": [(c.pattern, list(c.params)) for c in self.candidates],
                     "recall": self.recall, "density": self.density, "q_block_size": self.q_block_size,
                     "kv_block_size": self.kv_block_size, "info": self.info, "error": self.error,
-                    "decode": self.decode, "nll_first": self.nll_first, "nll_second": self.nll_second}, path)
+                    "decode": self.decode}, path)
 
     @classmethod
     def load(cls, path) -> "Profile":
@@ -108,7 +120,7 @@ class Profile:
             candidates = [Candidate(name, tuple((k, v) for k, v in params)) for name, params in data["candidates"]]
             return cls(data["model_id"], ModelShape(**data["shape"]), candidates, data["recall"], data["density"],
                        data["q_block_size"], data["kv_block_size"], data["info"], data.get("error"),
-                       data.get("decode"), data.get("nll_first"), data.get("nll_second"))
+                       data.get("decode"))
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a calibration profile ({error})") from None
 
@@ -152,7 +164,7 @@ def candidate_keeps(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Candi
         if isinstance(pattern, HeadProxy):
             key = pattern.estimate_key
             if key not in proxy_estimates:
-                proxy_estimates[key] = pattern.estimate(seq)
+                proxy_estimates[key] = pattern.estimate(seq, with_mass=True)
             keep = pattern.select(seq, *proxy_estimates[key])[0]
         else:
             keep = pattern.keep_blocks(seq)
@@ -167,93 +179,66 @@ def profile_layer(
     candidates: Sequence[Candidate],
     v: torch.Tensor | None = None,
     *,
-    grad: torch.Tensor | None = None,
     scale: float | None = None,
     q_block_size: int = 64,
     kv_block_size: int = 64,
-    query_rows: int = 256,
+    query_rows: int = 1024,
 ) -> dict[str, torch.Tensor]:
-    """``{"recall", "density", "error", "nll_first", "nll_second"}``, each ``[candidates, heads]``, of every
-    candidate on one causal sequence.
+    """``{"recall", "density", "error"}``, each ``[candidates, heads]``, of every candidate on one causal sequence.
 
     q ``[L, Hq, D]``, k and v ``[L, Hkv, D]`` are one layer's post-RoPE queries, keys and values; without v
-    the output error is not measured (no "error" entry). ``grad`` ``[L, Hq, D]`` is the gradient of the
-    sequence's summed next-token loss with respect to this layer's attention output (per head, before the output
-    projection); with it (and v) the Taylor terms of the mean loss change are measured ("nll_first",
-    "nll_second"; see the module docstring).
+    the output error is not measured (no "error" entry).
     """
     seq_len, num_heads, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
     keeps = candidate_keeps(q, k, candidates, scale=scale, q_block_size=q_block_size, kv_block_size=kv_block_size)
     spread, last = _sampled_rows(seq_len, q_block_size, query_rows, q.device)
     rows = torch.cat([spread, last])
-    # For sums over all rows: a spread row stands for last_start / len(spread) rows, a last-block row for itself.
-    weight = torch.cat([torch.full((len(spread),), int(last[0]) / max(1, len(spread)), device=q.device),
-                        torch.ones(len(last), device=q.device)])
-    with_grad = grad is not None and v is not None
-    values = k if v is None else v
-    per_row = {name: torch.zeros(len(candidates), num_heads, len(rows), device=q.device)
-               for name in ("recall", "error", "first")}
+    recall, error = (torch.empty(len(candidates), num_heads, len(rows), device=q.device) for _ in range(2))
     nk = keeps.shape[-1]
-    chunk = max(1, (1 << 24) // (num_heads * nk * max(head_dim, kv_block_size)))  # bounds [H, R, nk, D] to 64 MiB
+    chunk = max(1, (1 << 24) // (num_heads * nk * max(head_dim, kv_block_size)))  # [H, rows, nk, D] within 64 MiB
     for start in range(0, len(rows), chunk):
         r = rows[start:start + chunk]
         part = slice(start, start + len(r))
-        mass, block_out = _row_block_stats(q, k, values, r, kv_block_size, scale)
+        mass, block_out = _row_block_stats(q, k, k if v is None else v, r, kv_block_size, scale)
         full_out = block_out.sum(2)  # [H, R, D]: the exact attention output of each row
-        g = grad[r].float().transpose(0, 1) if with_grad else None
         for c in range(len(candidates)):
             row_keep = keeps[c][:, r // q_block_size].float()  # [H, R, nk]
             kept = (mass * row_keep).sum(-1)
             # Reading only the kept blocks renormalises the softmax over them: o_kept = sum_kept P v / sum_kept P.
-            change = torch.einsum("hrj,hrjd->hrd", row_keep, block_out) / kept.clamp(min=1e-30)[..., None] - full_out
-            per_row["recall"][c, :, part] = kept
-            per_row["error"][c, :, part] = change.norm(dim=-1) / full_out.norm(dim=-1).clamp(min=1e-30)
-            if g is not None:
-                per_row["first"][c, :, part] = (g * change).sum(-1)
+            kept_out = torch.einsum("hrj,hrjd->hrd", row_keep, block_out) / kept.clamp(min=1e-30)[..., None]
+            recall[c, :, part] = kept
+            error[c, :, part] = (kept_out - full_out).norm(dim=-1) / full_out.norm(dim=-1).clamp(min=1e-30)
 
-    def row_mean(x: torch.Tensor) -> torch.Tensor:  # [C, H, R] -> [C, H], the two row groups weighted alike
-        parts = [x[..., : len(spread)].mean(-1)] if len(spread) else []
-        return torch.stack(parts + [x[..., len(spread):].mean(-1)]).mean(0).cpu()
+    def row_mean(per_row: torch.Tensor) -> torch.Tensor:  # [C, H, R] -> [C, H], the two row groups weighted alike
+        parts = [per_row[..., : len(spread)].mean(-1)] if len(spread) else []
+        return torch.stack(parts + [per_row[..., len(spread):].mean(-1)]).mean(0).cpu()
 
     area = SeqContext(seq_len, seq_len, num_heads, q_block_size, kv_block_size, True, q.device).causal_keep().sum()
-    result = {"recall": row_mean(per_row["recall"]), "density": (keeps.sum((2, 3)) / area).cpu()}
+    result = {"recall": row_mean(recall), "density": (keeps.sum((2, 3)) / area).cpu()}
     if v is not None:
-        result["error"] = row_mean(per_row["error"])
-    if with_grad:
-        first = per_row["first"]
-        result["nll_first"] = ((first * weight).sum(-1) / seq_len).cpu()
-        result["nll_second"] = (0.5 * (first.square() * weight).sum(-1) / seq_len).cpu()
+        result["error"] = row_mean(error)
     return result
 
 
 # ---------------------------------------------------------------------------------------------------- recording
 _layer_callback: Callable | None = None
-_grad_callback: Callable | None = None
 
 
 def _recording_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: report (layer, q, k, v, scale) to the running recorder, return SDPA's result
-    (and, when it records gradients, report the gradient reaching that result during the backward pass)."""
+    """transformers attention function: report (layer, q, k, v, scale) to the running recorder, return SDPA's result."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _layer_callback is not None:
         _layer_callback(module.layer_idx, query, key, value, scaling)
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-    if _grad_callback is not None and out.requires_grad:
-        on_grad, layer = _grad_callback, module.layer_idx
-        out.register_hook(lambda grad: on_grad(layer, grad))
-    return out, weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 @contextlib.contextmanager
-def recording_qk(model, on_layer: Callable[..., None], on_grad: Callable[..., None] | None = None):
+def recording_qk(model, on_layer: Callable[..., None]):
     """Within the block, every attention layer of ``model`` calls ``on_layer(layer_idx, q [B, Hq, S, D],
-    k [B, Hkv, S, D], v [B, Hkv, S, D], scale)`` with its post-RoPE q and k, then computes SDPA as usual.
-    With ``on_grad``, a backward pass through a recorded forward calls ``on_grad(layer_idx, grad [B, S, Hq, D])``
-    with the gradient reaching the layer's attention output (per head, before the output projection)."""
-    global _layer_callback, _grad_callback
+    k [B, Hkv, S, D], v [B, Hkv, S, D], scale)`` with its post-RoPE q and k, then computes SDPA as usual."""
+    global _layer_callback
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -264,30 +249,12 @@ def recording_qk(model, on_layer: Callable[..., None], on_grad: Callable[..., No
     if model.config._attn_implementation != CALIBRATE_IMPLEMENTATION:
         raise ValueError(f"model: {type(model).__name__} does not accept a custom attention function "
                          "(it must use transformers' AttentionInterface)")
-    _layer_callback, _grad_callback = on_layer, on_grad
+    _layer_callback = on_layer
     try:
         yield
     finally:
-        _layer_callback = _grad_callback = None
+        _layer_callback = None
         model.set_attn_implementation(previous)
-
-
-@contextlib.contextmanager
-def _input_gradients(model):
-    """Within the block, a forward of ``model`` builds the graph from its input embeddings on (which it marks as
-    requiring gradients) without gradients for the parameters: a backward pass reaches every activation and
-    accumulates nothing in the weights."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach().requires_grad_())
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        hook.remove()
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 def _model_id(model) -> str:
@@ -295,6 +262,7 @@ def _model_id(model) -> str:
     return Path(name).name if name else type(model).__name__
 
 
+@torch.no_grad()
 def calibrate(
     model,
     prompts: Iterable[torch.Tensor],
@@ -303,37 +271,32 @@ def calibrate(
     model_id: str | None = None,
     q_block_size: int = 64,
     kv_block_size: int = 64,
-    query_rows: int = 256,
+    query_rows: int = 1024,
     decode: DecodeCandidates | None = DecodeCandidates(),
-    sensitivity: bool = True,
     progress: bool = True,
 ) -> Profile:
     """Profile every (layer, head) of ``model`` on ``prompts`` (1-D token id tensors, one sequence each).
 
-    The prefill candidates default to :func:`default_candidates` for the longest prompt. ``sensitivity`` also
-    runs a backward pass of each prompt's next-token loss and measures the loss change each candidate causes
-    (``nll_first``/``nll_second``, the objective the solver prefers); it needs the model's logits and memory for
-    one backward pass. ``decode`` also profiles Double Sparsity and KV pruning settings
-    (:mod:`sparse_attn.planner.decode`; None: skip), with heavy channels ranked on the first prompt, so later
-    prompts measure them out of sample.
+    The prefill candidates default to :func:`default_candidates`. ``query_rows`` rows spread over each prompt
+    (and its last query block) are measured per layer. ``decode`` also profiles Double Sparsity and KV pruning
+    settings (:mod:`sparse_attn.planner.decode`; None: skip), with heavy channels ranked on the first prompt, so
+    later prompts measure them out of sample.
     """
     prompts = [p.reshape(-1) for p in prompts]
     if not prompts or any(p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id tensors")
     shape = ModelShape.from_model(model)
-    candidates = list(candidates) if candidates is not None else default_candidates(max(p.numel() for p in prompts))
+    candidates = list(candidates) if candidates is not None else default_candidates()
     sums: dict[str, torch.Tensor] = {}
     seen = torch.zeros(shape.num_layers)
     channels: dict[int, torch.Tensor] = {}
     decode_sums: dict[str, torch.Tensor] = {}
     bar = _progress(total=shape.num_layers * len(prompts), enabled=progress, desc="calibrating", unit="layer")
 
-    @torch.no_grad()
-    def measure(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                grad: torch.Tensor | None = None) -> None:
+    def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [L, H, D]
-        measured = profile_layer(q, k, candidates, v, grad=None if grad is None else grad[0], scale=scale,
-                                 q_block_size=q_block_size, kv_block_size=kv_block_size, query_rows=query_rows)
+        measured = profile_layer(q, k, candidates, v, scale=scale, q_block_size=q_block_size,
+                                 kv_block_size=kv_block_size, query_rows=query_rows)
         for name, value in measured.items():
             sums.setdefault(name, torch.zeros(shape.num_layers, *value.shape))[layer] += value
         if decode is not None:
@@ -349,23 +312,9 @@ def calibrate(
 
     start = time.perf_counter()
     device = next(model.parameters()).device
-    for ids in prompts:
-        ids = ids[None].to(device)
-        if not sensitivity:
-            with recording_qk(model, measure), torch.no_grad():
-                model(ids, use_cache=False)
-            continue
-        # Record q, k, v in the forward and the loss gradient at every attention output in the backward, then
-        # measure layer by layer (the gradient of a layer exists only once the whole backward pass has run).
-        inputs: dict[int, tuple] = {}
-        grads: dict[int, torch.Tensor] = {}
-        record = lambda i, q, k, v, scale: inputs.__setitem__(i, (q.detach(), k.detach(), v.detach(), scale))  # noqa: E731
-        with recording_qk(model, record, lambda i, grad: grads.__setitem__(i, grad.detach())), _input_gradients(model):
-            logits = model(ids, use_cache=False).logits[0, :-1]
-            torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").backward()
-            del logits
-        for layer in sorted(inputs):
-            measure(layer, *inputs.pop(layer), grads.pop(layer, None))
+    with recording_qk(model, on_layer):
+        for ids in prompts:
+            model(ids[None].to(device), use_cache=False)
     bar.close()
     if bool((seen == 0).any()):
         raise ValueError(f"model: layers {torch.nonzero(seen == 0).flatten().tolist()} never reported q/k; "
@@ -382,7 +331,6 @@ def calibrate(
         info={"context_lens": sorted({p.numel() for p in prompts}), "prompts": len(prompts),
               "query_rows": query_rows, "seconds": round(time.perf_counter() - start, 1)},
         error=mean.get("error"), decode=decode_profile,
-        nll_first=mean.get("nll_first"), nll_second=mean.get("nll_second"),
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..patterns import SeqContext
 from .calibrate import Candidate, Profile
 from .plan import HeadSetting, Plan
 
@@ -103,8 +104,9 @@ class KernelTimeModel:
         time = sparse_factor * density + estimation overhead of its pattern,
 
     with overheads from the work each estimator does relative to dense (QK^T only, so half of attention's flops):
-    HeadProxy scores 1 of ``q_stride`` rows per group of heads and reads one full query block per head;
-    VerticalSlash reads ``last_q`` rows; TopKBlocks compares block means. A coarse model for budgeting, not a timer.
+    HeadProxy scores 1 of ``q_stride`` rows per proxy (one per group of heads, or one per head with
+    ``head_scores``) and, where a budget depends on gamma, reads one full query block per head; VerticalSlash
+    reads ``last_q`` rows; TopKBlocks compares block means. A coarse model for budgeting, not a timer.
     """
 
     sparse_factor: float = 1.0
@@ -113,9 +115,11 @@ class KernelTimeModel:
              context_len: int) -> torch.Tensor:
         params = dict(candidate.params)
         if candidate.pattern == "HeadProxy":
-            stride = params.get("q_stride", 4)
-            group = heads_per_group * params.get("kv_heads_per_group", 1)
-            overhead = 0.5 / stride / group + 0.5 * q_block_size / context_len
+            pattern = candidate.build()
+            group = 1 if pattern.head_scores else heads_per_group * pattern.kv_heads_per_group
+            seq = SeqContext(context_len, context_len, 1, q_block_size, q_block_size, True, torch.device("cpu"))
+            budget_rule = 0.0 if pattern.fixed_budgets(seq, 1) else 0.5 * q_block_size / context_len
+            overhead = 0.5 / pattern.q_stride / group + budget_rule
         elif candidate.pattern == "VerticalSlash":
             overhead = params.get("last_q", 64) / context_len
         elif candidate.pattern == "TopKBlocks":
