@@ -65,6 +65,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sparse_attn", "sparse_attn.*"]) + ["sparse_attn.triton_kernels"],
     package_dir={"sparse_attn.triton_kernels": "triton_kernels"},
+    package_data={"sparse_attn.planner": ["plans/*.json"]},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -39,7 +39,7 @@ NAME = "estimation"
 
 GPU_DEFAULTS = dict(contexts=[16384, 65536, 131072], heads=32, kv_heads=8, head_dim=128, dtype="bf16", block=128)
 CPU_DEFAULTS = dict(contexts=[1024, 2048], heads=4, kv_heads=2, head_dim=64, dtype="fp32", block=64)
-ESTIMATORS = ("head_proxy", "vertical_slash")
+ESTIMATORS = ("head_proxy", "head_proxy_per_head", "vertical_slash")
 
 TARGET_CONFIG = dict(dtype="bf16", heads=32, kv_heads=8, head_dim=128)
 TARGET_CONTEXT = 65536

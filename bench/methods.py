@@ -19,6 +19,10 @@ PREFILL_METHODS: dict[str, Candidate] = {
     # ProxyAttn's published defaults (gamma 0.95, 1 of 4 query rows, at least 2048 tokens per query block): the
     # planner's default for heads no plan covers.
     "head_proxy": Candidate.of("HeadProxy", gamma=0.95, q_stride=4, min_budget=2048),
+    # The estimator planner plans use: every query head its own proxy, mean-pooled block mass, a fixed budget of
+    # 1/8 of the context (the density does not depend on the text).
+    "head_proxy_per_head": Candidate.of("HeadProxy", gamma=1.0, q_stride=4, min_budget=0.125, max_budget=0.125,
+                                        head_scores=True, pooling="mean"),
     # MInference's estimate from the last 64 queries; the published 1000 / 6096 keep everything below ~8k tokens,
     # so the harness uses the budget the estimator tests use at 2-8k.
     "vertical_slash": Candidate.of("VerticalSlash", vertical=128, slash=512, last_q=64),

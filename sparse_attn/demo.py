@@ -5,7 +5,8 @@ hides a 5-digit key in about ``--tokens`` tokens of filler at relative ``--depth
 
 - dense attention (transformers' SDPA), the baseline;
 - sparse prefill: head-proxy (ProxyAttn's published defaults) and vertical-slash, which choose blocks from q and k,
-  and A-shape (a sink and a local window), static and blind to the key in the middle of the prompt;
+  the planner's per-head plan for this model at 30% density (:data:`sparse_attn.planner.SMOLLM2_PLAN`), and A-shape
+  (a sink and a local window), static and blind to the key in the middle of the prompt;
 - sparse decode after a dense prefill: Double Sparsity (16 label channels per head, reads 1/8 of the context per
   step; its channels are calibrated first on a licence text, never on the prompt) and KV-cache pruning at 50%.
 
@@ -29,6 +30,7 @@ from sparse_attn import AShape, HeadProxy, VerticalSlash
 from sparse_attn.decode import DoubleSparsity, DoubleSparsityConfig, KVPruning, KVPruningConfig
 from sparse_attn.integrations.transformers import attention_modules
 from sparse_attn.models.smollm2 import cache_dir, load_smollm2, make_passkey_prompt
+from sparse_attn.planner import SMOLLM2_PLAN, Plan, load_plan
 
 #: Everything else runs the sparse path at every length (the integration's default runs dense below 1024 keys).
 SPARSE_EVERYWHERE = 0
@@ -36,12 +38,14 @@ DENSE_PREFILL = 1 << 30  # dense_below larger than any prompt: the prefill runs 
 
 
 def settings(channels: dict | None):
-    """(name, prefill pattern or None for SDPA, decode method or None for dense decode, decode description)."""
+    """(name, prefill pattern or plan, or None for SDPA; decode method or None for dense decode; decode
+    description)."""
     rows = [
         ("dense (SDPA)", None, None, "dense"),
         # Without a decode method the decode steps run the prefill pattern on their one query row.
         ("head-proxy (defaults)", HeadProxy(), None, "head-proxy"),
         ("vertical-slash 128 v + 512 s", VerticalSlash(vertical=128, slash=512, last_q=64), None, "vertical-slash"),
+        ("per-head plan, 30% density", load_plan(SMOLLM2_PLAN), None, "the plan's patterns"),
         ("A-shape 64 sink + 512 local", AShape(sink_tokens=64, local_tokens=512), None, "A-shape"),
     ]
     if channels is not None:
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             model.set_attn_implementation("sdpa")
         elif pattern is None:
             sparse_attn.configure(model, decode=method, dense_below=DENSE_PREFILL)
+        elif isinstance(pattern, Plan):
+            sparse_attn.configure(model, plan=pattern, dense_below=SPARSE_EVERYWHERE)
         else:
             sparse_attn.configure(model, pattern, dense_below=SPARSE_EVERYWHERE)
         if method is None:

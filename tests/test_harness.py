@@ -44,13 +44,13 @@ def test_estimation_json_markdown_and_plot(estimation_run):
     for context in (192, 256):
         rows = {r["method"]: r for r in payload["results"] if r["context"] == context and r["method"] != "sdpa"}
         dense = [r["ms"] for r in payload["results"] if r["context"] == context and r["method"] == "sdpa" and r["ms"]]
-        assert set(rows) == {"head_proxy", "vertical_slash"}
+        assert set(rows) == {"head_proxy", "head_proxy_per_head", "vertical_slash"}
         for row in rows.values():
             assert row["status"] == "ok" and row["estimate_ms"] > 0 and row["dense_ms"] == min(dense)
             assert row["overhead"] == pytest.approx(row["estimate_ms"] / min(dense))
             assert row["speedup_vs_dense"] == pytest.approx(min(dense) / (row["estimate_ms"] + row["kernel_ms"]))
             assert 0 < row["density"] <= 1
-        assert rows["head_proxy"]["scoring_ms"] > 0  # HeadProxy.estimate timed apart
+        assert rows["head_proxy"]["scoring_ms"] > 0 and rows["head_proxy_per_head"]["scoring_ms"] > 0  # timed apart
     written = (out / "estimation.md").read_text().strip()
     assert report.render(payload) == written and "overhead" in written
     assert f"{common.fmt(payload['results'][-1]['estimate_ms'])} ms" in written

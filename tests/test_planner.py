@@ -342,7 +342,8 @@ def test_cli_solve_render_show(tmp_path, capsys):
     assert "truncated" in capsys.readouterr().err
 
 
-def test_cli_calibrate_with_a_model_folder(tmp_path, tiny_llama, monkeypatch, capsys):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_cli_calibrate_with_a_model_folder(tmp_path, tiny_llama, monkeypatch, capsys, adaptive):
     from sparse_attn.planner import cli
 
     class Tokenizer:
@@ -355,9 +356,11 @@ def test_cli_calibrate_with_a_model_folder(tmp_path, tiny_llama, monkeypatch, ca
     out = tmp_path / "plan.json"
     assert cli_main(["calibrate", "--model", "tiny", "--out", str(out), "--target-density", "0.9",
                      "--text", str(text), "--context-len", "512", "--prompts", "1", "--block-size", "16",
-                     "--no-progress", "--model-id", "tiny-llama"]) == 0
+                     "--no-progress", "--model-id", "tiny-llama"] + ["--adaptive"] * adaptive) == 0
     plan = load_plan(out, tiny_llama)
     assert plan.model_id == "tiny-llama" and plan.mean("density") <= 0.9
+    offered = {label.split("(")[0] for label in plan.calibration["candidates"]}
+    assert ({"AShape", "VerticalSlash"} <= offered) == adaptive
     assert "wrote" in capsys.readouterr().out
 
 

@@ -81,3 +81,24 @@ def test_plan_excludes_patterns_and_decode(model):
         sparse_attn.configure(model, AShape(), plan=plan())
     with pytest.raises(ValueError, match="must be a sparse_attn.planner.Plan or a path"):
         sparse_attn.configure(model, plan=42)
+
+
+def test_sparse_attention_from_a_plan(tmp_path):
+    given = plan()
+    given.save(tmp_path / "plan.json")
+    for source in (given, str(tmp_path / "plan.json")):
+        layers = [SparseAttention.from_plan(source, i, dense_below=0) for i in range(LAYERS)]
+        assert isinstance(layers[0].pattern, PerHead) and isinstance(layers[1].pattern, Dense)
+        assert all(a.q_block_size == 16 and a.kv_block_size == 16 for a in layers)
+        assert isinstance(layers[0].decode, DoubleSparsity) and layers[1].decode is None
+        assert isinstance(layers[2].decode, KVPruning)
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM)
+    out = layers[0](q, k, v)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             is_causal=True)
+    assert layers[0].last_density < 1.0 and not torch.allclose(out, dense, atol=1e-4)
+    assert torch.allclose(layers[1](q, k, v), dense, atol=1e-5)  # the plan's dense layer
+    for bad in (LAYERS, -1, "0"):
+        with pytest.raises(ValueError, match="layer must be an int"):
+            SparseAttention.from_plan(given, bad)

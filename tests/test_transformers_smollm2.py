@@ -1,7 +1,9 @@
 """transformers integration on real weights (SmolLM2-135M-Instruct, CPU): attn_implementation="sparse" is exact in
 the Dense setting and really sparse otherwise (an A-shape window loses a passkey that dense attention finds)."""
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +120,21 @@ def test_dropout_while_training_is_rejected(smollm2):
         attention.eval()
     out, weights = integration.sparse_attention_forward(attention, q, kv, kv, None, dropout=0.1)
     assert out.shape == (1, 4, 9, 64) and out.is_contiguous() and weights is None
+
+
+def test_shipped_plan_is_the_measured_one_and_keeps_a_passkey_at_a_third_of_the_reads(smollm2):
+    from sparse_attn.planner import SMOLLM2_PLAN, load_plan
+
+    model, tokenizer = smollm2
+    plan = load_plan(SMOLLM2_PLAN, model)  # checked against the model's layers and head counts
+    measured = Path(__file__).parents[1] / "bench" / "results" / "accuracy_plan" / "plan.json"
+    assert json.loads(SMOLLM2_PLAN.read_text()) == json.loads(measured.read_text())
+    assert plan.q_block_size == plan.kv_block_size == 32 and plan.mean("density") <= 0.3 + 1e-3
+    prompt = make_passkey_prompt(tokenizer, 3000, 0.3, KEY)
+    sparse_attn.configure(model, plan=plan, dense_below=0)
+    with torch.inference_mode():
+        model(tokenizer(prompt, return_tensors="pt")["input_ids"], use_cache=False)
+    modules = integration.attention_modules(model).values()
+    density = sum(m.sparse_attention.last_density for m in modules) / len(modules)
+    assert 0.2 < density < 0.35  # fraction-of-the-context budgets: about the planned density at 3k tokens too
+    assert str(KEY) in passkey_answer(model, tokenizer, prompt)

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ..decode.methods import DecodeMethod, DoubleSparsity, KVPruning
+from ..decode.methods import DecodeMethod, DoubleSparsity
 from ..modules import SparseAttention
 from ..patterns import Pattern, default_pattern
 
@@ -133,7 +133,8 @@ def configure(
         if given:
             raise ValueError(f"plan: give either a plan or {', '.join(given)}, not both")
         plan = _load_plan(plan, model)
-        layers, plan_decode = plan.to_patterns(), _plan_decode_methods(plan)
+        layers = plan.to_patterns()
+        plan_decode = {i: m for i in range(plan.shape.num_layers) if (m := plan.decode_method(i)) is not None}
         q_block_size, kv_block_size = plan.q_block_size, plan.kv_block_size
     layers = dict(layers or {})
     unknown = sorted(set(layers) - set(modules))
@@ -175,18 +176,6 @@ def _load_plan(plan, model):
     if isinstance(plan, (str, os.PathLike)):
         return load_plan(plan, model)
     raise ValueError(f"plan must be a sparse_attn.planner.Plan or a path to a plan file, got {type(plan).__name__}")
-
-
-def _plan_decode_methods(plan) -> dict[int, DecodeMethod]:
-    """The decode method of each layer the plan gave one (Double Sparsity first, else KV pruning)."""
-    methods: dict[int, DecodeMethod] = {}
-    for layer in range(plan.shape.num_layers):
-        ds = plan.double_sparsity(layer)
-        if ds is not None:
-            methods[layer] = DoubleSparsity(*ds)
-        elif (pruning := plan.kv_pruning(layer)) is not None:
-            methods[layer] = KVPruning(pruning)
-    return methods
 
 
 def reset_decode_state(model: torch.nn.Module) -> None:

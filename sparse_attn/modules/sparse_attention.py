@@ -74,6 +74,18 @@ class SparseAttention(nn.Module):
         #: Density of the last mask run (1.0 after a dense run): a cheap dense-vs-sparse diagnostic.
         self.last_density = 1.0
 
+    @classmethod
+    def from_plan(cls, plan, layer: int, *, dense_below: int = 1024, backend: str | None = None) -> "SparseAttention":
+        """Layer ``layer`` of a planner plan (a :class:`sparse_attn.planner.Plan` or a plan file's path): its
+        per-head patterns, the plan's block sizes and the layer's decode method."""
+        from ..planner import Plan, load_plan
+
+        plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < plan.shape.num_layers:
+            raise ValueError(f"layer must be an int in [0, {plan.shape.num_layers}) for this plan, got {layer!r}")
+        return cls(plan.to_patterns()[layer], q_block_size=plan.q_block_size, kv_block_size=plan.kv_block_size,
+                   dense_below=dense_below, backend=backend, decode=plan.decode_method(layer))
+
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, q_block_size={self.q_block_size}, kv_block_size={self.kv_block_size}, "
                 f"dense_below={self.dense_below}, backend={self.backend!r}, decode={self.decode!r}")

@@ -70,19 +70,26 @@ BUDGET_FRACTIONS = (1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8,
 WINDOW_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
 
-def default_candidates() -> list[Candidate]:
+def default_candidates(adaptive: bool = False) -> list[Candidate]:
     """Dense, sinks + windows growing with the context, and HeadProxy with fixed budgets (a fraction of the
     context), scored per query head (the most accurate) or per KV group (a third of the estimation work).
 
-    Every candidate's density depends on the context length only, never on the text, so the density a plan is
-    solved for is the density it runs at, on any input (content-adaptive budgets, e.g. HeadProxy's gamma rule or
-    VerticalSlash, read 20-50% more blocks on some texts than on the calibration text), and fractions keep it
-    at other lengths. Gamma budgets, VerticalSlash and TopKBlocks can still be profiled explicitly."""
+    Every such candidate's density depends on the context length only, never on the text, so the density a plan
+    is solved for is the density it runs at, on any input, and fractions keep it at other lengths. ``adaptive``
+    adds content-adaptive and fixed-token candidates: sinks + fixed windows (AShape), VerticalSlash and HeadProxy
+    with gamma budgets. They let heads spend more where a text needs it, at the price of a run-time density that
+    follows the text (on SmolLM2 the same gamma or VerticalSlash setting read 20-50% more blocks on some licence
+    texts than on others) and, for fixed windows, the length."""
     out = [Candidate.of("Dense")]
     out += [Candidate.of("ElasticSpan", alpha=64, beta=f, sink_tokens=64) for f in WINDOW_FRACTIONS]
     out += [Candidate.of("HeadProxy", gamma=1.0, min_budget=f, max_budget=f, head_scores=True, pooling="mean")
             for f in BUDGET_FRACTIONS]
     out += [Candidate.of("HeadProxy", gamma=1.0, min_budget=f, max_budget=f) for f in BUDGET_FRACTIONS]
+    if adaptive:
+        out += [Candidate.of("AShape", sink_tokens=64, local_tokens=w) for w in (256, 512, 1024)]
+        out += [Candidate.of("VerticalSlash", vertical=v, slash=s, last_q=64) for v, s in ((64, 256), (128, 512), (256, 1024))]
+        out += [Candidate.of("HeadProxy", gamma=g, min_budget=b, head_scores=True, pooling="mean")
+                for g in (0.8, 0.9, 0.95, 0.98) for b in (256, 512)]
     return out
 
 
@@ -277,8 +284,8 @@ def calibrate(
 ) -> Profile:
     """Profile every (layer, head) of ``model`` on ``prompts`` (1-D token id tensors, one sequence each).
 
-    The prefill candidates default to :func:`default_candidates`. ``query_rows`` rows spread over each prompt
-    (and its last query block) are measured per layer. ``decode`` also profiles Double Sparsity and KV pruning
+    The prefill candidates default to :func:`default_candidates` (without the adaptive ones). ``query_rows``
+    rows spread over each prompt (and its last query block) are measured per layer. ``decode`` also profiles Double Sparsity and KV pruning
     settings (:mod:`sparse_attn.planner.decode`; None: skip), with heavy channels ranked on the first prompt, so
     later prompts measure them out of sample.
     """

@@ -88,7 +88,7 @@ def _calibrate(args) -> None:
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     prompts = calibration_prompts(tokenizer, texts, args.context_len, args.prompts)
-    profile = calibrate(model, prompts, default_candidates(), model_id=args.model_id or None,
+    profile = calibrate(model, prompts, default_candidates(args.adaptive), model_id=args.model_id or None,
                         q_block_size=args.block_size, kv_block_size=args.block_size, query_rows=args.query_rows,
                         progress=not args.no_progress)
     if args.model.lower() == "smollm2" and not args.model_id:
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--block-size", type=int, default=32,
                      help="query and KV block size of the plan (default 32; 64 runs faster per block on a GPU but "
                           "selects more coarsely: about 3x the perplexity cost at the same density on SmolLM2)")
+    cal.add_argument("--adaptive", action="store_true",
+                     help="also offer content-adaptive candidates (HeadProxy gamma budgets, VerticalSlash) and fixed "
+                          "windows (AShape); their run-time density follows the text and the length, not the budget")
     cal.add_argument("--model-id", help="model name recorded in the plan (default: from the model)")
     cal.add_argument("--profile-out", help="also save the measurements (to re-plan with `solve`)")
     cal.add_argument("--dtype", default="float32")

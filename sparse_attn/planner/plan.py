@@ -166,6 +166,16 @@ class Plan:
         setting = (self.decode[layer] or {}).get("kv_pruning") if self.decode else None
         return None if setting is None else KVPruningConfig(sparsity=setting["sparsity"], **overrides)
 
+    def decode_method(self, layer: int):
+        """The decode method the plan gave ``layer`` (:class:`sparse_attn.decode.DoubleSparsity` first, else
+        :class:`sparse_attn.decode.KVPruning`), or None (dense decode)."""
+        from ..decode import DoubleSparsity, KVPruning
+
+        if (ds := self.double_sparsity(layer)) is not None:
+            return DoubleSparsity(*ds)
+        pruning = self.kv_pruning(layer)
+        return None if pruning is None else KVPruning(pruning)
+
     def for_tensor_parallel_rank(self, rank: int, size: int) -> "Plan":
         """The part of the plan one tensor-parallel rank runs: its query heads' settings and its KV heads' decode
         channels (:func:`tensor_parallel_heads`), with ``shape`` giving the per-rank head counts."""
