@@ -538,30 +538,29 @@ def default_setting(model_dir, vllm_env, prompts):
 
 @pytest.fixture(scope="module")
 def smollm2_plan(model_dir, tmp_path_factory):
-    """A plan for SmolLM2: dense layers 0-1, then six HeadProxy and three A-shape heads per layer, and Double
-    Sparsity decode on every layer (r = 16 heavy channels calibrated on licence text, 1/8 of the context)."""
+    """The shipped SmolLM2 plan's prefill (per-head patterns at 0.30 density, 32-token blocks) with Double Sparsity
+    decode on every layer (r = 16 heavy channels calibrated on licence text, 1/8 of the context)."""
     from sparse_attn import calibrate_double_sparsity
     from sparse_attn.models.smollm2 import load_smollm2
+    from sparse_attn.planner import SMOLLM2_PLAN, load_plan
 
     model, tokenizer = load_smollm2()
     channels = calibrate_double_sparsity(model, tokenizer, r=16, tokens=512)
     del model
     gc.collect()
-    heads = [[HeadSetting("Dense")] * 9] * 2 + [
-        [HeadSetting("HeadProxy", {"gamma": 0.95, "min_budget": 512})] * 6
-        + [HeadSetting("AShape", {"sink_tokens": 64, "local_tokens": 512})] * 3
-    ] * 28
+    shipped = load_plan(SMOLLM2_PLAN)
     decode = [{"double_sparsity": {"r": 16, "budget_fraction": 1 / 8, "channels": channels[i].tolist()}} for i in range(30)]
     path = tmp_path_factory.mktemp("plan") / "smollm2_plan.json"
-    Plan("SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64), heads, decode=decode).save(path)
-    return path
+    Plan("SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64), shipped.heads, shipped.q_block_size,
+         shipped.kv_block_size, decode=decode).save(path)
+    return path, shipped
 
 
 @pytest.fixture(scope="module")
 def plan_setting(model_dir, vllm_env, prompts, smollm2_plan):
     """The plan, with Double Sparsity decode on every row (dense_below 0) and at least 96 tokens read: the short
     prompts (contexts below 96 tokens) read their whole context, the 700-token passkey prompt about 1/7 of it."""
-    options = {"plan": str(smollm2_plan), "dense_below": 0, "decode": {"pattern": "double_sparsity", "min_budget": 96}}
+    options = {"plan": str(smollm2_plan[0]), "dense_below": 0, "decode": {"pattern": "double_sparsity", "min_budget": 96}}
     return run_engine(model_dir, "sparse", {"short": (prompts["short"], 24), "passkey_700": (prompts["passkey_700"], 8)},
                       options)
 
@@ -600,7 +599,7 @@ def test_defaults_retrieve_a_4k_passkey_while_reading_less(cpu_attention, defaul
 
 
 @needs_vllm
-def test_plan_with_double_sparsity_decode(cpu_attention, dense_setting, plan_setting):
+def test_plan_with_double_sparsity_decode(cpu_attention, dense_setting, plan_setting, smollm2_plan):
     # Every decode row ran Double Sparsity; rows that read their whole context give dense attention's tokens.
     short = plan_setting["stats"]["short"][0]
     assert short["decode"]["rows"] == short["decode"]["sparse_rows"] > 0 and short["decode"]["density"] == 1.0
@@ -610,8 +609,8 @@ def test_plan_with_double_sparsity_decode(cpu_attention, dense_setting, plan_set
     long = plan_setting["stats"]["passkey_700"][0]
     assert long["decode"]["sparse_rows"] == 30 * 7 and 0.12 < long["decode"]["density"] < 0.15, long["decode"]
     assert long["prefill"]["sparse_rows"] > 0 and long["prefill"]["density"] < 1.0
-    layers = plan_setting["layers"][0]
-    assert layers["0"]["prefill"] == "Dense()" and "PerHead" in layers["5"]["prefill"]
+    layers, patterns = plan_setting["layers"][0], smollm2_plan[1].to_patterns()
+    assert all(layers[str(i)]["prefill"] == repr(patterns[i]) for i in range(30))  # the plan's per-head patterns
     assert len(layers["5"]["channels"]) == 3 and len(layers["5"]["channels"][0]) == 16
     # The labels live in the KV pages: vLLM sized the cache for 2 * 64 + 16 values per token and KV head.
     ratio = plan_setting["num_gpu_blocks"] / dense_setting["num_gpu_blocks"]
