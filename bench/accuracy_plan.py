@@ -10,7 +10,7 @@ Without ``--plan`` it calibrates one first (as ``sparse-attn-plan calibrate --mo
 the GPL-3, LGPL-2.1 and MPL-1.1 texts where the system has them, else the last default text), and calibration reads
 the default licence texts from their start (:func:`sparse_attn.planner.calibrate.calibration_prompts`) leaving out
 every text that shares a passage with one of them (several installed licence files embed the GPL-3). Writes
-``DIR/accuracy_plan.json`` and ``DIR/summary.md``.
+``DIR/accuracy_plan.json`` and ``DIR/accuracy_plan.md``.
 """
 
 from __future__ import annotations
@@ -126,14 +126,25 @@ def calibrated_plan(model, tokenizer, args, out: Path):
     return plan, str(out / "plan.json")
 
 
+def _budget_text(budget: dict) -> str:
+    kind = "target density" if "target_density" in budget else "target time"
+    target = budget.get("target_density", budget.get("target_time"))
+    return f"{kind} {target} (achieved {budget.get('achieved')}, objective {budget.get('objective')})"
+
+
 def markdown(report: dict) -> str:
     """A short human-readable account of one run (also what ``python -m bench report`` renders)."""
     plan = report["plan"]
     blocks = f", blocks {plan['blocks']['q']}x{plan['blocks']['kv']}" if "blocks" in plan else ""
     lines = ["### Per-head plan accuracy on SmolLM2-135M-Instruct", "", environment_line(report), "",
              f"Command: `{report['command']}`", "",
-             f"Plan: `{plan['file']}`{blocks}, budget {plan['budget']}, planned mean density {plan['density']:.3f}, "
-             f"patterns {plan['patterns']}.", ""]
+             f"Plan: `{plan['file']}`{blocks}, {_budget_text(plan['budget'])}, planned mean density "
+             f"{plan['density']:.3f}, heads per pattern: {', '.join(f'{n} {c}' for n, c in plan['patterns'].items())}."]
+    texts = (plan.get("calibration") or {}).get("texts")
+    if texts:
+        lines += ["", f"Calibrated on {len(texts)} prompts of {'/'.join(map(str, plan['calibration']['context_lens']))} tokens from: "
+                     + "; ".join(f"\"{t.strip()}\"" for t in texts) + "."]
+    lines.append("")
     run, dense = report["plan_run"], report.get("dense")
     if run["perplexity"]:
         lines += [f"Perplexity over {report['settings']['ppl_len']} tokens of each held-out text:", "",
@@ -209,7 +220,7 @@ def main(argv=None) -> int:
             rise = f"{100 * max(rises):.2f}% at most" if rises else "not measured"
             print(f"{run_name}: perplexity rise {rise}, passkey kept every dense success: {run['passkey_kept']}")
     write_json(out / "accuracy_plan.json", report)
-    (out / "summary.md").write_text(markdown(report))
+    (out / f"{NAME}.md").write_text(markdown(report))
     return 0
 
 
