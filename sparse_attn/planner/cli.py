@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="query rows measured per layer and prompt, spread over the prompt (default 1024)")
     cal.add_argument("--block-size", type=int, default=32,
                      help="query and KV block size of the plan (default 32; 64 runs faster per block on a GPU but "
-                          "selects more coarsely: about 3x the perplexity cost at the same density on SmolLM2)")
+                          "selects more coarsely: 3-5x the perplexity cost at the same density on SmolLM2)")
     cal.add_argument("--adaptive", action="store_true",
                      help="also offer content-adaptive candidates (HeadProxy gamma budgets, VerticalSlash) and fixed "
                           "windows (AShape); their run-time density follows the text and the length, not the budget")
