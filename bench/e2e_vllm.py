@@ -3,7 +3,7 @@ token and output tokens/s, vLLM's own attention backend and ours (dense setting 
 
     python -m bench.e2e_vllm --out DIR [--contexts 1024,4096] [--output-tokens 32]
                              [--methods dense,dense_kernel,head_proxy,vertical_slash,a_shape] [--depth 0.5]
-                             [--repeats 1] [--timeout 1200]
+                             [--repeats 1] [--timeout 1200] [--plan PLAN.json]
 
 writes ``DIR/e2e_vllm.json``, ``DIR/e2e_vllm.md`` and each engine's log under ``DIR/e2e_vllm_logs/``.
 
@@ -18,7 +18,9 @@ configuration still finds the key. Configurations (:mod:`bench.methods`):
 - a sparse method: our backend with that prefill pattern (``dense_below`` 0, so every context runs it); decode
   runs the same pattern when it is static (A-shape keeps its sink and window) and dense for content-aware
   estimators, which choose blocks for a block of queries. A method the backend's options do not know is recorded
-  as skipped with the reason.
+  as skipped with the reason;
+- ``plan`` (with ``--plan``): our backend with a planner plan's per-head prefill patterns and block size, dense
+  decode (``dense_below`` 0).
 
 Ratios divide the dense time by the configuration's (> 1 is faster) and compare the generated token ids with the
 dense ones.
@@ -61,6 +63,7 @@ class Settings:
     kvcache_space_gib: int = 1
     repeats: int = 1
     time_budget_s: float | None = None
+    plan: str | None = None
 
     def __post_init__(self):
         if "dense" not in self.methods:
@@ -76,6 +79,11 @@ class Settings:
             raise ValueError(f"depth must lie in [0, 1], got {self.depth}")
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}")
+        if self.plan is not None:
+            from sparse_attn.planner import load_plan
+
+            load_plan(self.plan)  # a bad plan file fails here, not in an engine process
+            self.plan = str(Path(self.plan).resolve())  # the workers run in another folder
 
 
 def vllm_missing() -> str | None:
@@ -84,8 +92,9 @@ def vllm_missing() -> str | None:
     return None
 
 
-def configurations(names: list[str]) -> list[dict]:
-    """One engine configuration per method: name, attention backend, additional_config, or a skip reason."""
+def configurations(names: list[str], plan: str | None = None) -> list[dict]:
+    """One engine configuration per method (and one for ``plan``): name, attention backend, additional_config, or a
+    skip reason."""
     native = "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
     configs = []
     for name, candidate in methods.resolve(names).items():
@@ -101,6 +110,9 @@ def configurations(names: list[str]) -> list[dict]:
                 config.update(attention_backend="sparse", additional_config={
                     "sparse_attn": {"prefill": spec, "decode": decode, "dense_below": 0}})
         configs.append(config)
+    if plan is not None:
+        configs.append(dict(name="plan", pattern=f"plan {Path(plan).name}", attention_backend="sparse",
+                            additional_config={"sparse_attn": {"plan": plan, "decode": "dense", "dense_below": 0}}))
     return configs
 
 
@@ -188,7 +200,7 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
     deadline = None if settings.time_budget_s is None else time.monotonic() + settings.time_budget_s
     model_dir = model_folder()
     made, warmup = prompts(model_dir, settings)
-    configs = configurations(settings.methods)
+    configs = configurations(settings.methods, settings.plan)
     payload = {"benchmark": NAME, **common.environment(torch.device("cpu"), command), "status": "ok",
                "settings": dict(asdict(settings), engine_args=ENGINE_ARGS, model="SmolLM2-135M-Instruct",
                                 prompt_tokens={p["context"]: p["tokens"] for p in made}, passkey=PASSKEY),
@@ -268,10 +280,12 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--kvcache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, GiB")
     parser.add_argument("--repeats", type=int, default=1, help="runs per prompt; times are their medians")
     parser.add_argument("--time-budget", type=float, help="seconds; configurations after it are recorded as skipped")
+    parser.add_argument("--plan", help="also run this planner plan (e.g. sparse_attn.planner.SMOLLM2_PLAN's file)")
     args = parser.parse_args(argv)
     settings = Settings(contexts=common.parse_list(args.contexts), output_tokens=args.output_tokens,
                         methods=[m for m in args.methods.split(",") if m], depth=args.depth, timeout_s=args.timeout,
-                        kvcache_space_gib=args.kvcache_space, repeats=args.repeats, time_budget_s=args.time_budget)
+                        kvcache_space_gib=args.kvcache_space, repeats=args.repeats, time_budget_s=args.time_budget,
+                        plan=args.plan)
     return settings, args.out
 
 

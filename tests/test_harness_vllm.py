@@ -47,6 +47,19 @@ def test_configurations_follow_the_methods():
         e2e_vllm.Settings(contexts=[8192])
 
 
+def test_a_plan_is_one_more_configuration(tmp_path):
+    from sparse_attn.planner import SMOLLM2_PLAN
+
+    settings = e2e_vllm.Settings(methods=["dense"], plan=str(SMOLLM2_PLAN))
+    configs = {c["name"]: c for c in e2e_vllm.configurations(settings.methods, settings.plan)}
+    options = configs["plan"]["additional_config"]["sparse_attn"]
+    assert options == {"plan": str(SMOLLM2_PLAN.resolve()), "decode": "dense", "dense_below": 0}
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"format": "sparse-attn-plan", "version": 1')
+    with pytest.raises(ValueError, match="plan.json"):
+        e2e_vllm.Settings(methods=["dense"], plan=str(bad))
+
+
 @pytest.mark.skipif(not HAS_VLLM and not REQUIRE_VLLM, reason="vLLM is not installed")
 def test_one_real_engine_run(tmp_path):
     settings = e2e_vllm.Settings(contexts=[256], output_tokens=8, methods=["dense"], repeats=2, timeout_s=300)
