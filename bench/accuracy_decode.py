@@ -68,12 +68,17 @@ def decode_perplexity(model, ids: torch.Tensor, decode_tokens: int) -> float:
     return math.exp(float(nll))
 
 
+def token_window(tokenizer, text: str, length: int) -> torch.Tensor:
+    """The first ``length`` token ids of ``text`` (repeated when shorter)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    return ids.repeat(-(-length // ids.numel()))[:length]
+
+
 def perplexity_ids(tokenizer, path: str | None, length: int) -> torch.Tensor:
     """``length`` tokens of the perplexity text (repeated when shorter): ``path``, else GPL-3, else the last
     default calibration text (calibration reads the first one)."""
     text = Path(path).read_text() if path else (GPL3.read_text() if GPL3.is_file() else default_calibration_texts()[-1])
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    return ids.repeat(-(-length // ids.numel()))[:length]
+    return token_window(tokenizer, text, length)
 
 
 def passkey_key(n: int, depth: float) -> int:

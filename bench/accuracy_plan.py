@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import sparse_attn
+from bench.accuracy_decode import passkey_key, token_window
 from bench.common import command_line, environment, environment_line, write_json
 from sparse_attn.integrations.transformers import attention_modules
 from sparse_attn.models import load_smollm2, make_passkey_prompt, passkey_retrieved
@@ -84,11 +85,10 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(float(model(ids[None], labels=ids[None], use_cache=False).loss))
 
 
-def evaluate(model, tokenizer, args, tag: str) -> dict:
+def evaluate(model, tokenizer, args, ppl_ids: dict[str, torch.Tensor], tag: str) -> dict:
+    """Perplexity of every ``ppl_ids`` window and the passkey grid, with the prefill density each ran at."""
     result = {"passkey": [], "perplexity": {}}
-    for name, text in (perplexity_texts(args).items() if args.ppl_len else ()):
-        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-        ids = ids.repeat(-(-args.ppl_len // ids.numel()))[: args.ppl_len]
+    for name, ids in ppl_ids.items():
         start = time.perf_counter()
         entry = {"perplexity": perplexity(model, ids), "density": prefill_density(model) if tag != "dense" else 1.0}
         result["perplexity"][name] = entry
@@ -96,7 +96,7 @@ def evaluate(model, tokenizer, args, tag: str) -> dict:
               f"(density {entry['density']:.3f}, {time.perf_counter() - start:.0f} s)", flush=True)
     for n in args.lengths:
         for depth in args.depths:
-            key = 10000 + (n * 7919 + round(depth * 100) * 104729) % 90000  # a fixed 5-digit key per case
+            key = passkey_key(n, depth)
             prompt = make_passkey_prompt(tokenizer, n, depth, key)
             start = time.perf_counter()
             if tag == "dense":
@@ -110,10 +110,10 @@ def evaluate(model, tokenizer, args, tag: str) -> dict:
     return result
 
 
-def calibrated_plan(model, tokenizer, args, out: Path):
-    """Calibrate on the default texts minus the held-out perplexity texts; save the plan (and the profile)."""
+def calibrated_plan(model, tokenizer, args, test_texts: list[str], out: Path):
+    """Calibrate on the default texts minus the held-out ``test_texts``; save the plan (and the profile)."""
     texts = default_calibration_texts()
-    for test_text in perplexity_texts(args).values():
+    for test_text in test_texts:
         texts = held_out(texts, test_text)
     prompts = calibration_prompts(tokenizer, texts, args.calib_len, args.calib_prompts)
     profile = calibrate(model, prompts, default_candidates(), model_id="SmolLM2-135M-Instruct",
@@ -142,8 +142,9 @@ def markdown(report: dict) -> str:
              f"{plan['density']:.3f}, heads per pattern: {', '.join(f'{n} {c}' for n, c in plan['patterns'].items())}."]
     texts = (plan.get("calibration") or {}).get("texts")
     if texts:
-        lines += ["", f"Calibrated on {len(texts)} prompts of {'/'.join(map(str, plan['calibration']['context_lens']))} tokens from: "
-                     + "; ".join(f"\"{t.strip()}\"" for t in texts) + "."]
+        lengths = "/".join(map(str, plan["calibration"]["context_lens"]))
+        lines += ["", f"Calibrated on {len(texts)} prompts of {lengths} tokens from: "
+                  + "; ".join(f"\"{t.strip()}\"" for t in texts) + "."]
     lines.append("")
     run, dense = report["plan_run"], report.get("dense")
     if run["perplexity"]:
@@ -190,25 +191,27 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_smollm2()
+    ppl_texts = perplexity_texts(args)
+    ppl_ids = {name: token_window(tokenizer, text, args.ppl_len) for name, text in ppl_texts.items() if args.ppl_len}
     if args.plan:
         plan, plan_file = load_plan(args.plan, model), args.plan
     else:
-        plan, plan_file = calibrated_plan(model, tokenizer, args, out)
+        plan, plan_file = calibrated_plan(model, tokenizer, args, list(ppl_texts.values()), out)
     report = {"benchmark": NAME, **environment(torch.device("cpu"), command_line("bench.accuracy_plan", argv)),
               "settings": {"lengths": args.lengths, "depths": args.depths, "ppl_len": args.ppl_len,
-                           "ppl_texts": list(perplexity_texts(args))},
+                           "ppl_texts": list(ppl_texts)},
               "plan": {"file": plan_file, "blocks": {"q": plan.q_block_size, "kv": plan.kv_block_size},
                        "budget": plan.budget, "density": plan.mean("density"),
                        "recall": plan.mean("recall"), "error": plan.mean("error"), "patterns": plan.pattern_counts(),
                        "calibration": plan.calibration}}
     if not args.skip_dense:
-        report["dense"] = evaluate(model, tokenizer, args, "dense")
+        report["dense"] = evaluate(model, tokenizer, args, ppl_ids, "dense")
     sparse_attn.configure(model, layers=plan.to_patterns(), q_block_size=plan.q_block_size,
                           kv_block_size=plan.kv_block_size)
-    report["plan_run"] = evaluate(model, tokenizer, args, "plan")
+    report["plan_run"] = evaluate(model, tokenizer, args, ppl_ids, "plan")
     if args.no_plan_default:
         sparse_attn.configure(model, default_pattern())
-        report["default_run"] = evaluate(model, tokenizer, args, "default")
+        report["default_run"] = evaluate(model, tokenizer, args, ppl_ids, "default")
     for run_name in ("plan_run", "default_run"):
         if "dense" in report and run_name in report:
             dense, run = report["dense"], report[run_name]
