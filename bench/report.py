@@ -15,7 +15,8 @@ import argparse
 import re
 from pathlib import Path
 
-from . import accuracy, accuracy_decode, accuracy_plan, common, decode, e2e_hf, e2e_vllm, estimation, gpu_suite, memory, prefill
+from . import (accuracy, accuracy_decode, accuracy_plan, common, decode, e2e_hf, e2e_vllm, estimation, gpu_suite,
+               memory, prefill)
 
 RENDERERS = {prefill.NAME: prefill.markdown, decode.NAME: decode.markdown, gpu_suite.NAME: gpu_suite.markdown,
              estimation.NAME: estimation.markdown, memory.NAME: memory.markdown, e2e_hf.NAME: e2e_hf.markdown,

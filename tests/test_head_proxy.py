@@ -287,8 +287,9 @@ def test_fixed_budgets_are_exact_per_head_and_skip_the_budget_pass():
     # The same density on any content: fixed budgets do not read the text.
     other = HeadProxy(gamma=0.5, min_budget=low, max_budget=low, head_scores=True, pooling="mean")
     q2, k2 = torch.randn(320, 6, 16, generator=g), torch.randn(320, 2, 16, generator=g)
-    density = lambda m: m.density()  # noqa: E731
-    assert density(other.build_mask(**dict(sizes, q=q2, k=k2))) == pytest.approx(density(pattern.build_mask(**sizes)), abs=0.01)
+    same_sizes_other_content = dict(sizes, q=q2, k=k2)
+    assert other.build_mask(**same_sizes_other_content).density() == pytest.approx(
+        pattern.build_mask(**sizes).density(), abs=0.01)
     with pytest.raises(ValueError, match="needs the masses"):
         HeadProxy(gamma=0.5, min_budget=16).select(seq, scores, None)
     with pytest.raises(ValueError, match="min_budget has 2 values"):
@@ -301,7 +302,8 @@ def test_head_scores_equal_group_scores_when_groups_have_one_head():
     sizes = dict(q_lens=200, kv_lens=200, num_heads=3, q_block_size=16, kv_block_size=16, q=q, k=k)
     for pooling in ("max", "mean"):
         group = HeadProxy(gamma=0.8, min_budget=32, pooling=pooling).build_mask(**sizes).to_block_bool()
-        head = HeadProxy(gamma=0.8, min_budget=32, pooling=pooling, head_scores=True).build_mask(**sizes).to_block_bool()
+        per_head = HeadProxy(gamma=0.8, min_budget=32, pooling=pooling, head_scores=True)
+        head = per_head.build_mask(**sizes).to_block_bool()
         assert torch.equal(group, head)
     # With 3 query heads per KV head the per-head proxies rank blocks differently from the group mean.
     q6 = torch.randn(200, 6, 16, generator=g)

@@ -93,7 +93,8 @@ def test_sparse_attention_from_a_plan(tmp_path):
         assert isinstance(layers[0].decode, DoubleSparsity) and layers[1].decode is None
         assert isinstance(layers[2].decode, KVPruning)
     torch.manual_seed(1)
-    q, k, v = torch.randn(1, HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM)
+    q = torch.randn(1, HEADS, 100, HEAD_DIM)
+    k, v = torch.randn(1, KV_HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM)
     out = layers[0](q, k, v)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                              is_causal=True)

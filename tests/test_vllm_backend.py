@@ -560,7 +560,8 @@ def smollm2_plan(model_dir, tmp_path_factory):
 def plan_setting(model_dir, vllm_env, prompts, smollm2_plan):
     """The plan, with Double Sparsity decode on every row (dense_below 0) and at least 96 tokens read: the short
     prompts (contexts below 96 tokens) read their whole context, the 700-token passkey prompt about 1/7 of it."""
-    options = {"plan": str(smollm2_plan[0]), "dense_below": 0, "decode": {"pattern": "double_sparsity", "min_budget": 96}}
+    options = {"plan": str(smollm2_plan[0]), "dense_below": 0,
+               "decode": {"pattern": "double_sparsity", "min_budget": 96}}
     return run_engine(model_dir, "sparse", {"short": (prompts["short"], 24), "passkey_700": (prompts["passkey_700"], 8)},
                       options)
 

@@ -234,7 +234,8 @@ class HeadProxy(Pattern):
                                   mean=True, backend=self.backend)[:, 0]
         return scores, mass
 
-    def select(self, seq: SeqContext, scores: torch.Tensor, mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, seq: SeqContext, scores: torch.Tensor,
+               mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 4: keep ``[Hq, nq, nk]`` (the first block, the attention sink, the diagonal block, the local
         context, and each head's best blocks by its proxy's score, b_h blocks in all; invisible blocks never) and
         the budgets ``b_h`` in blocks ``[Hq]``."""
@@ -252,7 +253,8 @@ class HeadProxy(Pattern):
         elif bool((cap <= floor).all()):
             budget = floor
         else:
-            raise ValueError("select: a budget depends on gamma, so it needs the masses (estimate(seq, with_mass=True))")
+            raise ValueError("select: a budget depends on gamma, so it needs the masses "
+                             "(estimate(seq, with_mass=True))")
         # The sink and diagonal blocks rank first, so they count within b_h: a fixed budget reads exactly
         # min(b_h, visible) blocks per query block (at least these two), whatever the content.
         scores = scores.masked_fill(always, float("inf"))
@@ -266,7 +268,8 @@ class HeadProxy(Pattern):
         """Per head, the minimum and maximum budget in KV blocks ``[Hq]`` each (no maximum: every block)."""
         low, high = self._per_head("min_budget", num_heads), self._per_head("max_budget", num_heads)
         floor = torch.tensor([_budget_blocks(b, seq) for b in low], device=seq.device)
-        cap = torch.tensor([seq.num_kv_blocks if b is None else _budget_blocks(b, seq) for b in high], device=seq.device)
+        cap = torch.tensor([seq.num_kv_blocks if b is None else _budget_blocks(b, seq) for b in high],
+                           device=seq.device)
         return floor, cap
 
     def fixed_budgets(self, seq: SeqContext, num_heads: int) -> bool:

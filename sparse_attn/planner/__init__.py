@@ -21,7 +21,8 @@ from .solver import KernelTimeModel, choose, make_plan
 #: perplexity texts of ``python -m bench.accuracy_plan``.
 SMOLLM2_PLAN = Path(__file__).parent / "plans" / "SmolLM2-135M-Instruct-d30.json"
 
-__all__ = ["SMOLLM2_PLAN", "PLAN_FORMAT", "PLAN_VERSION", "PATTERNS", "HeadSetting", "ModelShape", "Plan", "PlanError", "build_pattern",
+__all__ = ["SMOLLM2_PLAN", "PLAN_FORMAT", "PLAN_VERSION", "PATTERNS", "HeadSetting", "ModelShape", "Plan", "PlanError",
+           "build_pattern",
            "load_plan", "Candidate", "Profile", "calibrate", "calibration_prompts", "default_candidates",
            "profile_layer", "KernelTimeModel", "choose", "make_plan", "render_plan", "default_pattern"]
 

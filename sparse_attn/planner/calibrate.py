@@ -87,7 +87,8 @@ def default_candidates(adaptive: bool = False) -> list[Candidate]:
     out += [Candidate.of("HeadProxy", gamma=1.0, min_budget=f, max_budget=f) for f in BUDGET_FRACTIONS]
     if adaptive:
         out += [Candidate.of("AShape", sink_tokens=64, local_tokens=w) for w in (256, 512, 1024)]
-        out += [Candidate.of("VerticalSlash", vertical=v, slash=s, last_q=64) for v, s in ((64, 256), (128, 512), (256, 1024))]
+        out += [Candidate.of("VerticalSlash", vertical=v, slash=s, last_q=64)
+                for v, s in ((64, 256), (128, 512), (256, 1024))]
         out += [Candidate.of("HeadProxy", gamma=g, min_budget=b, head_scores=True, pooling="mean")
                 for g in (0.8, 0.9, 0.95, 0.98) for b in (256, 512)]
     return out
@@ -285,9 +286,9 @@ def calibrate(
     """Profile every (layer, head) of ``model`` on ``prompts`` (1-D token id tensors, one sequence each).
 
     The prefill candidates default to :func:`default_candidates` (without the adaptive ones). ``query_rows``
-    rows spread over each prompt (and its last query block) are measured per layer. ``decode`` also profiles Double Sparsity and KV pruning
-    settings (:mod:`sparse_attn.planner.decode`; None: skip), with heavy channels ranked on the first prompt, so
-    later prompts measure them out of sample.
+    rows spread over each prompt (and its last query block) are measured per layer. ``decode`` also profiles
+    Double Sparsity and KV pruning settings (:mod:`sparse_attn.planner.decode`; None: skip), with heavy channels
+    ranked on the first prompt, so later prompts measure them out of sample.
     """
     prompts = [p.reshape(-1) for p in prompts]
     if not prompts or any(p.numel() == 0 for p in prompts):
