@@ -255,14 +255,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     args = parser.parse_args(argv)
     device = args.device or common.default_device().type
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    values = {}
-    for key, default in defaults.items():
-        given = getattr(args, key)
-        if isinstance(default, list):
-            values[key] = common.parse_list(given, float if "depths" in key else int) if given else default
-        else:
-            values[key] = given if given is not None else default
-    settings = Settings(**values, device=device, methods=[m for m in args.methods.split(",") if m],
+    settings = Settings(**common.options_or_defaults(args, defaults), device=device,
+                        methods=[m for m in args.methods.split(",") if m],
                         decode=not args.no_decode, ppl_text=args.ppl_text)
     return settings, args.out
 

@@ -121,6 +121,30 @@ def parse_list(text: str, cast: Callable = int) -> list:
     return [cast(part) for part in text.split(",") if part.strip()]
 
 
+def add_shape_arguments(parser) -> None:
+    """``--heads``, ``--kv-heads``, ``--head-dim`` and ``--dtype``, each defaulting to the device's value
+    (:func:`options_or_defaults`)."""
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--head-dim", type=int)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+
+
+def options_or_defaults(args, defaults: dict) -> dict:
+    """Every key of ``defaults`` from the parsed option of that name where it was given, else the default. List
+    defaults take comma-separated text, parsed to the type of their elements."""
+    values = {}
+    for key, default in defaults.items():
+        given = getattr(args, key, None)
+        if given is None or given == "":
+            values[key] = default
+        elif isinstance(default, list):
+            values[key] = parse_list(given, type(default[0]))
+        else:
+            values[key] = given
+    return values
+
+
 # ---------------------------------------------------------------------------------------------------- timing
 
 

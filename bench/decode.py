@@ -754,10 +754,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--contexts", help="comma-separated context lengths (default: by device)")
     parser.add_argument("--batches", help="comma-separated batch sizes (default: by device)")
-    parser.add_argument("--heads", type=int)
-    parser.add_argument("--kv-heads", type=int)
-    parser.add_argument("--head-dim", type=int)
-    parser.add_argument("--dtype", choices=sorted(common.DTYPES))
+    common.add_shape_arguments(parser)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--r", type=int, default=16, help="Double Sparsity label channels")
     parser.add_argument("--budget-divisor", type=int, default=16, help="Double Sparsity reads k = L / this tokens")
@@ -772,12 +769,9 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
 
     device = args.device or common.default_device().type
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     settings = Settings(
-        contexts=common.parse_list(args.contexts) if args.contexts else defaults["contexts"],
-        batches=common.parse_list(args.batches) if args.batches else defaults["batches"],
-        heads=pick("heads"), kv_heads=pick("kv_heads"), head_dim=pick("head_dim"), dtype=pick("dtype"),
-        device=device, page_size=args.page_size, r=args.r, budget_divisor=args.budget_divisor,
+        **common.options_or_defaults(args, defaults), device=device, page_size=args.page_size, r=args.r,
+        budget_divisor=args.budget_divisor,
         sparsities=common.parse_list(args.sparsities, float),
         flex=args.flex or ("compile" if device == "cuda" else "eager"),
         backend=args.backend, quick=args.quick, seed=args.seed, time_budget_s=args.time_budget,

@@ -265,12 +265,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings | None, 
         return None, args.out, GPU_ONLY
     device = args.device or "cuda"
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     settings = Settings(
-        contexts=common.parse_list(args.contexts) if args.contexts else defaults["contexts"],
-        layers=pick("layers"), hidden=defaults["hidden"], heads=defaults["heads"], kv_heads=defaults["kv_heads"],
-        head_dim=defaults["head_dim"], intermediate=defaults["intermediate"], vocab=defaults["vocab"],
-        dtype=pick("dtype"), block=pick("block"), device=device, methods=[m for m in args.methods.split(",") if m],
+        **common.options_or_defaults(args, defaults), device=device, methods=[m for m in args.methods.split(",") if m],
         tiny=device == "cpu", quick=args.quick, seed=args.seed, time_budget_s=args.time_budget,
     )
     return settings, args.out, None

@@ -237,10 +237,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--contexts", help="comma-separated context lengths (default: by device)")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS),
                         help=f"comma-separated methods of bench.methods (default {','.join(ESTIMATORS)})")
-    parser.add_argument("--heads", type=int)
-    parser.add_argument("--kv-heads", type=int)
-    parser.add_argument("--head-dim", type=int)
-    parser.add_argument("--dtype", choices=sorted(common.DTYPES))
+    common.add_shape_arguments(parser)
     parser.add_argument("--block", type=int, choices=(16, 32, 64, 128))
     parser.add_argument("--backend", help="sparse-attn backend of the kernel (default: auto)")
     parser.add_argument("--quick", action="store_true")
@@ -249,11 +246,9 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     args = parser.parse_args(argv)
     device = args.device or common.default_device().type
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     settings = Settings(
-        contexts=common.parse_list(args.contexts) if args.contexts else defaults["contexts"],
-        heads=pick("heads"), kv_heads=pick("kv_heads"), head_dim=pick("head_dim"), dtype=pick("dtype"),
-        block=pick("block"), device=device, estimators=[e for e in args.estimators.split(",") if e],
+        **common.options_or_defaults(args, defaults), device=device,
+        estimators=[e for e in args.estimators.split(",") if e],
         backend=args.backend, quick=args.quick, seed=args.seed, time_budget_s=args.time_budget,
     )
     return settings, args.out

@@ -603,10 +603,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--contexts", help="comma-separated context lengths (default: by device)")
     parser.add_argument("--densities", help="comma-separated target densities in (0, 1]; 1 = Dense()")
-    parser.add_argument("--heads", type=int)
-    parser.add_argument("--kv-heads", type=int)
-    parser.add_argument("--head-dim", type=int)
-    parser.add_argument("--dtype", choices=sorted(common.DTYPES))
+    common.add_shape_arguments(parser)
     parser.add_argument("--block", type=int, choices=(16, 32, 64, 128), help="query and KV block size of the masks")
     parser.add_argument("--pattern", choices=PATTERNS, default="topk")
     parser.add_argument("--flex", choices=("compile", "eager", "off"),
@@ -619,12 +616,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
 
     device = args.device or common.default_device().type
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     settings = Settings(
-        contexts=common.parse_list(args.contexts) if args.contexts else defaults["contexts"],
-        densities=common.parse_list(args.densities, float) if args.densities else defaults["densities"],
-        heads=pick("heads"), kv_heads=pick("kv_heads"), head_dim=pick("head_dim"), dtype=pick("dtype"),
-        block=pick("block"), device=device, pattern=args.pattern,
+        **common.options_or_defaults(args, defaults), device=device, pattern=args.pattern,
         flex=args.flex or ("compile" if device == "cuda" else "eager"), backend=args.backend, quick=args.quick,
         seed=args.seed, time_budget_s=args.time_budget,
     )
