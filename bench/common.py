@@ -258,6 +258,11 @@ def skipped_payload(name: str, device: torch.device, reason: str, command: str |
             "results": [], **extra}
 
 
+def skipped_markdown(title: str, payload: dict) -> str:
+    """The markdown of a :func:`skipped_payload`: the title, where it ran and why it was skipped."""
+    return "\n".join([title, "", environment_line(payload), "", f"Skipped: {payload['reason']}."])
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -218,7 +218,7 @@ def skipped(reason: str, out_dir: Path | str | None = None, command: str | None 
 def markdown(payload: dict) -> str:
     title = "### End-to-end prefill (TTFT) in transformers: sparse patterns vs SDPA"
     if payload.get("status") == "skipped":
-        return "\n".join([title, "", common.environment_line(payload), "", f"Skipped: {payload['reason']}."])
+        return common.skipped_markdown(title, payload)
     s = payload["settings"]
     notes: list[str] = []
     lines = [title, "", common.environment_line(payload), "",

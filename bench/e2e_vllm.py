@@ -234,7 +234,7 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
 def markdown(payload: dict) -> str:
     title = "### End-to-end serving in vLLM (SmolLM2-135M, real weights): TTFT, TPOT, tokens/s"
     if payload.get("status") == "skipped":
-        return "\n".join([title, "", common.environment_line(payload), "", f"Skipped: {payload['reason']}."])
+        return common.skipped_markdown(title, payload)
     s = payload["settings"]
     notes: list[str] = []
     lines = [title, "", common.environment_line(payload) + f" · vLLM {payload['versions'].get('vllm')}", "",
