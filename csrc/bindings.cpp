@@ -158,10 +158,30 @@ at::Tensor checked_cu_seqlens(const at::Tensor& cu, const char* name, int64_t ba
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention(
+// Mask values, read on the host: counts within the row width, used block ids non-negative (ids past a sequence
+// read nothing). A plain loop over the (broadcast) rows: no tensor ops, so decode steps pay microseconds.
+void check_mask_values(const at::Tensor& num_blocks, const at::Tensor& indices) {
+  const auto nb = num_blocks.contiguous();
+  const auto idx = indices.contiguous();
+  const int32_t* n = nb.data_ptr<int32_t>();
+  const int32_t* ids = idx.data_ptr<int32_t>();
+  const int64_t rows = nb.numel(), width = idx.size(3);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(n[r] >= 0 && n[r] <= width, "kv_num_blocks must lie in [0, ", width,
+                "] (the width of kv_indices), got ", n[r]);
+    for (int64_t j = 0; j < n[r]; ++j) {
+      TORCH_CHECK(ids[r * width + j] >= 0, "kv_indices has a negative block id: ", ids[r * width + j]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
-    int64_t q_block_size, int64_t kv_block_size, bool causal, double scale, bool use_blas) {
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& block_table, int64_t page_size, const std::optional<at::Tensor>& kv_num_blocks,
+    const std::optional<at::Tensor>& kv_indices, int64_t q_block_size, int64_t kv_block_size, bool causal,
+    double scale, double skip_threshold, int64_t slot_keep, const std::optional<at::Tensor>& new_k,
+    const std::optional<at::Tensor>& new_v, bool use_blas) {
   TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
   const auto dev = q.device();
   check_tensor(q, "q", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
@@ -170,7 +190,25 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention(
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", shape_of(k), " and ", shape_of(v));
   const int64_t q_heads = q.size(1), kv_heads = k.size(1), head_dim = q.size(2);
   TORCH_CHECK(head_dim > 0, "q head_dim must be positive, got shape ", shape_of(q));
-  check_size(k, "k", 2, head_dim, "the head_dim of q");
+  TORCH_CHECK(slot_keep >= 0 && slot_keep <= head_dim, "slot_keep must lie in [0, head_dim=", head_dim, "], got ",
+              slot_keep);
+  if (slot_keep > 0) {  // pruned slots: K and V values and their bitmaps, in k's dtype
+    const int64_t bitmap = 2 * ((head_dim + 7) / 8), item = k.element_size();
+    check_size(k, "k", 2, 2 * slot_keep + (bitmap + item - 1) / item, "the pruned slot width");
+  } else {
+    check_size(k, "k", 2, head_dim, "the head_dim of q");
+  }
+  TORCH_CHECK(new_k.has_value() == new_v.has_value(), "give both new_k and new_v, or neither");
+  if (new_k.has_value()) {
+    check_tensor(*new_k, "new_k", 3, {q.scalar_type()}, dev);
+    check_tensor(*new_v, "new_v", 3, {q.scalar_type()}, dev);
+    for (const at::Tensor* t : {&*new_k, &*new_v}) {
+      TORCH_CHECK(t->size(0) == q.size(0) && t->size(1) == kv_heads && t->size(2) == head_dim,
+                  "new_k/new_v must be [Tq=", q.size(0), ", Hkv=", kv_heads, ", D=", head_dim, "], got ",
+                  shape_of(*t));
+      TORCH_CHECK(t->stride(2) == 1 || head_dim == 1, "new_k/new_v must have unit stride along head_dim");
+    }
+  }
   TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "q heads (", q_heads,
               ") must be a positive multiple of the KV heads of k (", kv_heads, ")");
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
@@ -181,49 +219,124 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention(
   TORCH_CHECK(batch >= 1, "cu_seqlens_q must be a 1-D tensor [batch + 1] with batch >= 1, got shape ",
               shape_of(cu_seqlens_q));
   const auto cu_q = checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q.size(0));
-  const auto cu_k = checked_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, k.size(0));
   TORCH_CHECK(q_block_size >= 1 && kv_block_size >= 1, "q_block_size and kv_block_size must be positive, got ",
               q_block_size, " and ", kv_block_size);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be positive and finite, got ", scale);
-
-  check_tensor(kv_num_blocks, "kv_num_blocks", 3, {at::kInt}, dev);
-  check_tensor(kv_indices, "kv_indices", 4, {at::kInt}, dev);
-  TORCH_CHECK(kv_num_blocks.size(0) == 1 || kv_num_blocks.size(0) == batch, "kv_num_blocks must have 1 or ", batch,
-              " (the batch) along axis 0, got shape ", shape_of(kv_num_blocks));
-  TORCH_CHECK(kv_num_blocks.size(1) == 1 || kv_num_blocks.size(1) == q_heads, "kv_num_blocks must have 1 or ",
-              q_heads, " (the query heads) along axis 1, got shape ", shape_of(kv_num_blocks));
-  for (int64_t axis = 0; axis < 3; ++axis) {
-    check_size(kv_indices, "kv_indices", axis, kv_num_blocks.size(axis), "the size of kv_num_blocks");
-  }
-  const int32_t* cq = cu_q.data_ptr<int32_t>();
-  int64_t max_q_len = 0;
-  for (int64_t b = 0; b < batch; ++b) max_q_len = std::max<int64_t>(max_q_len, cq[b + 1] - cq[b]);
-  const int64_t needed = (max_q_len + q_block_size - 1) / q_block_size;
-  TORCH_CHECK(kv_num_blocks.size(2) >= needed, "kv_num_blocks has ", kv_num_blocks.size(2), " query blocks of ",
-              q_block_size, ", too few for q_len ", max_q_len);
-  // Values: counts within the row width, used block ids non-negative (ids past a sequence are masked).
-  const int64_t width = kv_indices.size(3);
-  if (kv_num_blocks.numel() > 0) {
-    TORCH_CHECK(kv_num_blocks.min().item<int32_t>() >= 0 && kv_num_blocks.max().item<int32_t>() <= width,
-                "kv_num_blocks must lie in [0, ", width, "] (the width of kv_indices)");
-    const auto used = at::arange(width, kv_indices.options()) < kv_num_blocks.unsqueeze(-1);
-    TORCH_CHECK(!(used & (kv_indices < 0)).any().item<bool>(), "kv_indices has negative block ids");
-  }
+  TORCH_CHECK(std::isfinite(skip_threshold) && skip_threshold >= 0, "skip_threshold must be finite and >= 0, got ",
+              skip_threshold);
 
   BlockSparseAttentionInputs in;
+  const int32_t* cq = cu_q.data_ptr<int32_t>();
+  if (block_table.has_value()) {  // paged keys
+    TORCH_CHECK(!cu_seqlens_k.has_value(), "give cu_seqlens_k (varlen keys) or block_table (paged keys), not both");
+    TORCH_CHECK(kv_lens.has_value(), "paged keys need kv_lens");
+    TORCH_CHECK(page_size >= 1 && k.size(0) % page_size == 0, "page_size must be positive and divide the ",
+                k.size(0), " rows of k, got ", page_size);
+    check_tensor(*block_table, "block_table", 2, {at::kInt}, dev);
+    check_size(*block_table, "block_table", 0, batch, "the batch");
+    TORCH_CHECK(block_table->stride(1) == 1 || block_table->size(1) <= 1, "block_table must be contiguous along pages");
+    in.block_table = *block_table;
+    in.page_size = page_size;
+  } else {
+    TORCH_CHECK(cu_seqlens_k.has_value(), "varlen keys need cu_seqlens_k");
+    in.cu_seqlens_k = checked_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", batch, k.size(0));
+  }
+  if (kv_lens.has_value()) {
+    check_tensor(*kv_lens, "kv_lens", 1, {at::kInt}, dev);
+    check_size(*kv_lens, "kv_lens", 0, batch, "the batch");
+    in.kv_lens = kv_lens->contiguous();
+  } else {
+    in.kv_lens = (in.cu_seqlens_k.narrow(0, 1, batch) - in.cu_seqlens_k.narrow(0, 0, batch)).contiguous();
+  }
+  const int32_t* kl = in.kv_lens.data_ptr<int32_t>();
+  const int32_t* ck = in.cu_seqlens_k.defined() ? in.cu_seqlens_k.data_ptr<int32_t>() : nullptr;
+  int64_t max_q_len = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q_len = cq[b + 1] - cq[b];
+    max_q_len = std::max(max_q_len, q_len);
+    TORCH_CHECK(kl[b] >= 0, "kv_lens[", b, "] is negative: ", kl[b]);
+    TORCH_CHECK(!ck || kl[b] == ck[b + 1] - ck[b], "kv_lens[", b, "] = ", kl[b], " disagrees with cu_seqlens_k");
+    TORCH_CHECK(!causal || q_len <= kl[b], "sequence ", b, ": q_len ", q_len, " > kv_len ", kl[b],
+                "; with causal=True the queries are the last q_len positions of the context");
+    if (in.block_table.defined()) {
+      const int64_t pages = (kl[b] + page_size - 1) / page_size, num_pages = k.size(0) / page_size;
+      TORCH_CHECK(pages <= in.block_table.size(1), "kv_lens[", b, "] = ", kl[b], " needs ", pages,
+                  " pages but block_table holds ", in.block_table.size(1));
+      const int32_t* row = in.block_table.data_ptr<int32_t>() + b * in.block_table.stride(0);
+      for (int64_t i = 0; i < pages; ++i) {
+        TORCH_CHECK(row[i] >= 0 && row[i] < num_pages, "block_table[", b, ", ", i, "] = ", row[i],
+                    " must lie in [0, ", num_pages, ")");
+      }
+    }
+  }
+  TORCH_CHECK(kv_num_blocks.has_value() == kv_indices.has_value(),
+              "give both kv_num_blocks and kv_indices (a mask), or neither (dense)");
+  if (kv_num_blocks.has_value()) {
+    check_tensor(*kv_num_blocks, "kv_num_blocks", 3, {at::kInt}, dev);
+    check_tensor(*kv_indices, "kv_indices", 4, {at::kInt}, dev);
+    TORCH_CHECK(kv_num_blocks->size(0) == 1 || kv_num_blocks->size(0) == batch, "kv_num_blocks must have 1 or ",
+                batch, " (the batch) along axis 0, got shape ", shape_of(*kv_num_blocks));
+    const int64_t mh = kv_num_blocks->size(1);
+    TORCH_CHECK(mh == 1 || mh == q_heads || mh == kv_heads, "kv_num_blocks must have 1, ", kv_heads,
+                " (the KV heads) or ", q_heads, " (the query heads) along axis 1, got shape ", shape_of(*kv_num_blocks));
+    for (int64_t axis = 0; axis < 3; ++axis) {
+      check_size(*kv_indices, "kv_indices", axis, kv_num_blocks->size(axis), "the size of kv_num_blocks");
+    }
+    const int64_t needed = (max_q_len + q_block_size - 1) / q_block_size;
+    TORCH_CHECK(kv_num_blocks->size(2) >= needed, "kv_num_blocks has ", kv_num_blocks->size(2), " query blocks of ",
+                q_block_size, ", too few for q_len ", max_q_len);
+    check_mask_values(*kv_num_blocks, *kv_indices);
+    in.kv_num_blocks = *kv_num_blocks;
+    in.kv_indices = *kv_indices;
+  }
   in.q = q;
   in.k = k;
   in.v = v;
   in.cu_seqlens_q = cu_q;
-  in.cu_seqlens_k = cu_k;
-  in.kv_num_blocks = kv_num_blocks;
-  in.kv_indices = kv_indices;
   in.q_block_size = q_block_size;
   in.kv_block_size = kv_block_size;
   in.causal = causal;
   in.scale = scale;
+  in.skip_threshold = skip_threshold;
+  in.slot_keep = slot_keep;
+  if (new_k.has_value()) {
+    in.new_k = *new_k;
+    in.new_v = *new_v;
+  }
   in.use_blas = use_blas;
   return sparse_attn::block_sparse_attention_cpu(in);
+}
+
+at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                               int64_t kv_block_size, double scale, bool causal, bool mean) {
+  TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
+  const auto dev = q.device();
+  check_tensor(q, "q", 4, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
+  check_tensor(k, "k", 3, {q.scalar_type()}, dev);
+  check_tensor(pos, "pos", 2, {at::kInt}, dev);
+  const int64_t proxies = q.size(0), kv_heads = k.size(1);
+  TORCH_CHECK(q.size(3) > 0 && k.size(2) == q.size(3), "k head_dim must equal q head_dim (> 0), got shapes ",
+              shape_of(q), " and ", shape_of(k));
+  TORCH_CHECK(kv_heads > 0 && proxies % kv_heads == 0, "the proxy heads of q (", proxies,
+              ") must be a positive multiple of the KV heads of k (", kv_heads, ")");
+  TORCH_CHECK(pos.size(0) == q.size(1) && pos.size(1) == q.size(2), "pos must be [nq, R] = [", q.size(1), ", ",
+              q.size(2), "], got ", shape_of(pos));
+  TORCH_CHECK(k.stride(2) == 1 || k.size(2) == 1, "k must have unit stride along head_dim");
+  TORCH_CHECK(kv_block_size >= 1, "kv_block_size must be positive, got ", kv_block_size);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be positive and finite, got ", scale);
+  PooledBlockScoresInputs in;
+  in.q = q.contiguous();
+  in.k = k;
+  in.pos = pos.contiguous();
+  const int32_t* p = in.pos.data_ptr<int32_t>();
+  for (int64_t i = 0; i < in.pos.numel(); ++i) {
+    TORCH_CHECK(p[i] >= -1 && (!causal || p[i] < k.size(0)), "pos must lie in [-1, ", k.size(0), "), got ", p[i]);
+  }
+  in.kv_block_size = kv_block_size;
+  in.scale = scale;
+  in.causal = causal;
+  in.mean = mean;
+  return pooled_block_scores_cpu(in);
 }
 
 }  // namespace
@@ -249,13 +362,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_bitmaps"), py::arg("k_values"), py::arg("k_keep"), py::arg("v_bitmaps"),
         py::arg("v_values"), py::arg("v_keep"), py::arg("offsets"), py::arg("comp_lengths"), py::arg("k_recent"),
         py::arg("v_recent"), py::arg("recent_lengths"), py::arg("scale"), py::arg("max_context") = 0);
+  m.def("pooled_block_scores", &sparse_attn::pooled_block_scores,
+        "Softmax probabilities of sampled query rows q [P, nq, R, D] (positions pos int32 [nq, R], -1 empty) over "
+        "the keys k [Tk, Hk, D] they see, pooled per (proxy head, query block, KV block) without materializing the "
+        "scores: the max probability in the block (mean=False) or the block's mass averaged over the rows "
+        "(mean=True). Returns fp32 [P, nq, ceil(Tk / kv_block_size)].",
+        py::arg("q"), py::arg("k"), py::arg("pos"), py::arg("kv_block_size"), py::arg("scale"), py::arg("causal"),
+        py::arg("mean"));
   m.def("block_sparse_attention_cpu", &sparse_attn::block_sparse_attention,
-        "Block-sparse attention on CPU tensors, varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k int32 "
-        "[B + 1], mask rows kv_num_blocks int32 [B or 1, Hq or 1, nq] and kv_indices int32 [.., nq, W]; queries are "
-        "the last q_len positions of each context. Returns (out [Tq, Hq, D] in q's dtype, lse fp32 [Hq, Tq]; 0 and "
-        "-inf for rows that read no key). use_blas=False runs the products as vectorized loops instead of torch's BLAS "
-        "sgemm (the path taken where torch carries none).",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
-        py::arg("kv_num_blocks"), py::arg("kv_indices"), py::arg("q_block_size"), py::arg("kv_block_size"),
-        py::arg("causal"), py::arg("scale"), py::arg("use_blas") = true);
+        "Block-sparse attention on CPU tensors: q [Tq, Hq, D] with cu_seqlens_q int32 [B + 1]; keys k/v "
+        "[rows, Hkv, D] either varlen (cu_seqlens_k int32 [B + 1]) or paged (block_table int32 [B, max_pages], "
+        "page_size, kv_lens int32 [B]: key t of sequence b at row block_table[b, t // page_size] * page_size + "
+        "t % page_size); mask rows kv_num_blocks int32 [B or 1, Hq or 1, nq] and kv_indices int32 [.., nq, W], or "
+        "neither for dense (axis 1 of the mask: 1, Hkv or Hq). slot_keep > 0: k holds KV-pruned slots [rows, Hkv, "
+        "2 * slot_keep + bitmaps] (v unused). new_k/new_v [Tq, Hkv, D]: the step's own tokens, read for the last q_len "
+        "positions instead of the cache. Queries are the last q_len positions of each context. skip_threshold > 0 skips key tiles "
+        "whose scores all lie that far (natural log) below their rows' running maxima. Returns (out [Tq, Hq, D] in "
+        "q's dtype, lse fp32 [Hq, Tq]; 0 and -inf for rows that read no key; stats int64 [tiles, skipped tiles]). "
+        "use_blas=False runs the products as vectorized loops instead of torch's BLAS sgemm.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k") = py::none(),
+        py::arg("kv_lens") = py::none(), py::arg("block_table") = py::none(), py::arg("page_size") = 0,
+        py::arg("kv_num_blocks") = py::none(), py::arg("kv_indices") = py::none(), py::arg("q_block_size") = 1,
+        py::arg("kv_block_size") = 1, py::arg("causal") = true, py::arg("scale") = 1.0,
+        py::arg("skip_threshold") = 0.0, py::arg("slot_keep") = 0, py::arg("new_k") = py::none(),
+        py::arg("new_v") = py::none(), py::arg("use_blas") = true);
 }

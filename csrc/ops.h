@@ -40,22 +40,50 @@ struct CompressedDecodeInputs {
 // Returns (out [B, Hq, D] in q's dtype, lse fp32 [B, Hq]; out 0 and lse -inf for an empty context).
 std::tuple<at::Tensor, at::Tensor> compressed_decode_attention_cpu(const CompressedDecodeInputs& in);
 
-// Inputs of block-sparse attention (semantics in sparse_attn/ops/attention.py): varlen q [Tq, Hq, D], k/v
-// [Tk, Hkv, D] (any token and head strides, unit stride along D), cu_seqlens_q/k int32 [B + 1]; the mask rows
-// kv_num_blocks int32 [B or 1, Hq or 1, nq] and kv_indices int32 [B or 1, Hq or 1, nq, W] (size-1 dims broadcast).
+// Inputs of block-sparse attention (semantics in sparse_attn/ops/attention.py): varlen q [Tq, Hq, D] with
+// cu_seqlens_q int32 [B + 1]; keys in one of two layouts, k/v [rows, Hkv, D] (any token and head strides, unit
+// stride along D):
+//   varlen: cu_seqlens_k int32 [B + 1], key t of sequence b at row cu_seqlens_k[b] + t;
+//   paged:  block_table int32 [B, max_pages] and page_size, key t of sequence b at row
+//           block_table[b, t / page_size] * page_size + t % page_size (a page tensor viewed as rows of slots);
+// kv_lens int32 [B] the keys of each sequence. With slot_keep > 0 the cached rows are KV-pruned slots (k holds
+// them, [rows, Hkv, width]: K's slot_keep kept values, V's, then the two ceil(D / 8)-byte keep bitmaps; v is k).
+// new_k/new_v [Tq, Hkv, D] (optional, aligned with q): the step's own tokens, read for positions
+// [kv_len - q_len, kv_len) instead of the cache. The mask rows kv_num_blocks int32 [B or 1, Hq, Hkv or 1, nq] and
+// kv_indices int32 [.., nq, W] (size-1 dims broadcast; Hkv: one row per GQA group); undefined: every block (dense).
 // Queries are the last q_len positions of each context; query head h reads KV head h / (Hq / Hkv).
 struct BlockSparseAttentionInputs {
   at::Tensor q, k, v;
-  at::Tensor cu_seqlens_q, cu_seqlens_k;
-  at::Tensor kv_num_blocks, kv_indices;
+  at::Tensor cu_seqlens_q, cu_seqlens_k, kv_lens;
+  at::Tensor block_table;  // undefined: varlen keys
+  int64_t page_size = 0;
+  int64_t slot_keep = 0;         // > 0: pruned slots
+  at::Tensor new_k, new_v;       // undefined: every key from the cache
+  at::Tensor kv_num_blocks, kv_indices;  // undefined: dense
   int64_t q_block_size = 1, kv_block_size = 1;
   bool causal = true;
   double scale = 1.0;
+  double skip_threshold = 0.0;  // > 0: skip tiles whose scores all lie this far (natural log) below the row maxima
   bool use_blas = true;  // false: the vectorized loops even where torch carries a BLAS (tests, benchmarks)
 };
 
-// Returns (out [Tq, Hq, D] in q's dtype, lse fp32 [Hq, Tq] natural log; out 0 and lse -inf for rows with no key).
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseAttentionInputs& in);
+// Returns (out [Tq, Hq, D] in q's dtype, lse fp32 [Hq, Tq] natural log; out 0 and lse -inf for rows with no key;
+// stats int64 [2]: key tiles computed and tiles skipped by the threshold).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseAttentionInputs& in);
+
+// Inputs of the pooled block scores (head-proxy estimation; semantics in sparse_attn/patterns/head_proxy.py):
+// q [P, nq, R, D] the sampled query rows of P proxy heads (contiguous), k [Tk, Hk, D] (unit stride along D; proxy
+// head p reads KV head p / (P / Hk)), pos int32 [nq, R] the rows' absolute positions (-1: an empty slot).
+struct PooledBlockScoresInputs {
+  at::Tensor q, k, pos;
+  int64_t kv_block_size = 1;
+  double scale = 1.0;
+  bool causal = true;
+  bool mean = false;  // false: max of the probabilities over the block; true: the block's mass, averaged over rows
+};
+
+// Returns fp32 [P, nq, ceil(Tk / kv_block_size)].
+at::Tensor pooled_block_scores_cpu(const PooledBlockScoresInputs& in);
 
 #ifdef SPARSE_ATTN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> topk_tokens_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,

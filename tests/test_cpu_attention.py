@@ -145,8 +145,9 @@ def test_loops_match_blas(rng):
         out, lse = cpp_op(q, k, v, cu_q, cu_k, mask, True, 0.2)
         m = mask.expand(2, 6)
         loops = extension().block_sparse_attention_cpu(
-            q, k, v, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32), m.kv_num_blocks,
-            m.kv_indices, block, block, True, 0.2, use_blas=False)
+            q, k, v, torch.tensor(cu_q, dtype=torch.int32), cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+            kv_num_blocks=m.kv_num_blocks, kv_indices=m.kv_indices, q_block_size=block, kv_block_size=block,
+            causal=True, scale=0.2, use_blas=False)
         torch.testing.assert_close(loops[0], out, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
         torch.testing.assert_close(loops[1], lse, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
 
@@ -172,13 +173,12 @@ def test_cpu_backend_dispatches_to_the_kernel(monkeypatch, rng):
     k, v = torch.randn(1, 2, 40, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
     mask = Dense().build_mask(q_lens=40, kv_lens=40, num_heads=1, q_block_size=16, kv_block_size=16)
     calls = []
-    import sparse_attn.ops.extension as ext_module
 
     def spy(*args, **kwargs):
         calls.append(1)
         return cpp_op(*args, **kwargs)
 
-    monkeypatch.setattr(ext_module, "block_sparse_attention_cpu", spy)
+    monkeypatch.setattr(attention, "block_sparse_attention_cpp", spy)
     fast = block_sparse_attention(q, k, v, mask, backend="cpu")
     assert calls == [1]
     monkeypatch.setattr(attention, "cpu_kernel_available", lambda: False)  # the PyTorch fallback
@@ -217,7 +217,7 @@ def _raw_args(**overrides):
     (dict(cu_seqlens_q=torch.tensor([0, 31], dtype=torch.int32)), "cu_seqlens_q ends at 31"),
     (dict(cu_seqlens_k=torch.tensor([0, 32, 32], dtype=torch.int32)), "cu_seqlens_k must have 2"),
     (dict(kv_num_blocks=torch.full((1, 1, 2), 3, dtype=torch.int32)), "kv_num_blocks must lie in"),
-    (dict(kv_indices=torch.full((1, 1, 2, 2), -1, dtype=torch.int32)), "negative block ids"),
+    (dict(kv_indices=torch.full((1, 1, 2, 2), -1, dtype=torch.int32)), "negative block id"),
     (dict(q_block_size=8), "too few for q_len 32"),
     (dict(scale=0.0), "scale must be positive"),
 ])
@@ -233,3 +233,138 @@ def test_wrapper_raises_value_error():
         cpp_op(q, k, k, [0, 32], [0, 30], mask, True, None)
     with pytest.raises(ValueError, match="k has dtype"):
         cpp_op(q, k.half(), k.half(), [0, 32], [0, 32], mask, True, None)
+
+
+# ---------------------------------------------------------------------------------------------- paged keys
+def paged_copy(gen, k, v, cu_k, page_size, spare=3):
+    """The varlen k/v of every sequence scattered over shuffled pages of ``page_size`` tokens (with ``spare``
+    unused pages of noise): ``(k_pages, v_pages [P, page_size, Hkv, D], block_table int32 [B, max_pages])``."""
+    lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    per_seq = [-(-n // page_size) for n in lens]
+    total = sum(per_seq) + spare
+    order = torch.randperm(total, generator=gen)
+    k_pages = torch.randn(total, page_size, *k.shape[1:], generator=gen).to(k.dtype)
+    v_pages = torch.randn(total, page_size, *v.shape[1:], generator=gen).to(v.dtype)
+    table = torch.zeros(len(lens), max(max(per_seq), 1), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        for i in range(per_seq[b]):
+            page = int(order[used])
+            used += 1
+            table[b, i] = page
+            rows = slice(cu_k[b] + i * page_size, min(cu_k[b] + (i + 1) * page_size, cu_k[b + 1]))
+            count = rows.stop - rows.start
+            k_pages[page, :count] = k[rows]
+            v_pages[page, :count] = v[rows]
+    return k_pages, v_pages, table
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_keys_match_varlen(rng, page_size, dtype):
+    """Keys read in place from shuffled pages give what the same keys give in the varlen layout: prefill, chunked
+    prefill over a cached prefix, and decode rows in one ragged batch; block and page boundaries misaligned."""
+    gen, seed = rng
+    q_lens, kv_lens = [70, 33, 1], [130, 200, 90]
+    q, k, v, cu_q, cu_k = ragged(gen, q_lens, kv_lens, 6, 2, 32, dtype)
+    mask = random_mask(gen, 3, 6, max(q_lens), max(kv_lens), 16, 16, 0.6)
+    k_pages, v_pages, table = paged_copy(gen, k, v, cu_k, page_size)
+    out, lse = cpp_op(q, k_pages, v_pages, cu_q, None, mask, True, 0.2, block_table=table, kv_lens=kv_lens)
+    ref_out, ref_lse = check_against_reference(q, k, v, cu_q, cu_k, mask, True, 0.2, seed)
+    torch.testing.assert_close(out, ref_out, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_keys_through_the_entry_point(rng):
+    """block_sparse_attention reads pages on every backend (the C++ kernel in place, the others gathered)."""
+    gen, seed = rng
+    q, k, v, cu_q, cu_k = ragged(gen, [40, 1], [100, 77], 4, 2, 16, torch.float32)
+    k_pages, v_pages, table = paged_copy(gen, k, v, cu_k, 16)
+    mask = random_mask(gen, 2, 4, 40, 100, 16, 16, 0.7)
+    want = block_sparse_attention(q, k, v, mask, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="reference")
+    for backend in ("cpu", "reference"):
+        got = block_sparse_attention(q, k_pages, v_pages, mask, cu_seqlens_q=cu_q, block_table=table,
+                                     kv_lens=[100, 77], backend=backend)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=f"seed {seed}, {backend}")
+    with pytest.raises(ValueError, match="block_table entries"):
+        block_sparse_attention(q, k_pages, v_pages, mask, cu_seqlens_q=cu_q, block_table=table + 100,
+                               kv_lens=[100, 77])
+    with pytest.raises(ValueError, match="kv_lens must lie"):
+        block_sparse_attention(q, k_pages, v_pages, mask, cu_seqlens_q=cu_q, block_table=table, kv_lens=[100, 900])
+
+
+@pytest.mark.parametrize("q_lens, kv_lens", [([1], [3000]), ([1, 1, 1], [700, 1, 2100]), ([4], [1500])])
+def test_dense_rows_split_over_the_context(rng, q_lens, kv_lens):
+    """Few rows over long contexts (decode) are split into slices read by different threads and merged exactly;
+    mask=None reads every key (the dense setting without a mask)."""
+    gen, seed = rng
+    q, k, v, cu_q, cu_k = ragged(gen, q_lens, kv_lens, 6, 2, 64, torch.float32)
+    full = BlockSparseMask.full(q_len=max(q_lens), kv_len=max(kv_lens), q_block_size=64, kv_block_size=64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out, lse = cpp_op(q, k, v, cu_q, cu_k, None, True, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    ref_out, ref_lse = check_against_reference(q, k, v, cu_q, cu_k, full, True, 0.125, seed)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_per_kv_group_selection(rng):
+    """A decode selection with one token list per KV head (kv_block_size 1) serves the group's query heads."""
+    gen, seed = rng
+    q, k, v, cu_q, cu_k = ragged(gen, [1, 1], [300, 180], 6, 2, 32, torch.float32)
+    keep = torch.rand(2, 2, 1, 300, generator=gen) < 0.3
+    mask = BlockSparseMask.from_block_bool(keep, q_block_size=1, kv_block_size=1, q_len=1, kv_len=300)
+    out, lse = cpp_op(q, k, v, cu_q, cu_k, mask, True, 0.2, checked=True)
+    per_head = BlockSparseMask.from_block_bool(keep.repeat_interleave(3, 1), q_block_size=1, kv_block_size=1,
+                                               q_len=1, kv_len=300)
+    check_against_reference(q, k, v, cu_q, cu_k, per_head, True, 0.2, seed)
+    torch.testing.assert_close(out, cpp_op(q, k, v, cu_q, cu_k, per_head, True, 0.2)[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pruned_slots_and_fresh_tokens(rng, dtype):
+    """KV-pruned page slots are unpacked inside the kernel, and the step's own tokens (new_k/new_v) replace their
+    pruned copies: the result equals attention over the unpacked context with the new tokens exact."""
+    from sparse_attn.decode.pruned_pages import PrunedSlotFormat
+
+    gen, seed = rng
+    q_lens, kv_lens, hkv, dim = [30, 1], [120, 75], 2, 64
+    q, k, v, cu_q, cu_k = ragged(gen, q_lens, kv_lens, 4, hkv, dim, dtype)
+    fmt = PrunedSlotFormat.for_sparsity(dim, 0.5, dtype)
+    slots = fmt.pack(k, v)  # [Tk, Hkv, width]
+    pages, _, table = paged_copy(gen, slots, slots, cu_k, 16)
+    new_k = torch.cat([k[cu_k[b + 1] - n : cu_k[b + 1]] for b, n in enumerate(q_lens)])
+    new_v = torch.cat([v[cu_k[b + 1] - n : cu_k[b + 1]] for b, n in enumerate(q_lens)])
+    mask = random_mask(gen, 2, 4, 30, 120, 16, 16, 0.7)
+    out, lse = cpp_op(q, pages, pages, cu_q, None, mask, True, 0.125, block_table=table, kv_lens=kv_lens,
+                      slot_keep=fmt.keep, new_k=new_k, new_v=new_v, checked=True)
+    k_ctx, v_ctx = fmt.unpack(slots)
+    for b, n in enumerate(q_lens):  # the new tokens exact, earlier ones pruned
+        k_ctx[cu_k[b + 1] - n : cu_k[b + 1]] = k[cu_k[b + 1] - n : cu_k[b + 1]]
+        v_ctx[cu_k[b + 1] - n : cu_k[b + 1]] = v[cu_k[b + 1] - n : cu_k[b + 1]]
+    check_against_reference(q, k_ctx, v_ctx, cu_q, cu_k, mask, True, 0.125, seed)
+    ref_out = attention_reference_varlen(q.double(), k_ctx.double(), v_ctx.double(), cu_q, cu_k, mask.expand(2, 4),
+                                         True, 0.125, torch.float64)[0]
+    assert (out.double() - ref_out).abs().max() < TOL[dtype], f"seed {seed}"
+
+
+def test_threshold_skipping(rng):
+    """skip_threshold=0 is exact; a threshold skips tiles whose every row is far below its running max, and the
+    error stays within the mass those tiles could hold (n e^-threshold per row, relative)."""
+    gen, seed = rng
+    q, k, v, cu_q, cu_k = ragged(gen, [512], [4096], 2, 1, 32, torch.float32)
+    shared = 1.5 * torch.randn(32, generator=gen)
+    q += shared  # every query attends strongly to an early stretch of keys
+    k[:256] += 2 * shared
+    mask = BlockSparseMask.full(q_len=512, kv_len=4096, q_block_size=64, kv_block_size=64)
+    exact, _, none = cpp_op(q, k, v, cu_q, cu_k, None, True, 1.0, return_stats=True)
+    assert int(none[1]) == 0
+    approx, _, stats = cpp_op(q, k, v, cu_q, cu_k, None, True, 1.0, skip_threshold=8.0, return_stats=True)
+    ref = check_against_reference(q, k, v, cu_q, cu_k, mask, True, 1.0, seed, tol=5e-4)[0]  # logits near 100
+    torch.testing.assert_close(exact, ref, atol=5e-4, rtol=1e-5)
+    assert int(stats[1]) > 0, "some tiles lie far below the running maxima here"
+    bound = 256 * torch.exp(torch.tensor(-8.0)) * 2 * v.abs().max()
+    assert (approx - exact).abs().max() <= bound, f"seed {seed}"

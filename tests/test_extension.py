@@ -6,12 +6,14 @@ import os
 import pytest
 import torch
 
-from sparse_attn.decode.compressed import compress_kv, compressed_decode_attention_torch, context_tokens, keep_count
+from sparse_attn.decode.compressed import (
+    compress_kv, compressed_decode_attention, compressed_decode_attention_torch, context_tokens, keep_count,
+)
 from sparse_attn.decode.kv_pruning import KVPruningConfig, compressed_kv_attention
-from sparse_attn.ops.extension import compressed_decode_attention, extension, extension_available, topk_tokens
+from sparse_attn.ops.extension import extension, extension_available, topk_tokens
 from sparse_attn.ops.reference import attention_reference_varlen
 
-OPS = ("topk_tokens", "compressed_decode_attention", "block_sparse_attention_cpu")
+OPS = ("topk_tokens", "compressed_decode_attention", "block_sparse_attention_cpu", "pooled_block_scores")
 requires_extension = pytest.mark.skipif(
     not extension_available(), reason="sparse_attn._C is not built (pip install --no-build-isolation -e .)"
 )

@@ -1,22 +1,35 @@
-// Block-sparse attention on the CPU, flash style: one work item is (sequence, query block, query heads of one GQA
-// group that share a mask row); it streams the KV blocks the row keeps through an online softmax, so work and memory
-// follow the kept blocks only. The heads' rows are stacked into one Q tile: each K/V tile is read once per group.
+// Block-sparse attention on the CPU, flash style, for prefill and decode rows alike.
+//
+// One work item is (sequence, query block, the query heads of one GQA group that share a mask row, a slice of that
+// row's kept blocks). It streams the keys of its blocks through an online softmax, so work and memory follow the
+// kept blocks only. The heads' rows are stacked into one Q tile: each K/V tile is read once per group.
 //
 // Per work item, with Q the block's rows pre-scaled by scale * log2(e) (so exp becomes exp2):
 //   for each tile of kept keys (up to kTileKeys):  S = Q K^T,  mask causality where the tile reaches past the
 //   block's first query,  m' = max(m, rowmax S),  P = 2^(S - m'),  l = l 2^(m - m') + rowsum P,
 //   acc = acc 2^(m - m') + P V;
 //   out = acc / l,  lse = (m + log2 l) ln 2  (natural log; -inf and out 0 when a row reads no key).
+// A row whose kept blocks are split over several items (few rows, long contexts: decode) gets one partial
+// (out, lse) per slice, merged exactly: lse = log sum_s e^lse_s, out = sum_s e^(lse_s - lse) out_s.
+//
+// Keys are addressed either in a varlen layout (key t of sequence b is row cu_k[b] + t) or in pages (row
+// block_table[b, t / page_size] * page_size + t % page_size of the page tensor), so a paged KV cache is read in
+// place. Keys are consumed as physical runs (consecutive keys in consecutive rows): an fp32 run of at least
+// kInPlaceMinKeys keys is multiplied in place (leading dimension = row stride); shorter runs (scattered small
+// blocks, small pages) and fp16/bf16 keys are copied (and converted) into an fp32 tile of kTileKeys keys, so every
+// product is a tall GEMM whatever the block or page size.
+//
+// Threshold skipping (optional): a tile whose scores all lie more than `skip` below their rows' running maxima
+// contributes at most n 2^-skip of each row's mass; its exponentials and its P V product are skipped.
 //
 // The two products per tile run through the BLAS sgemm that torch's CPU library carries (MKL on x86, resolved as a
 // weak symbol: the same routine torch's own CPU flash attention reaches through at::native::cpublas::gemm, which an
-// extension cannot link) and otherwise through vectorized loops. fp32 keys of a contiguous run are read in place
-// (leading dimension = token stride); fp16/bf16 keys, and short scattered blocks, are converted/gathered into an
-// fp32 tile first. Softmax and accumulation are fp32. Each output row is computed by one thread in a fixed order,
-// so results do not depend on the thread count.
+// extension cannot link) and otherwise through vectorized loops. Softmax and accumulation are fp32. Each output
+// row is computed by one thread in a fixed order, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <atomic>
@@ -27,229 +40,87 @@
 #include <vector>
 
 #include "../ops.h"
-
-// Fortran BLAS sgemm (column-major, LP64), exported by torch's CPU library when it is built with a BLAS.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-
-// Hot loops get AVX-512 / AVX2 clones picked at load time (the extension is built for the baseline ISA).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARSE_ATTN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPARSE_ATTN_ISA_CLONES
-#endif
+#include "kernel_utils.h"
 
 namespace sparse_attn {
 namespace {
 
-constexpr int64_t kTileKeys = 256;       // keys per tile: large enough to amortize a GEMM call, small for L2
-constexpr int64_t kInPlaceMinKeys = 32;  // fp32 runs of kept keys at least this long (on average) are read in place
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// 2^x for x <= 0 (and -inf -> 0), written so the compiler vectorizes it: x = k + f with k = round(x),
-// f in [-1/2, 1/2]; 2^f by its degree-6 Taylor polynomial, 2^k through the exponent bits: relative error 2.5e-7
-// (a few ulps) over [-126, 0]. The shifter rounding needs IEEE evaluation order (the build uses no -ffast-math).
-// Always inlined: a call would keep the loops that use it from being vectorized.
-inline __attribute__((always_inline)) float exp2_nonpositive(float x) {
-  const float xc = x > -126.0f ? x : -126.0f;
-  const float k = (xc + 12582912.0f) - 12582912.0f;  // round to nearest via the 1.5 * 2^23 shifter
-  const float f = xc - k;
-  float p = 1.5403530393381609e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
-  return x < -126.0f ? 0.0f : p * scale;
-}
-
-// C[M, N] = A[M, K] B[N, K]^T, row-major with leading dimensions. Four rows of A share each load of a B row.
-SPARSE_ATTN_ISA_CLONES
-void gemm_abt_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                    int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    const float *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* bj = b + j * ldb;
-      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int64_t e = 0; e < k; ++e) {
-        d0 += a0[e] * bj[e];
-        d1 += a1[e] * bj[e];
-        d2 += a2[e] * bj[e];
-        d3 += a3[e] * bj[e];
-      }
-      float* cj = c + i * ldc + j;
-      cj[0] = d0;
-      cj[ldc] = d1;
-      cj[2 * ldc] = d2;
-      cj[3 * ldc] = d3;
-    }
-  }
-  for (; i < m; ++i) {
-    const float* ai = a + i * lda;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* bj = b + j * ldb;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t e = 0; e < k; ++e) dot += ai[e] * bj[e];
-      c[i * ldc + j] = dot;
-    }
-  }
-}
-
-// C[M, N] += A[M, K] B[K, N], row-major with leading dimensions. Four rows of C share each load of a B row.
-SPARSE_ATTN_ISA_CLONES
-void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                       float* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    float *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
-    for (int64_t p = 0; p < k; ++p) {
-      const float* ap = a + i * lda + p;
-      const float x0 = ap[0], x1 = ap[lda], x2 = ap[2 * lda], x3 = ap[3 * lda];
-      const float* bp = b + p * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const float y = bp[j];
-        c0[j] += x0 * y;
-        c1[j] += x1 * y;
-        c2[j] += x2 * y;
-        c3[j] += x3 * y;
-      }
-    }
-  }
-  for (; i < m; ++i) {
-    float* ci = c + i * ldc;
-    for (int64_t p = 0; p < k; ++p) {
-      const float x = a[i * lda + p];
-      const float* bp = b + p * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
-    }
-  }
-}
-
-// Row-major products through column-major sgemm: a row-major [r, c] matrix is its column-major transpose.
-void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-              float* c, int64_t ldc) {
-  if (!blas) return gemm_abt_loops(m, n, k, a, lda, b, ldb, c, ldc);
-  // C^T [n, m] = B [n, k] A^T [k, m]
-  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_("T", "N", &mi, &ni, &ki, &one, b, &la, a, &lb, &zero, c, &lc);
-}
-
-void gemm_ab_acc(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                 float* c, int64_t ldc) {
-  if (!blas) return gemm_ab_acc_loops(m, n, k, a, lda, b, ldb, c, ldc);
-  // C^T [n, m] += B^T [n, k] A^T [k, m]
-  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
-  const float one = 1.0f;
-  sgemm_("N", "N", &mi, &ni, &ki, &one, b, &la, a, &lb, &one, c, &lc);
-}
-
-// Causal rule on one tile: query row r (absolute position first_pos + r) sees keys at positions <= its own.
-SPARSE_ATTN_ISA_CLONES
-void mask_causal(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* key_pos, int64_t first_pos) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
-    const int64_t pos = first_pos + r;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] = key_pos[c] > pos ? kNegInf : row[c];
-  }
-}
-
-// Online-softmax update of one tile (scores in log2 units): turns S into P in place, updates the running max m and
-// sum l per row, and rescales the rows of acc by 2^(m_old - m_new).
-SPARSE_ATTN_ISA_CLONES
-void softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row_max, float* row_sum, float* acc,
-                    int64_t dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
-    float tile_max = kNegInf;  // a select, not std::max, so that the reduction vectorizes
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t c = 0; c < cols; ++c) tile_max = row[c] > tile_max ? row[c] : tile_max;
-    const float m_old = row_max[r], m_new = std::max(m_old, tile_max);
-    if (m_new == kNegInf) {  // no key of this row so far: P = 0 keeps acc and l at 0
-      std::fill(row, row + cols, 0.0f);
-      continue;
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) {
-      const float p = exp2_nonpositive(row[c] - m_new);
-      row[c] = p;
-      sum += p;
-    }
-    const float correction = exp2_nonpositive(m_old - m_new);  // 0 when m_old = -inf
-    if (correction != 1.0f) {
-      float* acc_row = acc + r * dim;
-#pragma omp simd
-      for (int64_t e = 0; e < dim; ++e) acc_row[e] *= correction;
-    }
-    row_sum[r] = row_sum[r] * correction + sum;
-    row_max[r] = m_new;
-  }
-}
-
-// Converts `rows` vectors of `dim` elements (row stride `stride`) into a dense fp32 [rows, dim] buffer, times `mul`.
-template <typename T>
-void to_float(const T* src, int64_t stride, int64_t rows, int64_t dim, float mul, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* in = src + r * stride;
-    float* o = dst + r * dim;
-    for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<float>(in[e]) * mul;
-  }
-}
+constexpr int64_t kTileKeys = 256;        // keys per tile: large enough to amortize a GEMM call, small for L2
+constexpr int64_t kInPlaceMinKeys = 128;  // fp32 runs at least this long are multiplied in place
+constexpr int64_t kMinSplitKeys = 512;    // a slice of a split row holds at least this many keys
+constexpr int64_t kItemsPerThread = 4;    // rows are split until there are this many items per thread
 
 struct Problem {
   int64_t batch, q_heads, kv_heads, dim;
   int64_t q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h;
   const int32_t* cu_q;
+  const int32_t* kv_lens;  // keys of each sequence
+  // Cached keys. Varlen: key t of sequence b is row cu_k[b] + t. Paged (block_table set): row
+  // block_table[b * table_stride + t / page_size] * page_size + t % page_size.
   const int32_t* cu_k;
-  // Mask rows, read through strides (0 along a broadcast batch or head dimension).
+  const int32_t* block_table;
+  int64_t table_stride, page_size;
+  // Pruned slots (slot_keep > 0): a row of k is [K's slot_keep values | V's | K's keep bitmap | V's] (v unused).
+  int64_t slot_keep, bitmap_bytes;
+  // Fresh keys (has_fresh): positions kv_len - q_len + i (the step's own tokens) read row cu_q[b] + i of new_k/new_v.
+  bool has_fresh;
+  int64_t nk_stride_t, nk_stride_h, nv_stride_t, nv_stride_h;
+  // Mask rows, read through strides (0 along a broadcast batch or head dimension); null: every key (dense). Query
+  // head h reads mask head h / mask_head_div (1: per query head or broadcast; the group size: per KV head).
   const int32_t* num_blocks;
   const int32_t* indices;
   int64_t nb_stride_b, nb_stride_h, nb_stride_q, idx_stride_b, idx_stride_h, idx_stride_q, idx_stride_w;
+  int64_t mask_head_div;
   int64_t q_block, kv_block;
   bool causal;
   float scale;
-  bool blas;  // products through sgemm_ (else the vectorized loops)
+  float skip;  // threshold skipping in log2 units (+inf: off)
+  bool blas;   // products through sgemm_ (else the vectorized loops)
+
+  bool dense() const { return num_blocks == nullptr; }
+
+  // First fresh position of sequence b (past the end without fresh keys).
+  int64_t fresh_start(int64_t b) const {
+    return has_fresh ? kv_lens[b] - (cu_q[b + 1] - cu_q[b]) : std::numeric_limits<int64_t>::max();
+  }
+  // Physical row of cached key t of sequence b, and one past the last key from t on that lies in consecutive rows
+  // (the end of t's page; a varlen sequence is one run).
+  int64_t key_row(int64_t b, int64_t t) const {
+    if (block_table == nullptr) return cu_k[b] + t;
+    return int64_t{block_table[b * table_stride + t / page_size]} * page_size + t % page_size;
+  }
+  int64_t run_end(int64_t b, int64_t t, int64_t end) const {
+    return block_table == nullptr ? end : std::min(end, (t / page_size + 1) * page_size);
+  }
 };
 
-// One unit of work: a query block of one sequence for `heads` consecutive query heads of one GQA group whose mask
-// rows are identical (all of the group when the mask is shared, else one head). Their rows are stacked into one
-// Q tile, so each K/V tile is read once for them and the products are taller.
-struct WorkItem {
-  int64_t cost;  // kept blocks x rows: the order in which items are handed out (largest first)
-  int32_t seq, q_block, head0, heads;
-};
+// Unpacks `rows` pruned slots (row stride `stride`) into dense fp32 vectors: K (which = 0) or V (which = 1).
+template <typename T>
+void unpack_slots(const T* slots, int64_t stride, int64_t rows, int64_t dim, int64_t keep, int64_t bitmap_bytes,
+                  int which, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* slot = slots + r * stride;
+    const T* values = slot + which * keep;
+    const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep) + which * bitmap_bytes;
+    float* o = dst + r * dim;
+    int64_t rank = 0;
+    for (int64_t c = 0; c < dim; ++c) {
+      const bool kept = (bits[c >> 3] >> (c & 7)) & 1;
+      o[c] = kept ? static_cast<float>(values[rank]) : 0.0f;
+      rank += kept;
+    }
+  }
+}
 
-// Per-thread scratch, sized once per call for the tallest Q tile.
-struct Scratch {
-  std::vector<float> q, s, acc, k, v, row_max, row_sum;
-  std::vector<int64_t> key_pos;
-  Scratch(int64_t q_rows, int64_t dim)
-      : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        row_max(q_rows), row_sum(q_rows), key_pos(kTileKeys) {}
-};
-
-// Mask row (count, block ids with their stride) of (sequence, head, query block).
+// Mask row (count, block ids with their stride) of (sequence, head, query block). Dense rows are blocks 0..count-1.
 struct MaskRow {
   int64_t count;
-  const int32_t* blocks;
+  const int32_t* blocks;  // null: dense
   int64_t stride;
-  int32_t operator[](int64_t slot) const { return blocks[slot * stride]; }
+  int64_t operator[](int64_t slot) const { return blocks ? int64_t{blocks[slot * stride]} : slot; }
   bool operator==(const MaskRow& o) const {
     if (count != o.count) return false;
-    if (blocks == o.blocks && stride == o.stride) return true;  // the same row (a broadcast head dimension)
+    if (blocks == o.blocks && stride == o.stride) return true;  // the same row (dense, or a broadcast head)
     for (int64_t i = 0; i < count; ++i) {
       if ((*this)[i] != o[i]) return false;
     }
@@ -257,156 +128,385 @@ struct MaskRow {
   }
 };
 
-MaskRow mask_row(const Problem& p, int64_t b, int64_t h, int64_t i) {
-  return {p.num_blocks[b * p.nb_stride_b + h * p.nb_stride_h + i * p.nb_stride_q],
-          p.indices + b * p.idx_stride_b + h * p.idx_stride_h + i * p.idx_stride_q, p.idx_stride_w};
+// Where the keys of query block i of sequence b end for every row of the block (length; causality from the last
+// row), and the first absolute query position.
+struct BlockGeometry {
+  int64_t q_start, rows, first_pos, key_end;
+};
+
+BlockGeometry geometry(const Problem& p, int64_t b, int64_t i) {
+  const int64_t q_start = p.cu_q[b], q_len = p.cu_q[b + 1] - q_start, kv_len = p.kv_lens[b];
+  const int64_t row0 = i * p.q_block, rows = std::min(p.q_block, q_len - row0);
+  const int64_t first_pos = kv_len - q_len + row0;
+  return {q_start + row0, rows, first_pos, p.causal ? std::min(kv_len, first_pos + rows) : kv_len};
 }
+
+MaskRow mask_row(const Problem& p, int64_t b, int64_t h, int64_t i) {
+  if (p.dense()) {
+    const BlockGeometry g = geometry(p, b, i);
+    return {(g.key_end + p.kv_block - 1) / p.kv_block, nullptr, 0};
+  }
+  const int64_t mh = h / p.mask_head_div;
+  return {p.num_blocks[b * p.nb_stride_b + mh * p.nb_stride_h + i * p.nb_stride_q],
+          p.indices + b * p.idx_stride_b + mh * p.idx_stride_h + i * p.idx_stride_q, p.idx_stride_w};
+}
+
+// One unit of work: query blocks [q_block, q_block + span) of sequence `seq` for `heads` consecutive query heads of
+// one GQA group whose mask rows are identical, reading the union of those rows' kept blocks, slots
+// [slot_begin, slot_end) of it. Stacking heads and neighbouring query blocks makes the Q tile tall enough for
+// efficient products when blocks are small; a key a stacked query block does not keep is masked out of its rows.
+// `partial` >= 0 marks a slice of a split row (span 1): its (out, lse) go to the partial buffers and are merged.
+struct WorkItem {
+  int64_t cost;  // keys x rows: the order in which items are handed out (largest first)
+  int32_t seq, q_block, span, head0, heads;
+  int32_t slot_begin, slot_end;
+  int32_t partial;
+};
+
+constexpr int64_t kMaxSpan = 4;           // query blocks stacked into one tile at most
+constexpr int64_t kTargetTileRows = 128;  // stack query blocks until the Q tile has this many rows
+constexpr double kMaxUnionOverhead = 1.1; // ... while the union reads at most this much more than the rows alone
+
+// The kept blocks of `span` mask rows merged: ascending block ids, each with the bit set of the rows keeping it.
+void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks, std::vector<uint8_t>& bits) {
+  blocks.clear();
+  bits.clear();
+  int64_t at[kMaxSpan] = {0, 0, 0, 0};
+  while (true) {
+    int64_t next = std::numeric_limits<int64_t>::max();
+    for (int64_t i = 0; i < span; ++i) {
+      if (at[i] < rows[i].count) next = std::min(next, rows[i][at[i]]);
+    }
+    if (next == std::numeric_limits<int64_t>::max()) return;
+    uint8_t set = 0;
+    for (int64_t i = 0; i < span; ++i) {
+      if (at[i] < rows[i].count && rows[i][at[i]] == next) set |= uint8_t(1u << i), ++at[i];
+    }
+    blocks.push_back(static_cast<int32_t>(next));
+    bits.push_back(set);
+  }
+}
+
+// Per-thread scratch, sized once per call for the tallest Q tile.
+struct Scratch {
+  std::vector<float> q, s, acc, k, v, row_max, row_sum;
+  std::vector<int64_t> key_pos;
+  std::vector<uint8_t> key_bits, union_bits;
+  std::vector<int32_t> union_blocks;
+  int64_t tiles = 0, skipped = 0;
+  Scratch(int64_t q_rows, int64_t dim)
+      : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
+        row_max(q_rows), row_sum(q_rows), key_pos(kTileKeys), key_bits(kTileKeys) {}
+};
 
 template <typename T>
 class BlockSparseAttention {
  public:
-  BlockSparseAttention(const Problem& p, const T* q, const T* k, const T* v, T* out, float* lse, int64_t lse_stride)
-      : p_(p), q_(q), k_(k), v_(v), out_(out), lse_(lse), lse_stride_(lse_stride) {}
+  BlockSparseAttention(const Problem& p, const T* q, const T* k, const T* v, const T* new_k, const T* new_v, T* out,
+                       float* lse, int64_t lse_stride, float* partial_out, float* partial_lse)
+      : p_(p), q_(q), k_(k), v_(v), new_k_(new_k), new_v_(new_v), out_(out), lse_(lse), lse_stride_(lse_stride),
+        partial_out_(partial_out), partial_lse_(partial_lse) {}
 
   void run(const WorkItem& item, Scratch& w) const {
-    const int64_t b = item.seq, kvh = item.head0 / (p_.q_heads / p_.kv_heads);
-    const int64_t q_start = p_.cu_q[b], q_len = p_.cu_q[b + 1] - q_start;
-    const int64_t k_start = p_.cu_k[b], kv_len = p_.cu_k[b + 1] - k_start;
-    const int64_t row0 = int64_t{item.q_block} * p_.q_block;
-    const int64_t rows = std::min(p_.q_block, q_len - row0);  // per head; the Q tile holds heads * rows
-    const int64_t m = item.heads * rows, dim = p_.dim;
-    const int64_t first_pos = kv_len - q_len + row0;  // absolute position of the block's first query
-    // Keys past this bound are masked for every row of the block (length; causality from the last row).
-    const int64_t key_end = p_.causal ? std::min(kv_len, first_pos + rows) : kv_len;
+    const int64_t b = item.seq, kvh = item.head0 / (p_.q_heads / p_.kv_heads), dim = p_.dim;
+    const int64_t span = item.span;
+    BlockGeometry g[kMaxSpan];
+    for (int64_t i = 0; i < span; ++i) g[i] = geometry(p_, b, item.q_block + i);
+    const int64_t rows = g[0].rows, key_end = g[span - 1].key_end;  // stacked blocks are full: equal rows
+    const int64_t m = item.heads * span * rows;  // Q tile: [head][query block][row]
 
     std::fill(w.row_max.begin(), w.row_max.begin() + m, kNegInf);
     std::fill(w.row_sum.begin(), w.row_sum.begin() + m, 0.0f);
     std::fill(w.acc.begin(), w.acc.begin() + m * dim, 0.0f);
     for (int64_t j = 0; j < item.heads; ++j) {
-      to_float(q_ + (q_start + row0) * p_.q_stride_t + (item.head0 + j) * p_.q_stride_h, p_.q_stride_t, rows, dim,
-               p_.scale * kLog2e, w.q.data() + j * rows * dim);
+      to_float(q_ + g[0].q_start * p_.q_stride_t + (item.head0 + j) * p_.q_stride_h, p_.q_stride_t, span * rows, dim,
+               p_.scale * kLog2e, w.q.data() + j * span * rows * dim);
     }
 
-    const T* k_head = k_ + k_start * p_.k_stride_t + kvh * p_.k_stride_h;
-    const T* v_head = v_ + k_start * p_.v_stride_t + kvh * p_.v_stride_h;
-    const MaskRow row = mask_row(p_, b, item.head0, item.q_block);
-    // fp32 keys are multiplied in place, one contiguous run per tile, when the kept blocks form runs of at least
-    // kInPlaceMinKeys keys on average; otherwise (short scattered runs, fp16/bf16) keys are gathered (and
-    // converted) into the fp32 tile, kTileKeys at a time.
-    int64_t runs = row.count > 0;
-    for (int64_t slot = 1; slot < row.count; ++slot) runs += row[slot] != row[slot - 1] + 1;
-    const bool in_place = std::is_same_v<T, float> && p_.k_stride_t >= dim && p_.v_stride_t >= dim &&
-                          row.count * p_.kv_block >= kInPlaceMinKeys * runs;
+    // The blocks to read: one mask row, or the union of the stacked rows with their membership bits.
+    MaskRow row = mask_row(p_, b, item.head0, item.q_block);
+    const uint8_t* member = nullptr;
+    if (span > 1) {
+      MaskRow rows_of[kMaxSpan];
+      for (int64_t i = 0; i < span; ++i) rows_of[i] = mask_row(p_, b, item.head0, item.q_block + i);
+      merge_rows(rows_of, span, w.union_blocks, w.union_bits);
+      row = {static_cast<int64_t>(w.union_blocks.size()), w.union_blocks.data(), 1};
+      member = w.union_bits.data();
+    }
+    const uint8_t all = uint8_t((1u << span) - 1);
 
-    int64_t tile_start = 0, tile_len = 0;  // in place: the current run [tile_start, tile_start + tile_len)
-    auto flush = [&] {
-      if (tile_len == 0) return;
-      if (in_place) {
-        std::iota(w.key_pos.begin(), w.key_pos.begin() + tile_len, tile_start);
-        tile(item.heads, rows, first_pos, tile_len,
-             reinterpret_cast<const float*>(k_head) + tile_start * p_.k_stride_t, p_.k_stride_t,
-             reinterpret_cast<const float*>(v_head) + tile_start * p_.v_stride_t, p_.v_stride_t, w);
-      } else {
-        tile(item.heads, rows, first_pos, tile_len, w.k.data(), dim, w.v.data(), dim, w);
-      }
-      tile_len = 0;
+    // Where keys come from: the cache (varlen rows or pages; packed slots with KV pruning) or the fresh tokens.
+    struct Source {
+      const T* k;
+      const T* v;
+      int64_t k_stride, v_stride;
+      bool pruned;
     };
-    for (int64_t slot = 0; slot < row.count; ++slot) {
-      int64_t start = int64_t{row[slot]} * p_.kv_block;
-      const int64_t end = std::min(start + p_.kv_block, key_end);
-      while (start < end) {  // blocks past the sequence or wholly in the causal future give an empty range
-        if (in_place) {
-          if (tile_len > 0 && (start != tile_start + tile_len || tile_len == kTileKeys)) flush();
-          if (tile_len == 0) tile_start = start;
-          const int64_t take = std::min(end - start, kTileKeys - tile_len);
-          tile_len += take;
-          start += take;
-        } else {
-          const int64_t take = std::min(end - start, kTileKeys - tile_len);
-          to_float(k_head + start * p_.k_stride_t, p_.k_stride_t, take, dim, 1.0f, w.k.data() + tile_len * dim);
-          to_float(v_head + start * p_.v_stride_t, p_.v_stride_t, take, dim, 1.0f, w.v.data() + tile_len * dim);
-          std::iota(w.key_pos.begin() + tile_len, w.key_pos.begin() + tile_len + take, start);
-          tile_len += take;
-          start += take;
-          if (tile_len == kTileKeys) flush();
+    const Source cached{k_ + kvh * p_.k_stride_h, v_ + kvh * p_.v_stride_h, p_.k_stride_t, p_.v_stride_t,
+                        p_.slot_keep > 0};
+    const Source fresh{p_.has_fresh ? new_k_ + kvh * p_.nk_stride_h : nullptr,
+                       p_.has_fresh ? new_v_ + kvh * p_.nv_stride_h : nullptr, p_.nk_stride_t, p_.nv_stride_t, false};
+    const int64_t fresh_from = p_.fresh_start(b), fresh_row0 = p_.has_fresh ? p_.cu_q[b] - fresh_from : 0;
+    int64_t gathered = 0;  // keys waiting in the fp32 tile
+    auto flush = [&] {
+      if (gathered == 0) return;
+      tile(item, g, gathered, w.k.data(), dim, w.v.data(), dim, w);
+      gathered = 0;
+    };
+    // Physical runs of the kept keys: logical keys [start, start + len) in rows [row, row + len) of one source,
+    // with one membership set.
+    int64_t run_start = 0, run_len = 0, run_row = 0;
+    uint8_t run_bits = all;
+    const Source* run_src = &cached;
+    auto consume = [&] {
+      if (run_len == 0) return;
+      const Source& src = *run_src;
+      if (std::is_same_v<T, float> && !src.pruned && run_len >= kInPlaceMinKeys) {
+        flush();  // the in-place tile reuses the position and membership buffers
+        for (int64_t off = 0; off < run_len; off += kTileKeys) {
+          const int64_t n = std::min(kTileKeys, run_len - off);
+          std::iota(w.key_pos.begin(), w.key_pos.begin() + n, run_start + off);
+          std::fill(w.key_bits.begin(), w.key_bits.begin() + n, run_bits);
+          tile(item, g, n, reinterpret_cast<const float*>(src.k) + (run_row + off) * src.k_stride, src.k_stride,
+               reinterpret_cast<const float*>(src.v) + (run_row + off) * src.v_stride, src.v_stride, w);
+        }
+      } else {
+        for (int64_t off = 0; off < run_len;) {
+          const int64_t n = std::min(kTileKeys - gathered, run_len - off);
+          const T* k_rows = src.k + (run_row + off) * src.k_stride;
+          if (src.pruned) {
+            unpack_slots(k_rows, src.k_stride, n, dim, p_.slot_keep, p_.bitmap_bytes, 0, w.k.data() + gathered * dim);
+            unpack_slots(k_rows, src.k_stride, n, dim, p_.slot_keep, p_.bitmap_bytes, 1, w.v.data() + gathered * dim);
+          } else {
+            to_float(k_rows, src.k_stride, n, dim, 1.0f, w.k.data() + gathered * dim);
+            to_float(src.v + (run_row + off) * src.v_stride, src.v_stride, n, dim, 1.0f, w.v.data() + gathered * dim);
+          }
+          std::iota(w.key_pos.begin() + gathered, w.key_pos.begin() + gathered + n, run_start + off);
+          std::fill(w.key_bits.begin() + gathered, w.key_bits.begin() + gathered + n, run_bits);
+          gathered += n;
+          off += n;
+          if (gathered == kTileKeys) flush();
         }
       }
+      run_len = 0;
+    };
+    for (int64_t slot = item.slot_begin; slot < item.slot_end; ++slot) {
+      int64_t t = row[slot] * p_.kv_block;
+      const int64_t end = std::min(t + p_.kv_block, key_end);
+      const uint8_t bits = member ? member[slot] : all;
+      while (t < end) {  // blocks past the sequence or wholly in the causal future give an empty range
+        const bool is_fresh = t >= fresh_from;
+        const Source* src = is_fresh ? &fresh : &cached;
+        const int64_t stop = is_fresh ? end : p_.run_end(b, t, std::min(end, fresh_from));
+        const int64_t phys = is_fresh ? fresh_row0 + t : p_.key_row(b, t);
+        if (run_len > 0 && src == run_src && t == run_start + run_len && phys == run_row + run_len &&
+            bits == run_bits) {
+          run_len += stop - t;  // continues the current run
+        } else {
+          consume();
+          run_start = t, run_row = phys, run_len = stop - t, run_bits = bits, run_src = src;
+        }
+        t = stop;
+      }
     }
+    consume();
     flush();
-    for (int64_t j = 0; j < item.heads; ++j) finish(q_start + row0, rows, item.head0 + j, j * rows, w);
+    for (int64_t j = 0; j < item.heads; ++j) {
+      for (int64_t i = 0; i < span; ++i) finish(item, g[i], item.head0 + j, (j * span + i) * rows, w);
+    }
   }
 
  private:
-  // One tile of n keys (rows of k/v with leading dimensions ldk/ldv; absolute positions in w.key_pos) for the
-  // stacked Q tile of `heads` x `rows` rows.
-  void tile(int64_t heads, int64_t rows, int64_t first_pos, int64_t n, const float* k, int64_t ldk, const float* v,
+  // One tile of n keys (rows of k/v with leading dimensions ldk/ldv; logical positions in w.key_pos, ascending;
+  // the stacked query blocks that keep each key in w.key_bits) for the item's Q tile.
+  void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, const float* k, int64_t ldk, const float* v,
             int64_t ldv, Scratch& w) const {
-    const int64_t m = heads * rows, dim = p_.dim;
+    const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
     gemm_abt(p_.blas, m, n, dim, w.q.data(), dim, k, ldk, s, kTileKeys);
-    if (p_.causal) {
-      const int64_t last_key = *std::max_element(w.key_pos.begin(), w.key_pos.begin() + n);
-      if (last_key > first_pos) {  // the tile reaches past the first query: mask each head's rows
-        for (int64_t j = 0; j < heads; ++j) {
-          mask_causal(s + j * rows * kTileKeys, kTileKeys, rows, n, w.key_pos.data(), first_pos);
-        }
+    for (int64_t i = 0; i < span; ++i) {
+      const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
+      const uint8_t bit = uint8_t(1u << i);
+      bool foreign = false;  // keys of the tile that query block i does not keep
+      for (int64_t c = 0; c < n && span > 1 && !foreign; ++c) foreign = !(w.key_bits[c] & bit);
+      for (int64_t j = 0; j < item.heads && (causal || foreign); ++j) {
+        float* sub = s + (j * span + i) * rows * kTileKeys;
+        if (causal) mask_causal(sub, kTileKeys, rows, n, w.key_pos.data(), g[i].first_pos);
+        if (foreign) mask_members(sub, kTileKeys, rows, n, w.key_bits.data(), bit);
       }
     }
-    softmax_update(s, kTileKeys, m, n, w.row_max.data(), w.row_sum.data(), w.acc.data(), dim);
+    ++w.tiles;
+    if (!softmax_update(s, kTileKeys, m, n, w.row_max.data(), w.row_sum.data(), w.acc.data(), dim, p_.skip)) {
+      ++w.skipped;
+      return;
+    }
     gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, ldv, w.acc.data(), dim);
   }
 
-  // Writes out = acc / l and lse for `rows` queries of head h, held at row `tile_row` of the Q tile.
-  void finish(int64_t token0, int64_t rows, int64_t h, int64_t tile_row, const Scratch& w) const {
+  // Writes out = acc / l and lse for the rows of query block g of head h, held at row `tile_row` of the Q tile: into
+  // the output, or into the partial buffers for a slice of a split row.
+  void finish(const WorkItem& item, const BlockGeometry& g, int64_t h, int64_t tile_row, const Scratch& w) const {
     const int64_t dim = p_.dim;
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < g.rows; ++r) {
       const float l = w.row_sum[tile_row + r];
       const float* acc = w.acc.data() + (tile_row + r) * dim;
-      T* o = out_ + (token0 + r) * p_.out_stride_t + h * p_.out_stride_h;
-      float* lse = lse_ + h * lse_stride_ + token0 + r;
-      if (l > 0.0f) {
-        const float inv = 1.0f / l;
-        for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<T>(acc[e] * inv);
-        *lse = (w.row_max[tile_row + r] + std::log2(l)) * kLn2;
-      } else {
-        std::fill(o, o + dim, static_cast<T>(0.0f));
-        *lse = kNegInf;
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float lse = l > 0.0f ? (w.row_max[tile_row + r] + std::log2(l)) * kLn2 : kNegInf;
+      if (item.partial >= 0) {
+        const int64_t at = slot(item, (h - item.head0) * g.rows + r);
+        float* o = partial_out_ + at * dim;
+        for (int64_t e = 0; e < dim; ++e) o[e] = acc[e] * inv;
+        partial_lse_[at] = lse;
+        continue;
+      }
+      T* o = out_ + (g.q_start + r) * p_.out_stride_t + h * p_.out_stride_h;
+      for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<T>(acc[e] * inv);
+      lse_[h * lse_stride_ + g.q_start + r] = lse;
+    }
+  }
+
+ public:
+  // Merges the slices [first, last) of one split row (consecutive partial indices) into the output.
+  void merge(const std::vector<WorkItem>& items, int64_t first, int64_t last) const {
+    const WorkItem& item = items[first];
+    const BlockGeometry g = geometry(p_, item.seq, item.q_block);
+    const int64_t dim = p_.dim;
+    std::vector<float> acc(dim);
+    for (int64_t j = 0; j < item.heads; ++j) {
+      for (int64_t r = 0; r < g.rows; ++r) {
+        const int64_t local = j * g.rows + r;
+        float top = kNegInf;
+        for (int64_t s = first; s < last; ++s) top = std::max(top, partial_lse_[slot(items[s], local)]);
+        T* o = out_ + (g.q_start + r) * p_.out_stride_t + (item.head0 + j) * p_.out_stride_h;
+        float* lse = lse_ + (item.head0 + j) * lse_stride_ + g.q_start + r;
+        if (top == kNegInf) {
+          std::fill(o, o + dim, static_cast<T>(0.0f));
+          *lse = kNegInf;
+          continue;
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float total = 0.0f;
+        for (int64_t s = first; s < last; ++s) {
+          const int64_t at = slot(items[s], local);
+          const float weight = std::exp(partial_lse_[at] - top);
+          total += weight;
+          const float* part = partial_out_ + at * dim;
+          for (int64_t e = 0; e < dim; ++e) acc[e] += weight * part[e];
+        }
+        for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<T>(acc[e] / total);
+        *lse = top + std::log(total);
       }
     }
+  }
+
+ private:
+  int64_t slot(const WorkItem& item, int64_t local) const {
+    return int64_t{item.partial} * p_.q_block * p_.q_heads + local;
   }
 
   Problem p_;
   const T* q_;
   const T* k_;
   const T* v_;
+  const T* new_k_;
+  const T* new_v_;
   T* out_;
   float* lse_;
   int64_t lse_stride_;
+  float* partial_out_;
+  float* partial_lse_;
 };
 
-// Work items, most expensive first: threads take them from a shared counter, which balances causal prefill
-// (cost grows with the query block) and ragged batches better than equal static ranges.
-std::vector<WorkItem> work_items(const Problem& p) {
+// The number of blocks in the union of `span` sorted mask rows.
+int64_t union_count(const MaskRow* rows, int64_t span) {
+  std::vector<int32_t> blocks;
+  std::vector<uint8_t> bits;
+  merge_rows(rows, span, blocks, bits);
+  return static_cast<int64_t>(blocks.size());
+}
+
+// Work items, most expensive first: threads take them from a shared counter, which balances causal prefill (cost
+// grows with the query block) and ragged batches better than equal static ranges. Short Q tiles (one head of a
+// small block) stack the following query blocks of the same heads while the union of their rows stays close to
+// what they read alone. When there are fewer items than kItemsPerThread per thread, long rows are split into
+// slices of at least kMinSplitKeys keys (flash-decoding).
+std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num_partials) {
   const int64_t group = p.q_heads / p.kv_heads;
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t q_len = p.cu_q[b + 1] - p.cu_q[b];
     const int64_t nq = (q_len + p.q_block - 1) / p.q_block;
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t rows = std::min(p.q_block, q_len - i * p.q_block);
-      for (int64_t g = 0; g < p.kv_heads; ++g) {
-        const int64_t h0 = g * group;
+    const int64_t full = q_len / p.q_block;  // query blocks of q_block rows (only those are stacked)
+    for (int64_t gq = 0; gq < p.kv_heads; ++gq) {
+      const int64_t h0 = gq * group;
+      for (int64_t i = 0; i < nq;) {
+        const int64_t rows = std::min(p.q_block, q_len - i * p.q_block);
         const MaskRow first = mask_row(p, b, h0, i);
         bool shared = true;
         for (int64_t j = 1; j < group && shared; ++j) shared = mask_row(p, b, h0 + j, i) == first;
-        for (int64_t h = h0; h < h0 + group; h += shared ? group : 1) {
-          const int64_t heads = shared ? group : 1;
-          const int64_t count = shared ? first.count : mask_row(p, b, h, i).count;
-          items.push_back({(count + 1) * rows * heads, static_cast<int32_t>(b), static_cast<int32_t>(i),
-                           static_cast<int32_t>(h), static_cast<int32_t>(heads)});
+        const int64_t heads = shared ? group : 1;
+        // Stack query blocks (only where every head set of this block shares its layout: shared rows, or one head
+        // per item for the whole group), same for all head sets of the group.
+        int64_t span = 1;
+        if (!p.dense() && i < full) {
+          const int64_t want = std::min<int64_t>(kMaxSpan, (kTargetTileRows + heads * rows - 1) / (heads * rows));
+          while (span < want && i + span < full) {
+            bool ok = true;
+            for (int64_t h = h0; h < h0 + group && ok; h += heads) {
+              MaskRow rows_of[kMaxSpan];
+              int64_t alone = 0;
+              for (int64_t s = 0; s <= span; ++s) {
+                rows_of[s] = mask_row(p, b, h, i + s);
+                alone = std::max(alone, rows_of[s].count);
+              }
+              // Heads sharing block i must share the stacked blocks too.
+              for (int64_t j = 1; j < heads && ok; ++j) ok = mask_row(p, b, h + j, i + span) == rows_of[span];
+              ok = ok && union_count(rows_of, span + 1) <= kMaxUnionOverhead * alone;
+            }
+            if (!ok) break;
+            ++span;
+          }
         }
+        for (int64_t h = h0; h < h0 + group; h += heads) {
+          int64_t count = 0;
+          if (span == 1) {
+            count = mask_row(p, b, h, i).count;
+          } else {
+            MaskRow rows_of[kMaxSpan];
+            for (int64_t s = 0; s < span; ++s) rows_of[s] = mask_row(p, b, h, i + s);
+            count = union_count(rows_of, span);
+          }
+          items.push_back({(count * p.kv_block + 1) * rows * heads * span, static_cast<int32_t>(b),
+                           static_cast<int32_t>(i), static_cast<int32_t>(span), static_cast<int32_t>(h),
+                           static_cast<int32_t>(heads), 0, static_cast<int32_t>(count), -1});
+        }
+        i += span;
       }
     }
+  }
+  *num_partials = 0;
+  const int64_t target = threads * kItemsPerThread;
+  if (threads > 1 && static_cast<int64_t>(items.size()) < target) {
+    std::vector<WorkItem> split;
+    const int64_t per_item = (target + items.size() - 1) / items.size();
+    for (const WorkItem& item : items) {
+      const int64_t count = item.slot_end;
+      const int64_t by_size = count * p.kv_block / kMinSplitKeys;
+      const int64_t pieces = item.span > 1 ? 1 : std::max<int64_t>(1, std::min(per_item, by_size));
+      if (pieces == 1) {
+        split.push_back(item);
+        continue;
+      }
+      for (int64_t s = 0; s < pieces; ++s) {
+        WorkItem piece = item;
+        piece.slot_begin = static_cast<int32_t>(count * s / pieces);
+        piece.slot_end = static_cast<int32_t>(count * (s + 1) / pieces);
+        piece.cost = item.cost / pieces;
+        piece.partial = static_cast<int32_t>((*num_partials)++);
+        split.push_back(piece);
+      }
+    }
+    items.swap(split);
   }
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& x, const WorkItem& y) { return x.cost > y.cost; });
   return items;
@@ -414,14 +514,15 @@ std::vector<WorkItem> work_items(const Problem& p) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseAttentionInputs& in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseAttentionInputs& in) {
   const auto& q = in.q;
   const int64_t total_q = q.size(0), q_heads = q.size(1), dim = q.size(2);
   auto out = at::empty({total_q, q_heads, dim}, q.options());
   auto lse = at::empty({q_heads, total_q}, q.options().dtype(at::kFloat));
-  if (total_q == 0) return {out, lse};
+  auto stats = at::zeros({2}, q.options().dtype(at::kLong));  // tiles computed, tiles skipped
+  if (total_q == 0) return {out, lse, stats};
 
-  Problem p;
+  Problem p{};
   p.batch = in.cu_seqlens_q.size(0) - 1;
   p.q_heads = q_heads;
   p.kv_heads = in.k.size(1);
@@ -435,39 +536,87 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseA
   p.out_stride_t = out.stride(0);
   p.out_stride_h = out.stride(1);
   p.cu_q = in.cu_seqlens_q.data_ptr<int32_t>();
-  p.cu_k = in.cu_seqlens_k.data_ptr<int32_t>();
-  const auto& nb = in.kv_num_blocks;
-  const auto& idx = in.kv_indices;
-  p.num_blocks = nb.data_ptr<int32_t>();
-  p.indices = idx.data_ptr<int32_t>();
-  // A mask dimension of size 1 broadcasts over the batch or the heads.
-  p.nb_stride_b = nb.size(0) == 1 ? 0 : nb.stride(0);
-  p.nb_stride_h = nb.size(1) == 1 ? 0 : nb.stride(1);
-  p.nb_stride_q = nb.stride(2);
-  p.idx_stride_b = idx.size(0) == 1 ? 0 : idx.stride(0);
-  p.idx_stride_h = idx.size(1) == 1 ? 0 : idx.stride(1);
-  p.idx_stride_q = idx.stride(2);
-  p.idx_stride_w = idx.stride(3);
+  p.kv_lens = in.kv_lens.data_ptr<int32_t>();
+  if (in.block_table.defined()) {
+    p.block_table = in.block_table.data_ptr<int32_t>();
+    p.table_stride = in.block_table.stride(0);
+    p.page_size = in.page_size;
+  } else {
+    p.cu_k = in.cu_seqlens_k.data_ptr<int32_t>();
+  }
+  if (in.kv_num_blocks.defined()) {
+    const auto& nb = in.kv_num_blocks;
+    const auto& idx = in.kv_indices;
+    p.num_blocks = nb.data_ptr<int32_t>();
+    p.indices = idx.data_ptr<int32_t>();
+    // A mask dimension of size 1 broadcasts over the batch or the heads.
+    p.nb_stride_b = nb.size(0) == 1 ? 0 : nb.stride(0);
+    p.nb_stride_h = nb.size(1) == 1 ? 0 : nb.stride(1);
+    p.nb_stride_q = nb.stride(2);
+    p.idx_stride_b = idx.size(0) == 1 ? 0 : idx.stride(0);
+    p.idx_stride_h = idx.size(1) == 1 ? 0 : idx.stride(1);
+    p.idx_stride_q = idx.stride(2);
+    p.idx_stride_w = idx.stride(3);
+    p.mask_head_div = nb.size(1) == 1 ? 1 : q_heads / nb.size(1);
+  }
+  p.slot_keep = in.slot_keep;
+  p.bitmap_bytes = (dim + 7) / 8;
+  if (in.new_k.defined()) {
+    p.has_fresh = true;
+    p.nk_stride_t = in.new_k.stride(0);
+    p.nk_stride_h = in.new_k.stride(1);
+    p.nv_stride_t = in.new_v.stride(0);
+    p.nv_stride_h = in.new_v.stride(1);
+  }
   p.q_block = in.q_block_size;
   p.kv_block = in.kv_block_size;
   p.causal = in.causal;
   p.scale = static_cast<float>(in.scale);
+  p.skip = in.skip_threshold > 0 ? static_cast<float>(in.skip_threshold * kLog2e)
+                                  : std::numeric_limits<float>::infinity();
   p.blas = in.use_blas && sgemm_ != nullptr;
 
-  const std::vector<WorkItem> items = work_items(p);
+  const int64_t threads = at::get_num_threads();
+  int64_t num_partials = 0;
+  const std::vector<WorkItem> items = work_items(p, threads, &num_partials);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
+  std::vector<float> partial_out(num_partials * p.q_block * q_heads * dim), partial_lse(num_partials * p.q_block * q_heads);
+  std::atomic<int64_t> tiles{0}, skipped{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attention_cpu", [&] {
+    const scalar_t* new_k = p.has_fresh ? in.new_k.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* new_v = p.has_fresh ? in.new_v.data_ptr<scalar_t>() : nullptr;
     const BlockSparseAttention<scalar_t> op(p, q.data_ptr<scalar_t>(), in.k.data_ptr<scalar_t>(),
-                                            in.v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                            lse.data_ptr<float>(), lse.stride(0));
+                                            in.v.data_ptr<scalar_t>(), new_k, new_v, out.data_ptr<scalar_t>(),
+                                            lse.data_ptr<float>(), lse.stride(0), partial_out.data(),
+                                            partial_lse.data());
     std::atomic<int64_t> next{0};
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      Scratch scratch(p.q_block * (q_heads / p.kv_heads), dim);
+      Scratch scratch(p.q_block * (q_heads / p.kv_heads) * kMaxSpan, dim);
       for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) op.run(items[i], scratch);
+      tiles += scratch.tiles;
+      skipped += scratch.skipped;
     });
+    if (num_partials > 0) {  // slices of one split row have consecutive partial indices
+      std::vector<WorkItem> slices;
+      for (const WorkItem& item : items) {
+        if (item.partial >= 0) slices.push_back(item);
+      }
+      std::sort(slices.begin(), slices.end(), [](const WorkItem& x, const WorkItem& y) { return x.partial < y.partial; });
+      for (size_t first = 0; first < slices.size();) {
+        size_t last = first + 1;
+        while (last < slices.size() && slices[last].seq == slices[first].seq &&
+               slices[last].q_block == slices[first].q_block && slices[last].head0 == slices[first].head0) {
+          ++last;
+        }
+        op.merge(slices, first, last);
+        first = last;
+      }
+    }
   });
-  return {out, lse};
+  stats.data_ptr<int64_t>()[0] = tiles.load();
+  stats.data_ptr<int64_t>()[1] = skipped.load();
+  return {out, lse, stats};
 }
 
 }  // namespace sparse_attn

@@ -250,6 +250,35 @@ def check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale
     return check_scale(scale, dim)
 
 
+def compressed_decode_attention(
+    q: torch.Tensor,
+    compressed: CompressedKV,
+    k_recent: torch.Tensor,
+    v_recent: torch.Tensor,
+    recent_lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    max_context: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``q [B, Hq, D]`` over each sequence's compressed tokens followed by its dense recent
+    window (``k_recent/v_recent [B, Hkv, W, D]``, ``recent_lengths [B]``), on the compressed tiles, by the compiled
+    operator (``sparse_attn._C.compressed_decode_attention``, CPU or CUDA).
+
+    Returns ``out [B, Hq, D]`` (q's dtype) and ``lse`` fp32 ``[B, Hq]`` (-inf and out 0 for an empty context).
+    ``max_context`` (>= every context length; GPU only) sizes the split grid without reading the lengths.
+    """
+    from ..ops.extension import _int_arg, check_device, extension
+
+    scale = check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale)
+    check_device("q", q)
+    max_context = _int_arg("max_context", 0 if max_context is None else max_context, 0)
+    c = compressed
+    return extension().compressed_decode_attention(
+        q.contiguous(), c.k_bitmaps, c.k_values, c.k_keep, c.v_bitmaps, c.v_values, c.v_keep, c.offsets, c.lengths,
+        k_recent.contiguous(), v_recent.contiguous(), recent_lengths.to(torch.int32), scale, max_context,
+    )
+
+
 def context_tokens(compressed: CompressedKV, k_recent: torch.Tensor, v_recent: torch.Tensor,
                    recent_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Every sequence's full context, decompressed, in the varlen layout: k/v ``[Tk, Hkv, D]`` and cu_seqlens_k."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.attention import resolve_backend
-from ..ops.extension import compressed_decode_attention as compressed_decode_attention_ext
 from ..ops.extension import extension_available
 from ..ops.reference import attention_reference_varlen
+from .compressed import compressed_decode_attention as compressed_decode_attention_ext
 from .compressed import (
     CompressedKV,
     CompressedKVCache,

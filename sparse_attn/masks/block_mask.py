@@ -93,6 +93,20 @@ class BlockSparseMask:
         return cls(counts, order.to(torch.int32).contiguous(), q_block_size, kv_block_size, q_len, kv_len, values_checked=True)
 
     @classmethod
+    def full(cls, *, q_len: int, kv_len: int, q_block_size: int, kv_block_size: int, causal: bool = True,
+             device=None) -> "BlockSparseMask":
+        """Every block each query block may see (causally, with queries the last q_len positions): the dense mask,
+        one row broadcast over batch and heads."""
+        nq, nk = num_blocks(q_len, q_block_size), num_blocks(kv_len, kv_block_size)
+        if causal:
+            counts = causal_block_bounds(q_len, kv_len, q_block_size, kv_block_size, device)
+        else:
+            counts = torch.full((nq,), nk, dtype=torch.int64, device=device)
+        indices = torch.arange(max(nk, 1), dtype=torch.int32, device=device).expand(nq, -1)
+        return cls(counts.to(torch.int32).view(1, 1, nq), indices.reshape(1, 1, nq, -1), q_block_size, kv_block_size,
+                   q_len, kv_len, values_checked=True)
+
+    @classmethod
     def from_token_indices(cls, indices: torch.Tensor, counts: torch.Tensor, *, kv_len: int) -> "BlockSparseMask":
         """A decode selection: ``indices[B, H, k]`` token positions (ascending within the count), ``counts[B, H]``."""
         if indices.dim() != 3 or counts.dim() != 2 or counts.shape != indices.shape[:2]:

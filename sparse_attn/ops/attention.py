@@ -3,9 +3,12 @@
 The "cpu" backend runs the C++ kernel (``sparse_attn._C``) on CPU tensors where the extension is built, else the
 PyTorch op of ``cpu.py``, which stays importable on its own as a second implementation.
 
-Two input layouts, one semantics:
+Two query layouts and two key layouts, one semantics:
 - padded, like ``scaled_dot_product_attention``: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``;
-- varlen (ragged batches), like flash-attn: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` with ``cu_seqlens_q/k [B+1]``.
+- varlen (ragged batches), like flash-attn: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` with ``cu_seqlens_q/k [B+1]``;
+- paged keys (a KV cache read in place, like vLLM's and FlashInfer's): varlen q with k/v ``[num_pages, page_size,
+  Hkv, D]`` (any strides), ``block_table [B, max_pages]`` and ``kv_lens [B]``: key t of sequence b lives in page
+  ``block_table[b, t // page_size]`` at offset ``t % page_size``.
 Queries are the last q_len positions of each sequence's context (chunked prefill and decode), GQA maps query head h
 to KV head ``h // (Hq // Hkv)``, and rows that read no key return 0 (log-sum-exp -inf).
 """
@@ -15,13 +18,19 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import Sequence
 
 import torch
 
 from ..masks import BlockSparseMask
 from . import checks
-from .cpu import block_sparse_attention_cpu
+from .cpu import block_sparse_attention_cpu as block_sparse_attention_torch
+from .extension import block_sparse_attention_cpu as block_sparse_attention_cpp
+from .extension import cpu_kernel_available, cuda_extension, cuda_op_available
 from .reference import attention_reference_varlen
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "block_sparse_attention", "resolve_backend", "triton_kernels",
+           "triton_interpreter_enabled", "cuda_extension", "cuda_op_available", "cpu_kernel_available"]
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 BACKEND_ENV = "SPARSE_ATTN_BACKEND"
@@ -38,27 +47,6 @@ def triton_kernels():
         return importlib.import_module("sparse_attn.triton_kernels")
     except ImportError:
         return None
-
-
-@functools.cache
-def cuda_extension():
-    """The compiled C++/CUDA extension, or None where it was not built."""
-    try:
-        return importlib.import_module("sparse_attn._C")
-    except ImportError:
-        return None
-
-
-def cuda_op_available(op: str) -> bool:
-    """Whether the extension was built with CUDA and provides ``op``."""
-    ext = cuda_extension()
-    return ext is not None and hasattr(ext, op) and getattr(ext, "with_cuda", True)
-
-
-def cpu_kernel_available() -> bool:
-    """Whether the extension provides the C++ CPU kernel that the "cpu" backend prefers for CPU tensors."""
-    ext = cuda_extension()
-    return ext is not None and hasattr(ext, "block_sparse_attention_cpu")
 
 
 def resolve_backend(
@@ -97,66 +85,139 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: BlockSparseMask,
+    mask: BlockSparseMask | None,
     *,
     causal: bool = True,
     scale: float | None = None,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | Sequence[int] | None = None,
+    cu_seqlens_k: torch.Tensor | Sequence[int] | None = None,
+    block_table: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | Sequence[int] | None = None,
+    q_block_size: int = 64,
+    skip_threshold: float = 0.0,
     return_lse: bool = False,
     backend: str | None = None,
 ):
-    """Attention that reads only the KV blocks ``mask`` keeps (see the module docstring for layouts).
+    """Attention that reads only the KV blocks ``mask`` keeps (see the module docstring for layouts); ``mask=None``
+    reads every key (dense, in query blocks of ``q_block_size``).
+
+    ``skip_threshold`` > 0 (natural-log units, C++ CPU kernel) also skips, inside the kept blocks, every key tile whose
+    scores all lie that far below their rows' running maxima: such a tile holds at most ``tile * e^-threshold`` of a
+    row's mass, so its exponentials and its P.V product are left out without an estimation pass. 0 is exact.
 
     Returns ``out`` shaped like q (q's dtype), and with ``return_lse`` also the fp32 log-sum-exp, ``[B, Hq, Sq]``
     (padded) or ``[Hq, Tq]`` (varlen), which lets partial results over disjoint key sets be merged exactly.
     """
-    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    checks.check_qkv(q, k, v, varlen=varlen)
-    if varlen:
+    paged = block_table is not None
+    varlen = paged or cu_seqlens_q is not None or cu_seqlens_k is not None
+    if paged:
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (k, v)):
+            raise ValueError(f"paged k/v must be [num_pages, page_size, Hkv, D], got {tuple(getattr(k, 'shape', ()))} "
+                             f"and {tuple(getattr(v, 'shape', ()))}")
+        checks.check_qkv(q, k[:, 0], v[:, 0], varlen=True)  # one slot of every page: dtypes, devices, heads, D
+        if cu_seqlens_q is None or cu_seqlens_k is not None or kv_lens is None:
+            raise ValueError("paged keys take cu_seqlens_q, block_table and kv_lens (not cu_seqlens_k)")
+        cu_q = checks.check_cu_seqlens("cu_seqlens_q", _as_tensor(cu_seqlens_q), q.shape[0], q.device)
+        kv_list = _as_tensor(kv_lens).tolist()
+        checks.check_paged(block_table, kv_list, len(cu_q) - 1, k.shape[1], k.shape[0], q.device)
+        q_tokens = q
+    else:
+        checks.check_qkv(q, k, v, varlen=varlen)
+    if varlen and not paged:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k")
-        cu_q = checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        cu_k = checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        cu_q = checks.check_cu_seqlens("cu_seqlens_q", _as_tensor(cu_seqlens_q), q.shape[0], q.device)
+        cu_k = checks.check_cu_seqlens("cu_seqlens_k", _as_tensor(cu_seqlens_k), k.shape[0], q.device)
+        kv_list = [b - a for a, b in zip(cu_k, cu_k[1:])]
         q_tokens, k_tokens, v_tokens = q, k, v
-    else:
+    elif not varlen:
         batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
         cu_q, cu_k = [i * sq for i in range(batch + 1)], [i * skv for i in range(batch + 1)]
+        kv_list = [skv] * batch
         # [B, H, S, D] -> [B*S, H, D]; free for tensors that came from a [B, S, H, D] projection.
         q_tokens, k_tokens, v_tokens = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
     q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
-    kv_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
-    checks.check_lengths(q_lens, kv_lens, causal)
+    checks.check_lengths(q_lens, kv_list, causal)
     batch, num_heads = len(q_lens), q_tokens.shape[1]
-    checks.check_mask(mask, batch, num_heads, max(q_lens, default=0), max(kv_lens, default=0), q.device)
+    if mask is not None:
+        checks.check_mask(mask, batch, num_heads, max(q_lens, default=0), max(kv_list, default=0), q.device)
     scale = checks.check_scale(scale, q.shape[-1])
+    if not isinstance(skip_threshold, (int, float)) or isinstance(skip_threshold, bool) or not 0 <= skip_threshold < float("inf"):
+        raise ValueError(f"skip_threshold must be a finite number >= 0, got {skip_threshold!r}")
 
     name = resolve_backend(backend, q.device)
-    mask = mask.expand(batch, num_heads)
-    if name == "reference":
-        out, lse = attention_reference_varlen(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
-        out = out.to(q.dtype)
-    elif name == "cpu":
-        # The C++ kernel where it is built and the tensors are on the CPU; else the PyTorch op (any device). The
-        # kernel has no backward, so inputs that need gradients also take the PyTorch op (autograd runs through it).
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if q.device.type == "cpu" and not needs_grad and cpu_kernel_available():
-            from .extension import block_sparse_attention_cpu as cpu_kernel  # lazy: extension.py imports this module
-
-            out, lse = cpu_kernel(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale, checked=True)
-        else:
-            out, lse = block_sparse_attention_cpu(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
-    else:
-        cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
-        cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
-        impl = triton_kernels().block_sparse_attention_fwd if name == "triton" else cuda_extension().block_sparse_attention_fwd
-        out, lse = impl(
-            q_tokens, k_tokens, v_tokens, cu_q_t, cu_k_t, max(q_lens, default=0),
-            mask.kv_num_blocks, mask.kv_indices, mask.q_block_size, mask.kv_block_size, causal, scale,
+    cpp = name == "cpu" and q.device.type == "cpu" and cpu_kernel_available() and not _needs_grad(q, k, v)
+    if skip_threshold and not cpp:
+        raise ValueError("skip_threshold runs in the C++ CPU kernel only (CPU tensors, backend 'cpu', no gradients)")
+    if cpp:  # reads pages in place
+        out, lse = block_sparse_attention_cpp(
+            q_tokens, k if paged else k_tokens, v if paged else v_tokens, cu_q, None if paged else cu_k, mask, causal,
+            scale, block_table=block_table, kv_lens=kv_list if paged else None, q_block_size=q_block_size,
+            skip_threshold=skip_threshold, checked=True,
         )
+    else:
+        if paged:  # the other implementations read varlen keys: gather them (Triton reads pages in place)
+            if name != "triton":
+                k_tokens, v_tokens, cu_k = _gather_pages(k, v, block_table, kv_list)
+        if mask is None:
+            mask = _dense_mask(q_lens, kv_list, num_heads, q_block_size, q.device)
+        mask = mask.expand(batch, num_heads)
+        if name == "reference":
+            out, lse = attention_reference_varlen(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
+            out = out.to(q.dtype)
+        elif name == "cpu":  # the PyTorch op (any device; autograd runs through it)
+            out, lse = block_sparse_attention_torch(q_tokens, k_tokens, v_tokens, cu_q, cu_k, mask, causal, scale)
+        elif name == "triton":
+            cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+            paged_args = {}
+            if paged:
+                k_tokens, v_tokens = k, v
+                cu_k_t = None
+                paged_args = dict(block_table=block_table.to(torch.int32),
+                                  kv_lens=torch.tensor(kv_list, dtype=torch.int32, device=q.device))
+            else:
+                cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+            out, lse = triton_kernels().block_sparse_attention_fwd(
+                q_tokens, k_tokens, v_tokens, cu_q_t, cu_k_t, max(q_lens, default=0),
+                mask.kv_num_blocks, mask.kv_indices, mask.q_block_size, mask.kv_block_size, causal, scale, **paged_args,
+            )
+        else:
+            out, lse = cuda_extension().block_sparse_attention_fwd(
+                q_tokens, k_tokens, v_tokens, torch.tensor(cu_q, dtype=torch.int32, device=q.device),
+                torch.tensor(cu_k, dtype=torch.int32, device=q.device), max(q_lens, default=0),
+                mask.kv_num_blocks, mask.kv_indices, mask.q_block_size, mask.kv_block_size, causal, scale,
+            )
 
     if not varlen:
         batch, sq = q.shape[0], q.shape[2]
         out = out.view(batch, sq, num_heads, -1).transpose(1, 2)
         lse = lse.view(num_heads, batch, sq).transpose(0, 1)
     return (out, lse) if return_lse else out
+
+
+def _as_tensor(values) -> torch.Tensor:
+    return values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.int32)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _dense_mask(q_lens, kv_lens, num_heads: int, block: int, device) -> BlockSparseMask:
+    """Every block of every row (for the implementations that read masks only; kernels apply causality)."""
+    return BlockSparseMask.full(q_len=max(q_lens), kv_len=max(kv_lens), q_block_size=block, kv_block_size=block,
+                                causal=False, device=device)
+
+
+def _gather_pages(k, v, block_table, kv_lens):
+    """The sequences' keys of a paged cache in the varlen layout (for implementations without page reads)."""
+    page_size = k.shape[1]
+    rows = []
+    for b, n in enumerate(kv_lens):
+        t = torch.arange(n, device=k.device)
+        rows.append(block_table[b, t // page_size].long() * page_size + t % page_size)
+    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=k.device)
+    cu_k = [0]
+    for n in kv_lens:
+        cu_k.append(cu_k[-1] + n)
+    return k.flatten(0, 1)[rows], v.flatten(0, 1)[rows], cu_k

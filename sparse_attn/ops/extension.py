@@ -1,21 +1,25 @@
-"""Typed wrappers over the compiled extension ``sparse_attn._C`` (csrc/): they check every argument and raise
-ValueError naming it before anything reaches C++, and raise RuntimeError with the fix when the extension is missing.
+"""Typed wrappers over the compiled extension ``sparse_attn._C`` (csrc/): the lowest layer of the package.
 
-The extension's CPU ops are always built by ``pip install --no-build-isolation -e .``; its CUDA kernels only with
-a CUDA torch and nvcc (``sparse_attn._C.with_cuda``).
+They check every argument and raise ValueError naming it before anything reaches C++, and raise RuntimeError with
+the fix when the extension is missing. Callers that have run the checks already (the dispatching entry points) pass
+``checked=True``. This module imports nothing else of the package but the mask type and the shared checks, so every
+layer above may use it.
+
+The extension's CPU ops are always built by ``pip install --no-build-isolation -e .``; its CUDA kernels only with a
+CUDA torch and nvcc (``sparse_attn._C.with_cuda``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import importlib
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from . import checks
-from .attention import cuda_extension
 
 if TYPE_CHECKING:
-    from ..decode.compressed import CompressedKV
     from ..masks import BlockSparseMask
 
 NOT_BUILT = (
@@ -24,10 +28,30 @@ NOT_BUILT = (
 )
 
 
+@functools.cache
+def cuda_extension():
+    """The compiled C++/CUDA extension, or None where it was not built."""
+    try:
+        return importlib.import_module("sparse_attn._C")
+    except ImportError:
+        return None
+
+
 def extension_available(op: str | None = None) -> bool:
     """Whether the extension is importable (and provides ``op``, when given)."""
     ext = cuda_extension()
     return ext is not None and (op is None or hasattr(ext, op))
+
+
+def cuda_op_available(op: str) -> bool:
+    """Whether the extension was built with CUDA and provides ``op``."""
+    ext = cuda_extension()
+    return ext is not None and hasattr(ext, op) and getattr(ext, "with_cuda", True)
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the extension provides the C++ CPU attention kernel that the "cpu" backend prefers for CPU tensors."""
+    return extension_available("block_sparse_attention_cpu")
 
 
 def extension():
@@ -38,7 +62,7 @@ def extension():
     return ext
 
 
-def _check_device(name: str, t: torch.Tensor) -> None:
+def check_device(name: str, t: torch.Tensor) -> None:
     if t.is_cuda and not getattr(extension(), "with_cuda", False):
         raise ValueError(f"{name} is a CUDA tensor but sparse_attn._C was built without CUDA kernels")
 
@@ -84,7 +108,7 @@ def topk_tokens(
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or not scores.is_floating_point():
         raise ValueError(f"scores must be a floating-point tensor [B, H, L], got "
                          f"{getattr(scores, 'dtype', type(scores).__name__)} {tuple(getattr(scores, 'shape', ()))}")
-    _check_device("scores", scores)
+    check_device("scores", scores)
     k = _int_arg("k", k, 1)
     sink, recent = _int_arg("sink", sink, 0), _int_arg("recent", recent, 0)
     if sink + recent > k:
@@ -96,72 +120,95 @@ def topk_tokens(
     return extension().topk_tokens(scores.float().contiguous(), lengths, k, sink, recent, budgets)
 
 
-def compressed_decode_attention(
-    q: torch.Tensor,
-    compressed: CompressedKV,
-    k_recent: torch.Tensor,
-    v_recent: torch.Tensor,
-    recent_lengths: torch.Tensor,
-    *,
-    scale: float | None = None,
-    max_context: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention of ``q [B, Hq, D]`` over each sequence's compressed tokens followed by its dense recent
-    window (``k_recent/v_recent [B, Hkv, W, D]``, ``recent_lengths [B]``), on the compressed tiles.
-
-    Returns ``out [B, Hq, D]`` (q's dtype) and ``lse`` fp32 ``[B, Hq]`` (-inf and out 0 for an empty context).
-    ``max_context`` (>= every context length; GPU only) sizes the split grid without reading the lengths.
-    """
-    from ..decode.compressed import check_decode_inputs
-
-    scale = check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale)
-    _check_device("q", q)
-    if max_context is None:
-        max_context = 0  # the CUDA op then reads the lengths itself
-    _int_arg("max_context", max_context, 0)
-    c = compressed
-    return extension().compressed_decode_attention(
-        q.contiguous(), c.k_bitmaps, c.k_values, c.k_keep, c.v_bitmaps, c.v_values, c.v_keep, c.offsets, c.lengths,
-        k_recent.contiguous(), v_recent.contiguous(), recent_lengths.to(torch.int32), scale, max_context,
-    )
+def _int32(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return values.to(torch.int32) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int32)
 
 
 def block_sparse_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens_q: list[int] | torch.Tensor,
-    cu_seqlens_k: list[int] | torch.Tensor,
-    mask: BlockSparseMask,
+    cu_seqlens_q: Sequence[int] | torch.Tensor,
+    cu_seqlens_k: Sequence[int] | torch.Tensor | None,
+    mask: BlockSparseMask | None,
     causal: bool,
     scale: float | None,
     *,
+    block_table: torch.Tensor | None = None,
+    kv_lens: Sequence[int] | torch.Tensor | None = None,
+    page_size: int = 0,
+    q_block_size: int = 64,
+    skip_threshold: float = 0.0,
+    slot_keep: int = 0,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
     checked: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ CPU kernel for block-sparse attention; same arguments and results as the PyTorch op
-    :func:`sparse_attn.ops.cpu.block_sparse_attention_cpu` (varlen q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, cu_seqlens
-    as lists, mask broadcastable to ``[B, Hq]``).
+    return_stats: bool = False,
+):
+    """The C++ CPU kernel for block-sparse attention; same results as the PyTorch op
+    :func:`sparse_attn.ops.cpu.block_sparse_attention_cpu` (varlen q ``[Tq, Hq, D]``, cu_seqlens as lists or
+    tensors, mask broadcastable to ``[B, Hq]``; None reads every key: dense, in blocks of ``q_block_size`` queries).
 
-    Returns out ``[Tq, Hq, D]`` in q's dtype and lse ``[Hq, Tq]`` fp32 (natural log; 0 and -inf for rows that read no
-    key). Work follows the kept blocks: a flash-style loop over each row's KV blocks with an online softmax and fp32
-    accumulation. Tensors are read in place with any token and head strides (a non-unit stride along head_dim is
-    copied first); ``scale=None`` means ``head_dim ** -0.5``. ``checked=True`` skips the Python argument checks, for
-    the entry point (:func:`sparse_attn.ops.attention.block_sparse_attention`) that has run them already.
+    Keys are varlen ``k/v [Tk, Hkv, D]`` with ``cu_seqlens_k``, or read in place from pages: ``k/v [num_pages,
+    page_size, Hkv, D]`` (any strides, e.g. views of vLLM's pages) with ``block_table [B, max_pages]`` and
+    ``kv_lens [B]`` (key t of sequence b in page ``block_table[b, t // page_size]``, ``cu_seqlens_k`` None).
+
+    ``slot_keep`` > 0: the cached rows are KV-pruned slots (:class:`sparse_attn.decode.PrunedSlotFormat` with
+    ``keep = slot_keep``; pass the slot tensor as both k and v), unpacked as the kernel reads them. ``new_k/new_v
+    [Tq, Hkv, D]``: the step's own tokens (aligned with q), read for each sequence's last q_len positions instead of
+    the cache (e.g. unpruned where the cache holds them pruned). The mask may also hold one row per KV head
+    (``[B, Hkv, nq, W]``: a GQA group shares its selection).
+
+    Returns out ``[Tq, Hq, D]`` in q's dtype and lse ``[Hq, Tq]`` fp32 (natural log; 0 and -inf for rows that read
+    no key); with ``return_stats`` also int64 ``[tiles, skipped tiles]``. Work follows the kept blocks: a flash-style
+    loop over each row's KV blocks with an online softmax and fp32 accumulation; rows of few queries over long
+    contexts (decode) are split over the threads and merged exactly. ``skip_threshold`` > 0 skips key tiles whose
+    scores all lie that far (natural log) below their rows' running maxima (approximate; 0: exact). ``scale=None``
+    means ``head_dim ** -0.5``. ``checked=True`` skips the Python argument checks, for entry points that ran them.
     """
     if q.device.type != "cpu":
         raise ValueError(f"q must be a CPU tensor for the C++ CPU kernel, got {q.device}")
-    cu_q_t, cu_k_t = (torch.as_tensor(cu, dtype=torch.int32) for cu in (cu_seqlens_q, cu_seqlens_k))
+    cu_q_t = _int32(cu_seqlens_q)
+    paged = block_table is not None
+    if paged:
+        if cu_seqlens_k is not None or kv_lens is None:
+            raise ValueError("paged keys take block_table and kv_lens, not cu_seqlens_k")
+        if k.dim() != 4 or v.shape != k.shape:
+            raise ValueError(f"paged k/v must be [num_pages, page_size, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        page_size = k.shape[1]
+        k, v = k.flatten(0, 1), v.flatten(0, 1)  # views: rows of slots (a copy only where pages are not strided alike)
+        if block_table.dtype != torch.int32:
+            block_table = block_table.to(torch.int32)
+        kv_lens_t, cu_k_t = _int32(kv_lens), None
+    else:
+        cu_k_t, kv_lens_t = _int32(cu_seqlens_k), None
     if not checked:
-        checks.check_qkv(q, k, v, varlen=True)
+        if slot_keep == 0:
+            checks.check_qkv(q, k, v, varlen=True)
         cu_q = checks.check_cu_seqlens("cu_seqlens_q", cu_q_t, q.shape[0], q.device)
-        cu_k = checks.check_cu_seqlens("cu_seqlens_k", cu_k_t, k.shape[0], q.device)
         q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
-        kv_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
-        checks.check_lengths(q_lens, kv_lens, causal)
-        checks.check_mask(mask, len(q_lens), q.shape[1], max(q_lens), max(kv_lens), q.device)
+        if paged:
+            kv = kv_lens_t.tolist()
+        else:
+            cu_k = checks.check_cu_seqlens("cu_seqlens_k", cu_k_t, k.shape[0], q.device)
+            kv = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        checks.check_lengths(q_lens, kv, causal)
+        if mask is not None:
+            checks.check_mask(mask, len(q_lens), q.shape[1], max(q_lens), max(kv), q.device)
     scale = checks.check_scale(scale, q.shape[-1])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return extension().block_sparse_attention_cpu(
-        q, k, v, cu_q_t, cu_k_t, mask.kv_num_blocks, mask.kv_indices, mask.q_block_size, mask.kv_block_size,
-        bool(causal), scale,
+    bq, bk = (mask.q_block_size, mask.kv_block_size) if mask is not None else (q_block_size, q_block_size)
+    out, lse, stats = extension().block_sparse_attention_cpu(
+        q, k, v, cu_q_t, cu_k_t, kv_lens_t, block_table, page_size,
+        None if mask is None else mask.kv_num_blocks, None if mask is None else mask.kv_indices,
+        bq, bk, bool(causal), scale, float(skip_threshold), int(slot_keep), new_k, new_v,
     )
+    return (out, lse, stats) if return_stats else (out, lse)
+
+
+def pooled_block_scores_cpu(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_block_size: int, scale: float,
+                            causal: bool, mean: bool) -> torch.Tensor:
+    """The C++ kernel behind :func:`sparse_attn.patterns.head_proxy.pooled_block_probs` on CPU tensors (same
+    arguments; fp32/fp16/bf16): softmax probabilities of sampled rows pooled per block, computed tile by tile."""
+    return extension().pooled_block_scores(q, k, pos.to(torch.int32), int(kv_block_size), float(scale), bool(causal),
+                                           bool(mean))

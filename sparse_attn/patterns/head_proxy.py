@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.attention import resolve_backend, triton_kernels
+from ..ops.extension import extension_available, pooled_block_scores_cpu
 from .base import Pattern, SeqContext
 from .static import _positive_int
 
@@ -64,11 +65,15 @@ def pooled_block_probs(q, k, pos, kv_block_size, scale, causal, mean, backend=No
     q ``[H, nq, R, D]`` (R rows per query block), k ``[Tk, Hk, D]`` (head h reads KV head ``h // (H // Hk)``),
     pos ``[nq, R]`` absolute row positions (-1: empty slot). ``mean=False``: max of P over the block's rows and keys;
     ``mean=True``: the block's mass ``sum_n P`` averaged over the rows. Returns fp32 ``[H, nq, num_kv_blocks]``
-    (fp64 for fp64 inputs on the PyTorch path). The Triton kernel runs where ``backend`` resolves to "triton".
+    (fp64 for fp64 inputs on the PyTorch path). The Triton kernel runs where ``backend`` resolves to "triton", the C++
+    kernel (scores tile by tile, never the whole score matrix) for CPU tensors under "cpu", PyTorch otherwise.
     """
     name = resolve_backend(backend, q.device)
     if name == "triton" and kv_block_size >= 16 and not kv_block_size & (kv_block_size - 1):
         return triton_kernels().pooled_block_probs_fwd(q, k, pos.to(torch.int32), kv_block_size, scale, causal, mean)
+    if (name == "cpu" and q.device.type == "cpu" and q.dtype != torch.float64
+            and extension_available("pooled_block_scores")):
+        return pooled_block_scores_cpu(q, k, pos, kv_block_size, scale, causal, mean)
     return _pooled_block_probs_torch(q, k, pos, kv_block_size, scale, causal, mean)
 
 

@@ -1,0 +1,204 @@
+// Pooled block scores on the CPU: the estimate head-proxy selection ranks blocks by, computed tile by tile without
+// materializing a row's scores.
+//
+// For every sampled query row r of a proxy head (position pos_r) the softmax over its visible keys is
+// P[r, n] = 2^(s[r, n] - m_r) / l_r with s = q.k * scale * log2(e). Per row and KV block j the kernel keeps a
+// reference bm[j] and the sum bs[j] = sum_{n in j} 2^(s[r, n] - bm[j]), one pass over the keys: bm[j] is the block's
+// max score (max pooling needs it) or the row's running max when the block was scored (mean pooling: one exp2 per
+// score and no per-block max). At the row's end m_r = max_j bm[j] and l_r = sum_j bs[j] 2^(bm[j] - m_r), and the
+// block's pooled value is
+//   max pooling:  max_{n in j} P[r, n] = 2^(bm[j] - m_r) / l_r   (the max over the block's rows is kept),
+//   mean pooling: sum_{n in j} P[r, n] = bs[j] 2^(bm[j] - m_r) / l_r   (averaged over the block's rows).
+//
+// One work item is (KV head, a chunk of query blocks): the sampled rows of every proxy head that reads the KV head
+// and of every query block of the chunk are stacked into one Q tile (up to kTileRows rows), so each key tile is
+// read once per chunk and the score products are tall GEMMs. A chunk reads the keys up to its last row (causal).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+#include "kernel_utils.h"
+
+namespace sparse_attn {
+namespace {
+
+constexpr int64_t kTileRows = 256;  // Q tile rows per work item (all proxy heads of a KV head, several blocks)
+constexpr int64_t kTileKeys = 256;  // keys per tile (rounded up to whole KV blocks)
+
+// Max pooling: per block of bk scores (the last one may be shorter), its max bm and its sum 2^(s - bm).
+SPARSE_ATTN_ISA_CLONES
+void block_stats_max(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
+  for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
+    const int64_t len = std::min(bk, n - b0);
+    float m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < len; ++c) m = s[b0 + c] > m ? s[b0 + c] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < len; ++c) sum += exp2_nonpositive(s[b0 + c] - m);
+    bmax[j] = m;
+    bsum[j] = sum;
+  }
+}
+
+// Mean pooling needs only each block's sum, taken against one reference per row and tile: the row's running max
+// `ref` (raised to the tile's max first). Per block: bsum = sum 2^(s - ref), bmax = ref (the sum's scale).
+SPARSE_ATTN_ISA_CLONES
+void block_stats_mean(float* s, int64_t n, int64_t bk, float* ref, float* bmax, float* bsum) {
+  float m = *ref;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  *ref = m;
+  if (m == kNegInf) return;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) s[c] = exp2_nonpositive(s[c] - m);
+  for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
+    const int64_t len = std::min(bk, n - b0);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < len; ++c) sum += s[b0 + c];
+    bmax[j] = m;
+    bsum[j] = sum;
+  }
+}
+
+// One row's pooled values over its first n blocks (references bm, sums bs): weights w = 2^(bm - max bm), l = sum bs w;
+// mean pooling adds bs w / (l valid) to dst, max pooling keeps max(dst, w / l).
+SPARSE_ATTN_ISA_CLONES
+void pool_row(const float* bm, const float* bs, int64_t n, bool mean, int64_t valid, float* w, float* dst) {
+  float top = kNegInf;
+#pragma omp simd reduction(max : top)
+  for (int64_t j = 0; j < n; ++j) top = bm[j] > top ? bm[j] : top;
+  if (top == kNegInf) return;
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    w[j] = exp2_nonpositive(bm[j] - top);
+    total += bs[j] * w[j];
+  }
+  if (mean) {
+    const float scale = 1.0f / (total * static_cast<float>(valid));
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] += bs[j] * w[j] * scale;
+  } else {
+    const float scale = 1.0f / total;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = std::max(dst[j], w[j] * scale);
+  }
+}
+
+struct Chunk {
+  int64_t cost;
+  int32_t kv_head, first_block, last_block;  // query blocks [first_block, last_block)
+};
+
+template <typename T>
+void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
+  const auto& q = in.q;  // [P, nq, R, D]
+  const int64_t proxies = q.size(0), nq = q.size(1), rows = q.size(2), dim = q.size(3);
+  const int64_t kv_len = in.k.size(0), kv_heads = in.k.size(1), bk = in.kv_block_size;
+  const int64_t nk = out.size(2), per_kv = proxies / kv_heads;
+  const int64_t tile_keys = std::max(kTileKeys, bk) / bk * bk;
+  const int64_t chunk_blocks = std::max<int64_t>(1, kTileRows / (per_kv * rows));
+  const float mul = static_cast<float>(in.scale) * kLog2e;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = in.k.data_ptr<T>();
+  const int64_t k_stride_t = in.k.stride(0), k_stride_h = in.k.stride(1);
+  const int32_t* pos = in.pos.data_ptr<int32_t>();
+  float* o = out.data_ptr<float>();
+  const bool blas = sgemm_ != nullptr;
+
+  // Keys the rows of query blocks [first, last) may see: up to their largest position (causal), else all.
+  auto keys_seen = [&](int64_t first, int64_t last) {
+    if (!in.causal) return kv_len;
+    int64_t top = -1;
+    for (int64_t i = first * rows; i < last * rows; ++i) top = std::max<int64_t>(top, pos[i]);
+    return std::min(kv_len, top + 1);
+  };
+  std::vector<int64_t> valid_rows(nq, 0);  // sampled rows of each query block (mean pooling averages over them)
+  for (int64_t i = 0; i < nq * rows; ++i) valid_rows[i / rows] += pos[i] >= 0;
+  std::vector<Chunk> chunks;
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    for (int64_t i = 0; i < nq; i += chunk_blocks) {
+      const int64_t last = std::min(nq, i + chunk_blocks);
+      chunks.push_back({keys_seen(i, last) * (last - i), static_cast<int32_t>(g), static_cast<int32_t>(i),
+                        static_cast<int32_t>(last)});
+    }
+  }
+  std::stable_sort(chunks.begin(), chunks.end(), [](const Chunk& x, const Chunk& y) { return x.cost > y.cost; });
+
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_chunks));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const int64_t max_rows = per_kv * chunk_blocks * rows;
+    std::vector<float> qt(max_rows * dim), s(max_rows * tile_keys), kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
+    std::vector<float> bmax(max_rows * nk), bsum(max_rows * nk), ref(max_rows), weight(nk);
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
+      const Chunk& ch = chunks[c];
+      const int64_t blocks = ch.last_block - ch.first_block, m = per_kv * blocks * rows;
+      const int64_t seen = keys_seen(ch.first_block, ch.last_block), seen_blocks = (seen + bk - 1) / bk;
+      // Tile row (j, i, r): proxy head g * per_kv + j, query block first_block + i, sampled row r.
+      for (int64_t j = 0; j < per_kv; ++j) {
+        const T* src = qp + ((ch.kv_head * per_kv + j) * nq + ch.first_block) * rows * dim;
+        to_float(src, dim, blocks * rows, dim, mul, qt.data() + j * blocks * rows * dim);
+      }
+      std::fill(bmax.begin(), bmax.begin() + m * nk, kNegInf);
+      std::fill(bsum.begin(), bsum.begin() + m * nk, 0.0f);
+      std::fill(ref.begin(), ref.begin() + m, kNegInf);
+      const T* k_head = kp + ch.kv_head * k_stride_h;
+      for (int64_t start = 0; start < seen; start += tile_keys) {
+        const int64_t n = std::min(tile_keys, seen - start);
+        const float* keys;
+        int64_t ldk;
+        if constexpr (std::is_same_v<T, float>) {
+          keys = k_head + start * k_stride_t, ldk = k_stride_t;
+        } else {
+          to_float(k_head + start * k_stride_t, k_stride_t, n, dim, 1.0f, kt.data());
+          keys = kt.data(), ldk = dim;
+        }
+        gemm_abt(blas, m, n, dim, qt.data(), dim, keys, ldk, s.data(), tile_keys);
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t row_pos = pos[(ch.first_block + (t / rows) % blocks) * rows + t % rows];
+          if (row_pos < 0) continue;  // an empty slot
+          const int64_t visible = in.causal ? std::min(n, row_pos + 1 - start) : n;
+          if (visible <= 0) continue;
+          const int64_t jb = start / bk;
+          if (in.mean) {
+            block_stats_mean(s.data() + t * tile_keys, visible, bk, &ref[t], &bmax[t * nk + jb], &bsum[t * nk + jb]);
+          } else {
+            block_stats_max(s.data() + t * tile_keys, visible, bk, &bmax[t * nk + jb], &bsum[t * nk + jb]);
+          }
+        }
+      }
+      // Normalize each row and pool into its query block.
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t i = ch.first_block + (t / rows) % blocks, proxy = ch.kv_head * per_kv + t / (blocks * rows);
+        if (pos[i * rows + t % rows] < 0) continue;
+        const int64_t valid = in.mean ? valid_rows[i] : 1;
+        pool_row(bmax.data() + t * nk, bsum.data() + t * nk, seen_blocks, in.mean, valid, weight.data(),
+                 o + (proxy * nq + i) * nk);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor pooled_block_scores_cpu(const PooledBlockScoresInputs& in) {
+  const int64_t nk = (in.k.size(0) + in.kv_block_size - 1) / in.kv_block_size;
+  auto out = at::zeros({in.q.size(0), in.q.size(1), nk}, in.q.options().dtype(at::kFloat));
+  if (in.q.numel() == 0 || nk == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "pooled_block_scores_cpu",
+                                  [&] { pooled_scores<scalar_t>(in, out); });
+  return out;
+}
+
+}  // namespace sparse_attn

@@ -1,0 +1,222 @@
+// Building blocks of the CPU attention kernels (block-sparse attention, block scoring): the exp2 approximation,
+// row-major GEMMs through torch's BLAS or vectorized loops, the causal rule on a score tile and the online-softmax
+// update. Everything here is internal to one translation unit (anonymous namespace).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+// Fortran BLAS sgemm (column-major, LP64), exported by torch's CPU library when it is built with a BLAS.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// Hot loops get AVX-512 / AVX2 clones picked at load time (the extension is built for the baseline ISA).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSE_ATTN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPARSE_ATTN_ISA_CLONES
+#endif
+
+namespace sparse_attn {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 2^x for x <= 0 (and -inf -> 0), written so the compiler vectorizes it: x = k + f with k = round(x),
+// f in [-1/2, 1/2]; 2^f by its degree-6 Taylor polynomial, 2^k through the exponent bits: relative error 2.5e-7
+// (a few ulps) over [-126, 0]. The shifter rounding needs IEEE evaluation order (the build uses no -ffast-math).
+// Always inlined: a call would keep the loops that use it from being vectorized.
+inline __attribute__((always_inline)) float exp2_nonpositive(float x) {
+  const float xc = x > -126.0f ? x : -126.0f;
+  const float k = (xc + 12582912.0f) - 12582912.0f;  // round to nearest via the 1.5 * 2^23 shifter
+  const float f = xc - k;
+  float p = 1.5403530393381609e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return x < -126.0f ? 0.0f : p * scale;
+}
+
+// C[M, N] = A[M, K] B[N, K]^T, row-major with leading dimensions. Four rows of A share each load of a B row.
+SPARSE_ATTN_ISA_CLONES
+void gemm_abt_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                    int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const float *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* bj = b + j * ldb;
+      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t e = 0; e < k; ++e) {
+        d0 += a0[e] * bj[e];
+        d1 += a1[e] * bj[e];
+        d2 += a2[e] * bj[e];
+        d3 += a3[e] * bj[e];
+      }
+      float* cj = c + i * ldc + j;
+      cj[0] = d0;
+      cj[ldc] = d1;
+      cj[2 * ldc] = d2;
+      cj[3 * ldc] = d3;
+    }
+  }
+  for (; i < m; ++i) {
+    const float* ai = a + i * lda;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* bj = b + j * ldb;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < k; ++e) dot += ai[e] * bj[e];
+      c[i * ldc + j] = dot;
+    }
+  }
+}
+
+// C[M, N] += A[M, K] B[K, N], row-major with leading dimensions. Four rows of C share each load of a B row.
+SPARSE_ATTN_ISA_CLONES
+void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                       float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    float *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
+    for (int64_t p = 0; p < k; ++p) {
+      const float* ap = a + i * lda + p;
+      const float x0 = ap[0], x1 = ap[lda], x2 = ap[2 * lda], x3 = ap[3 * lda];
+      const float* bp = b + p * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float y = bp[j];
+        c0[j] += x0 * y;
+        c1[j] += x1 * y;
+        c2[j] += x2 * y;
+        c3[j] += x3 * y;
+      }
+    }
+  }
+  for (; i < m; ++i) {
+    float* ci = c + i * ldc;
+    for (int64_t p = 0; p < k; ++p) {
+      const float x = a[i * lda + p];
+      const float* bp = b + p * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
+    }
+  }
+}
+
+// Row-major products through column-major sgemm: a row-major [r, c] matrix is its column-major transpose. Products
+// with fewer than 4 rows (decode) are memory-bound and skip the BLAS call overhead.
+void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+              float* c, int64_t ldc) {
+  if (!blas || m < 4) return gemm_abt_loops(m, n, k, a, lda, b, ldb, c, ldc);
+  // C^T [n, m] = B [n, k] A^T [k, m]
+  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_("T", "N", &mi, &ni, &ki, &one, b, &la, a, &lb, &zero, c, &lc);
+}
+
+void gemm_ab_acc(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                 float* c, int64_t ldc) {
+  if (!blas || m < 4) return gemm_ab_acc_loops(m, n, k, a, lda, b, ldb, c, ldc);
+  // C^T [n, m] += B^T [n, k] A^T [k, m]
+  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
+  const float one = 1.0f;
+  sgemm_("N", "N", &mi, &ni, &ki, &one, b, &la, a, &lb, &one, c, &lc);
+}
+
+// Causal rule on one tile: query row r (absolute position first_pos + r) sees keys at positions <= its own.
+SPARSE_ATTN_ISA_CLONES
+void mask_causal(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* key_pos, int64_t first_pos) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    const int64_t pos = first_pos + r;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] = key_pos[c] > pos ? kNegInf : row[c];
+  }
+}
+
+// Keys a row group does not read: bits[c] is the set of row groups keeping key c; rows of group `bit` lose the rest.
+SPARSE_ATTN_ISA_CLONES
+void mask_members(float* s, int64_t ld, int64_t rows, int64_t cols, const uint8_t* bits, uint8_t bit) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] = (bits[c] & bit) ? row[c] : kNegInf;
+  }
+}
+
+SPARSE_ATTN_ISA_CLONES
+float row_max_of(const float* row, int64_t cols) {
+  float tile_max = kNegInf;  // a select, not std::max, so that the reduction vectorizes
+#pragma omp simd reduction(max : tile_max)
+  for (int64_t c = 0; c < cols; ++c) tile_max = row[c] > tile_max ? row[c] : tile_max;
+  return tile_max;
+}
+
+// Online-softmax update of one tile (scores in log2 units): turns S into P in place, updates the running max m and
+// sum l per row, and rescales the rows of acc by 2^(m_old - m_new). With a finite `skip`, a tile whose every row
+// lies more than `skip` below that row's running max is left out: returns false and changes nothing.
+SPARSE_ATTN_ISA_CLONES
+bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row_max, float* row_sum, float* acc,
+                    int64_t dim, float skip = std::numeric_limits<float>::infinity()) {
+  if (skip < std::numeric_limits<float>::infinity()) {
+    bool negligible = true;
+    for (int64_t r = 0; r < rows && negligible; ++r) {
+      negligible = row_max[r] != kNegInf && row_max_of(s + r * ld, cols) < row_max[r] - skip;
+    }
+    if (negligible) return false;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    const float m_old = row_max[r], m_new = std::max(m_old, row_max_of(row, cols));
+    if (m_new == kNegInf) {  // no key of this row so far: P = 0 keeps acc and l at 0
+      std::fill(row, row + cols, 0.0f);
+      continue;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float p = exp2_nonpositive(row[c] - m_new);
+      row[c] = p;
+      sum += p;
+    }
+    const float correction = exp2_nonpositive(m_old - m_new);  // 0 when m_old = -inf
+    if (correction != 1.0f) {
+      float* acc_row = acc + r * dim;
+#pragma omp simd
+      for (int64_t e = 0; e < dim; ++e) acc_row[e] *= correction;
+    }
+    row_sum[r] = row_sum[r] * correction + sum;
+    row_max[r] = m_new;
+  }
+  return true;
+}
+
+// Converts `rows` vectors of `dim` elements (row stride `stride`) into a dense fp32 [rows, dim] buffer, times `mul`.
+template <typename T>
+void to_float(const T* src, int64_t stride, int64_t rows, int64_t dim, float mul, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * stride;
+    float* o = dst + r * dim;
+    if constexpr (std::is_same_v<T, float>) {
+      if (mul == 1.0f) {
+        std::copy(in, in + dim, o);
+        continue;
+      }
+    }
+    for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<float>(in[e]) * mul;
+  }
+}
+
+}  // namespace
+}  // namespace sparse_attn
