@@ -26,9 +26,10 @@ def extension_modules():
               "(install torch first and use `pip install --no-build-isolation`)")
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
+    emulation = os.path.join("csrc", "emulation")
     cpp = sorted(glob.glob(os.path.join(here, "csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join(here, "csrc", "**", "*.cu"), recursive=True))
-    cpp = [os.path.relpath(p, here) for p in cpp]
+    cpp = [p for p in (os.path.relpath(p, here) for p in cpp) if not p.startswith(emulation + os.sep)]
     cu = [os.path.relpath(p, here) for p in cu]
     if not cpp and not cu:
         return [], {}
@@ -50,7 +51,16 @@ def extension_modules():
         if not cpp:
             return [], {}
         ext = cpp_extension.CppExtension("sparse_attn._C", cpp, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    exts = [ext]
+    emulated = sorted(glob.glob(os.path.join(here, emulation, "*.cpp")))
+    if emulated:
+        # C++20 for std::atomic_ref and atomic wait; the folder include/ stands in for the CUDA toolkit's headers.
+        exts.append(cpp_extension.CppExtension(
+            "sparse_attn._cuda_emu", [os.path.relpath(p, here) for p in emulated],
+            include_dirs=[os.path.join(here, emulation, "include")],
+            extra_compile_args=["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"], extra_link_args=["-pthread"],
+        ))
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()

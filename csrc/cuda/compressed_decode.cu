@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "kernels.h"
+#include "launch.h"
 
 namespace sparse_attn::cuda {
 namespace {
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) compressed_decode_split_kernel(Compr
   const int64_t bg = static_cast<int64_t>(b) * p.kv_heads + g;
   const int64_t head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(g) * group;  // flat (b, h)
 
-  extern __shared__ float smem[];
+  SPARSE_ATTN_DYNAMIC_SHARED(float, smem);
   float* q_s = smem;
   float* accs = smem + group * dim;
   float* acc = accs + warp * group * dim;
@@ -210,8 +211,8 @@ cudaError_t launch_typed(const CompressedDecodeParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(p.num_splits, p.kv_heads, p.batch);
-  compressed_decode_split_kernel<T><<<grid, kThreads, smem, stream>>>(p);
-  combine_splits_kernel<T><<<p.batch * p.q_heads, 128, 0, stream>>>(p);
+  SPARSE_ATTN_LAUNCH(compressed_decode_split_kernel<T>, grid, kThreads, smem, stream, p);
+  SPARSE_ATTN_LAUNCH(combine_splits_kernel<T>, p.batch * p.q_heads, 128, 0, stream, p);
   return cudaGetLastError();
 }
 

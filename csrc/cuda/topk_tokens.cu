@@ -9,6 +9,7 @@
 
 #include "../ordered_key.h"
 #include "kernels.h"
+#include "launch.h"
 
 namespace sparse_attn::cuda {
 namespace {
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) topk_tokens_kernel(TopkTokensParams 
 cudaError_t launch_topk_tokens(const TopkTokensParams& p, cudaStream_t stream) {
   const int rows = p.batch * p.heads;
   if (rows == 0) return cudaSuccess;
-  topk_tokens_kernel<<<rows, kThreads, 0, stream>>>(p);
+  SPARSE_ATTN_LAUNCH(topk_tokens_kernel, rows, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
