@@ -10,7 +10,9 @@
    FlexAttention with the same mask;
 3. decode correctness at real sizes: our decode ops on a ragged batch over shuffled pages against the float32
    oracle (dense decode, attention over a Double Sparsity selection, decode on a 70%-pruned compressed cache);
-   then the vLLM backend's CUDA path, driven without vLLM (tests/test_vllm_core.py on the GPU);
+   then the CUDA kernels of csrc/cuda against the same kernels under the CPU emulation that CI tests
+   (``sparse_attn._cuda_emu``, same inputs); then the vLLM backend's CUDA path, driven without vLLM
+   (tests/test_vllm_core.py on the GPU);
 4. the prefill benchmark (bench.prefill) with the machine's defaults, in its share of the time left;
 5. the estimation overhead (bench.estimation: head-proxy and vertical-slash mask building vs dense attention), in
    its share;
@@ -258,7 +260,78 @@ def markdown(payload: dict) -> str:
             impls = ", ".join(f"{k}: {v}" for k, v in step.get("impls", {}).items())
             lines += ["", f"Decode correctness vs float32 reference, shuffled pages ({impls}):", "",
                       common.markdown_table(["check", "seq_lens", "err out", "err lse", "tolerance", "ok"], rows)]
+        if step["name"] == EMULATION_STEP and step.get("checks"):
+            rows = [[c["check"], common.fmt(c.get("max_abs_diff"), 2), common.fmt(c.get("tolerance")),
+                     "yes" if c["ok"] else f"**no** {c.get('error', '')}"] for c in step["checks"]]
+            lines += ["", "CUDA kernels on the GPU vs the same kernels under the CPU emulation (same inputs):", "",
+                      common.markdown_table(["check", "max abs diff", "tolerance", "ok"], rows)]
     return "\n".join(lines)
+
+
+EMULATION_STEP = "CUDA kernels vs CPU emulation"
+# Max abs difference between the GPU's results and the emulation's: the same algorithm in the same order, apart from
+# the GPU's approximate __expf and nvcc's fused multiply-adds; outputs are rounded to their dtype.
+EMULATION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def emulation_check(gpu: bool) -> dict:
+    """The CUDA kernels of csrc/cuda on the GPU against the same kernels run by the CPU emulation harness
+    (``sparse_attn._cuda_emu``, what CI tests) on the same inputs: top-k must select the same tokens (with ties and
+    rows longer than a block), compressed decode must agree to rounding in every dtype (GQA, partial tiles, split
+    merges, the GPU's own split count)."""
+    start = time.monotonic()
+
+    def done(status: str, **extra) -> dict:
+        return {"name": EMULATION_STEP, "status": status, "seconds": time.monotonic() - start, **extra}
+
+    if not gpu:
+        return done("skipped", note="no GPU (CI runs the emulation against references)")
+    try:
+        emu = importlib.import_module("sparse_attn._cuda_emu")
+        ext = importlib.import_module("sparse_attn._C")
+    except ImportError as exc:
+        return done("skipped", note=f"extension missing: {exc}")
+    if not getattr(ext, "with_cuda", False):
+        return done("skipped", note="sparse_attn._C was built without CUDA kernels")
+    from sparse_attn.decode.compressed import compress_kv, keep_count
+
+    checks = []
+    g = torch.Generator().manual_seed(0)
+    try:
+        scores = torch.randint(-40, 40, (2, 4, 3000), generator=g).float() / 8  # many ties at the threshold
+        lengths = torch.tensor([3000, 1777], dtype=torch.int32)
+        gpu_out = ext.topk_tokens(scores.cuda(), lengths.cuda(), 256, 16, 64, None)
+        emu_out = emu.topk_tokens(scores, lengths, 256, 16, 64, None)
+        same = all(torch.equal(a.cpu(), b) for a, b in zip(gpu_out, emu_out))
+        checks.append({"check": "topk_tokens", "max_abs_diff": 0.0 if same else None, "tolerance": 0.0, "ok": same})
+    except Exception as exc:
+        checks.append({"check": "topk_tokens", "ok": False, "error": common.error_reason(exc, limit=1000)})
+
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        name = f"compressed decode {str(dtype).removeprefix('torch.')}"
+        try:
+            batch, kv_heads, group, dim, window = 2, 2, 4, 100, 16
+            comp, recent = [300, 170], [9, 16]
+            k = torch.randn(batch, kv_heads, max(comp), dim, generator=g).to(dtype)
+            v = torch.randn(batch, kv_heads, max(comp), dim, generator=g).to(dtype)
+            c = compress_kv(k, v, torch.tensor(comp, dtype=torch.int32), k_keep=keep_count(dim, 0.7),
+                            v_keep=keep_count(dim, 0.5))
+            q = torch.randn(batch, kv_heads * group, dim, generator=g).to(dtype)
+            k_rec = torch.randn(batch, kv_heads, window, dim, generator=g).to(dtype)
+            v_rec = torch.randn(batch, kv_heads, window, dim, generator=g).to(dtype)
+            args = [q, c.k_bitmaps, c.k_values, c.k_keep, c.v_bitmaps, c.v_values, c.v_keep, c.offsets, c.lengths,
+                    k_rec, v_rec, torch.tensor(recent, dtype=torch.int32), dim ** -0.5, max(comp) + window]
+            on_gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            gpu_o, gpu_lse = ext.compressed_decode_attention(*on_gpu)
+            emu_o, emu_lse, splits = emu.compressed_decode_attention(*args, sms)
+            diff = max(float((gpu_o.cpu().float() - emu_o.float()).abs().max()),
+                       float((gpu_lse.cpu() - emu_lse).abs().max()))
+            checks.append({"check": name, "splits": splits, "max_abs_diff": diff,
+                           "tolerance": EMULATION_TOLERANCE[dtype], "ok": diff <= EMULATION_TOLERANCE[dtype]})
+        except Exception as exc:
+            checks.append({"check": name, "ok": False, "error": common.error_reason(exc, limit=1000)})
+    return done("ok" if all(c["ok"] for c in checks) else "failed", checks=checks)
 
 
 def vllm_core_check(gpu: bool) -> dict:
@@ -360,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_argv = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + shlex.split(args.decode_args)
     decode_settings, _ = decode.settings_from_args(decode_argv)
     steps.append(decode_correctness(decode_settings, context=min(max(decode_settings.contexts), 32768)))
+    steps.append(emulation_check(gpu))
     steps.append(vllm_core_check(gpu))
 
     quick = ["--quick"] if args.quick else []

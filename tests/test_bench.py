@@ -196,9 +196,10 @@ def test_gpu_suite_degrades_to_cpu(tmp_path):
                            "--e2e-hf-args", hf_tiny]) == 0
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert suite["ok"] and [s["name"] for s in suite["steps"]] == [
-        "correctness", "decode correctness", "vllm core on the GPU", "prefill", "estimation", "e2e_hf", "decode"]
-    assert suite["steps"][2]["status"] == "skipped"  # the CPU test run covers it without a GPU
-    budgets = [s["time_budget_s"] for s in suite["steps"][3:]]
+        "correctness", "decode correctness", "CUDA kernels vs CPU emulation", "vllm core on the GPU", "prefill",
+        "estimation", "e2e_hf", "decode"]
+    assert [s["status"] for s in suite["steps"][2:4]] == ["skipped"] * 2  # the CPU test run covers them without a GPU
+    budgets = [s["time_budget_s"] for s in suite["steps"][4:]]
     assert all(0 < b <= 480 for b in budgets)  # shares of the time left (540 s less a 60 s reserve)
     assert budgets[0] < budgets[-1]  # decode, last, gets all that remains
     # Without a GPU the suite runs the tiny CPU model (the benchmark alone would record a skip).
