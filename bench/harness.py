@@ -33,15 +33,17 @@ NAME = "run"
 #: command name -> module of the part
 PARTS = {
     "prefill": "prefill", "decode": "decode", "estimation": "estimation", "e2e-hf": "e2e_hf",
+    "e2e-hf-smollm2": "e2e_hf_smollm2",
     "e2e-vllm": "e2e_vllm", "memory": "memory", "accuracy": "accuracy", "accuracy-decode": "accuracy_decode",
     "suite": "gpu_suite",
 }
 KERNELS = ("prefill", "decode", "estimation")
 #: What ``all`` runs, in order (accuracy includes accuracy-decode).
-ALL = ("prefill", "decode", "estimation", "memory", "e2e-hf", "e2e-vllm", "accuracy")
+ALL = ("prefill", "decode", "estimation", "memory", "e2e-hf", "e2e-hf-smollm2", "e2e-vllm", "accuracy")
 #: Options ``--quick`` adds per part: fewer timed calls, and the smallest sizes where a part has no such flag.
 QUICK = {
     "prefill": ["--quick"], "decode": ["--quick"], "estimation": ["--quick"], "e2e-hf": ["--quick"],
+    "e2e-hf-smollm2": ["--quick"],
     "memory": ["--contexts", "4096"],
     "e2e-vllm": ["--contexts", "1024", "--output-tokens", "16"],
     "accuracy": ["--lengths", "2048", "--ppl-len", "2048", "--recall-len", "2048", "--decode-ppl-len", "512",

@@ -15,13 +15,14 @@ import argparse
 import re
 from pathlib import Path
 
-from . import (accuracy, accuracy_decode, accuracy_plan, common, decode, e2e_hf, e2e_vllm, estimation, gpu_suite,
-               memory, prefill)
+from . import (accuracy, accuracy_decode, accuracy_plan, common, decode, e2e_hf, e2e_hf_smollm2, e2e_vllm, estimation,
+               gpu_suite, memory, prefill)
 
 RENDERERS = {prefill.NAME: prefill.markdown, decode.NAME: decode.markdown, gpu_suite.NAME: gpu_suite.markdown,
              estimation.NAME: estimation.markdown, memory.NAME: memory.markdown, e2e_hf.NAME: e2e_hf.markdown,
              e2e_vllm.NAME: e2e_vllm.markdown, accuracy.NAME: accuracy.markdown,
-             accuracy_decode.NAME: accuracy_decode.render, accuracy_plan.NAME: accuracy_plan.markdown}
+             accuracy_decode.NAME: accuracy_decode.render, accuracy_plan.NAME: accuracy_plan.markdown,
+             e2e_hf_smollm2.NAME: e2e_hf_smollm2.markdown}
 
 
 def render(payload: dict) -> str:

@@ -260,12 +260,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention(
                 "; with causal=True the queries are the last q_len positions of the context");
     if (in.block_table.defined()) {
       const int64_t pages = (kl[b] + page_size - 1) / page_size, num_pages = k.size(0) / page_size;
-      TORCH_CHECK(pages <= in.block_table.size(1), "kv_lens[", b, "] = ", kl[b], " needs ", pages,
-                  " pages but block_table holds ", in.block_table.size(1));
+      // ValueError, like the Python entry point's checks: these page values are only checked here.
+      TORCH_CHECK_VALUE(pages <= in.block_table.size(1), "kv_lens[", b, "] = ", kl[b], " needs ", pages,
+                        " pages but block_table holds ", in.block_table.size(1));
       const int32_t* row = in.block_table.data_ptr<int32_t>() + b * in.block_table.stride(0);
       for (int64_t i = 0; i < pages; ++i) {
-        TORCH_CHECK(row[i] >= 0 && row[i] < num_pages, "block_table[", b, ", ", i, "] = ", row[i],
-                    " must lie in [0, ", num_pages, ")");
+        TORCH_CHECK_VALUE(row[i] >= 0 && row[i] < num_pages, "block_table entries of used pages must lie in [0, ",
+                          num_pages, "): block_table[", b, ", ", i, "] = ", row[i]);
       }
     }
   }
@@ -305,6 +306,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention(
   }
   in.use_blas = use_blas;
   return sparse_attn::block_sparse_attention_cpu(in);
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::Tensor& labels,
+                                                 const at::Tensor& channels, const at::Tensor& block_table,
+                                                 int64_t page_size, const at::Tensor& kv_lens, const at::Tensor& budgets,
+                                                 int64_t width, int64_t sink, int64_t recent, int64_t slot_keep,
+                                                 bool per_group, bool reduce_max) {
+  TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
+  const auto dev = q.device();
+  check_tensor(q, "q", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
+  check_tensor(labels, "labels", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
+  check_tensor(channels, "channels", 2, {at::kLong}, dev);
+  check_tensor(block_table, "block_table", 2, {at::kInt}, dev);
+  check_tensor(kv_lens, "kv_lens", 1, {at::kInt}, dev);
+  check_tensor(budgets, "budgets", 1, {at::kInt}, dev);
+  const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(2), kv_heads = channels.size(0);
+  const int64_t r = channels.size(1);
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0 && labels.size(1) == kv_heads, "channels [Hkv, r] and labels "
+              "[rows, Hkv, W] must agree on Hkv, a divisor of q's ", q_heads, " heads; got ", shape_of(channels),
+              " and ", shape_of(labels));
+  TORCH_CHECK(r >= 1 && r <= dim && dim <= 256, "channels must hold 1..head_dim (<= 256) channels, got ", r);
+  TORCH_CHECK(labels.stride(2) == 1 || labels.size(2) == 1, "labels must have unit stride along its last axis");
+  if (slot_keep > 0) {
+    TORCH_CHECK(r == dim, "exact scores over pruned slots take every channel (r = head_dim)");
+    TORCH_CHECK(labels.size(2) >= 2 * slot_keep + 2 * ((dim + 7) / 8) / labels.element_size(),
+                "labels rows are too narrow for pruned slots of ", slot_keep, " values");
+  } else {
+    TORCH_CHECK(labels.size(2) >= r, "labels rows hold ", labels.size(2), " values, fewer than r = ", r);
+  }
+  const auto ch = channels.contiguous();
+  const int64_t* c = ch.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ch.numel(); ++i) {
+    TORCH_CHECK(c[i] >= 0 && c[i] < dim, "channels must lie in [0, ", dim, "), got ", c[i]);
+  }
+  check_size(block_table, "block_table", 0, batch, "the batch of q");
+  check_size(kv_lens, "kv_lens", 0, batch, "the batch of q");
+  check_size(budgets, "budgets", 0, batch, "the batch of q");
+  TORCH_CHECK(page_size >= 1 && labels.size(0) % page_size == 0, "page_size must divide the label rows");
+  TORCH_CHECK(width >= 1, "width must be positive");
+  TORCH_CHECK(sink >= 0 && recent >= 0, "sink and recent must be non-negative, got ", sink, " and ", recent);
+  TORCH_CHECK(block_table.stride(1) == 1 || block_table.size(1) <= 1, "block_table must be contiguous along pages");
+  const int32_t* len = kv_lens.data_ptr<int32_t>();
+  const int32_t* bud = budgets.contiguous().data_ptr<int32_t>();
+  const int64_t num_pages = labels.size(0) / page_size;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t pages = (len[b] + page_size - 1) / page_size;
+    TORCH_CHECK(len[b] >= 0 && pages <= block_table.size(1), "kv_lens[", b, "] = ", len[b], " must lie in [0, ",
+                block_table.size(1) * page_size, "]");
+    TORCH_CHECK(bud[b] >= 0 && bud[b] <= width, "budgets[", b, "] = ", bud[b], " must lie in [0, width=", width, "]");
+    const int32_t* row = block_table.data_ptr<int32_t>() + b * block_table.stride(0);
+    for (int64_t i = 0; i < pages; ++i) {
+      TORCH_CHECK(row[i] >= 0 && row[i] < num_pages, "block_table[", b, ", ", i, "] = ", row[i], " must lie in [0, ",
+                  num_pages, ")");
+    }
+  }
+  DecodeSelectInputs in;
+  in.q = q;
+  in.labels = labels;
+  in.channels = ch;
+  in.block_table = block_table;
+  in.kv_lens = kv_lens.contiguous();
+  in.budgets = budgets.contiguous();
+  in.page_size = page_size;
+  in.width = width;
+  in.sink = sink;
+  in.recent = recent;
+  in.slot_keep = slot_keep;
+  in.per_group = per_group;
+  in.reduce_max = reduce_max;
+  return decode_select_cpu(in);
 }
 
 at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
@@ -362,6 +433,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_bitmaps"), py::arg("k_values"), py::arg("k_keep"), py::arg("v_bitmaps"),
         py::arg("v_values"), py::arg("v_keep"), py::arg("offsets"), py::arg("comp_lengths"), py::arg("k_recent"),
         py::arg("v_recent"), py::arg("recent_lengths"), py::arg("scale"), py::arg("max_context") = 0);
+  m.def("decode_select", &sparse_attn::decode_select,
+        "Decode token selection on CPU tensors, read from pages in place: per (b, KV head) (per_group) or per (b, "
+        "query head), score tokens [0, kv_lens[b]) with q[channels] . label (labels [rows, Hkv, W]: a token's label "
+        "in its first r columns, or its key; slot_keep > 0: pruned K slots, exact), reduced over the group by max "
+        "(reduce_max) or sum, and keep budgets[b] of them: the sink and recent tokens and the best others. Returns "
+        "(indices int32 [B, H, width] ascending, zero-padded; counts int32 [B, H]).",
+        py::arg("q"), py::arg("labels"), py::arg("channels"), py::arg("block_table"), py::arg("page_size"),
+        py::arg("kv_lens"), py::arg("budgets"), py::arg("width"), py::arg("sink"), py::arg("recent"),
+        py::arg("slot_keep") = 0, py::arg("per_group") = true, py::arg("reduce_max") = true);
   m.def("pooled_block_scores", &sparse_attn::pooled_block_scores,
         "Softmax probabilities of sampled query rows q [P, nq, R, D] (positions pos int32 [nq, R], -1 empty) over "
         "the keys k [Tk, Hk, D] they see, pooled per (proxy head, query block, KV block) without materializing the "

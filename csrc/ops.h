@@ -71,6 +71,22 @@ struct BlockSparseAttentionInputs {
 // stats int64 [2]: key tiles computed and tiles skipped by the threshold).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const BlockSparseAttentionInputs& in);
 
+// Inputs of the decode token selection (Double Sparsity, exact top-k): q [B, Hq, D]; labels [rows, Hkv, W] the
+// page rows (any strides, unit along W) holding each token's label (its r channels of K) in the first r columns, or
+// the key itself (r = D); with slot_keep > 0 the rows are KV-pruned slots whose K is unpacked (exact scores);
+// channels int64 [Hkv, r] (q's channels per KV head); block_table int32 [B, max_pages], page_size, kv_lens int32
+// [B]; budgets int32 [B] tokens kept per row (<= width). Row (b, KV head or query head) scores its tokens with
+// q[channels] . label (per_group: reduced over the group's query heads, max or sum) and keeps the sink tokens, the
+// recent tokens and the highest others (ties: the lower index); never more than `width` (sink first, then recent).
+struct DecodeSelectInputs {
+  at::Tensor q, labels, channels, block_table, kv_lens, budgets;
+  int64_t page_size = 1, width = 1, sink = 0, recent = 0, slot_keep = 0;
+  bool per_group = true, reduce_max = true;
+};
+
+// Returns (indices int32 [B, Hkv or Hq, width] ascending, zero-padded past the count; counts int32 [B, Hkv or Hq]).
+std::tuple<at::Tensor, at::Tensor> decode_select_cpu(const DecodeSelectInputs& in);
+
 // Inputs of the pooled block scores (head-proxy estimation; semantics in sparse_attn/patterns/head_proxy.py):
 // q [P, nq, R, D] the sampled query rows of P proxy heads (contiguous), k [Tk, Hk, D] (unit stride along D; proxy
 // head p reads KV head p / (P / Hk)), pos int32 [nq, R] the rows' absolute positions (-1: an empty slot).

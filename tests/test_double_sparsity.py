@@ -332,3 +332,73 @@ def test_select_tokens_rejects_bad_inputs(rng):
         select_tokens(*args, {"r": 4})
     with pytest.raises(ValueError, match="max_seq_len"):
         select_tokens(*args, cfg, max_seq_len=25)
+
+
+# ---------------------------------------------------------------------------------------------------- C++ selection
+def _torch_selection(s, cfg, labels, width):
+    scores = label_scores(s.q, labels, s.block_table, s.seq_lens, max(s.lens), cfg, backend="reference")
+    return topk_token_indices(scores, cfg.token_budgets(s.seq_lens), width)
+
+
+@pytest.mark.parametrize("share, reduce", [(True, "max"), (True, "sum"), (False, "max")])
+def test_cpp_decode_select_matches_torch(rng, share, reduce):
+    """The C++ selection (scores read from the pages, top-k in one pass) keeps what PyTorch's label scores and
+    top-k keep: sink and recent tokens, rows no longer than the budget, the best others (continuous scores: no
+    ties)."""
+    from sparse_attn.ops.extension import decode_select_cpu
+
+    gen, seed = rng
+    s = Setup(gen, [3, 40, 150], page_size=8)
+    cfg = DoubleSparsityConfig(r=4, budget=24, min_budget=24, sink_tokens=2, recent_tokens=5, dense_below=0,
+                               share_kv_group=share, group_reduce=reduce)
+    width = cfg.max_token_budget(150)
+    want_idx, want_cnt = _torch_selection(s, cfg, s.labels, width)
+    got_idx, got_cnt = decode_select_cpu(s.q, s.labels.labels, s.labels.channels, s.block_table, s.seq_lens,
+                                         cfg.token_budgets(s.seq_lens), width, sink=2, recent=5, per_group=share,
+                                         reduce_max=reduce == "max")
+    assert torch.equal(got_cnt, want_cnt), f"seed {seed}"
+    for b in range(3):
+        for h in range(got_idx.shape[1]):
+            n = int(got_cnt[b, h])
+            assert got_idx[b, h, :n].tolist() == want_idx[b, h, :n].tolist(), f"seed {seed}, row {b}, {h}"
+            assert (got_idx[b, h, n:] == 0).all()
+
+
+def test_cpp_decode_select_exact_scores_on_pruned_slots(rng):
+    """Exact top-k over KV-pruned page slots: the keys are unpacked as they are scored, so the selection equals the
+    one made on the unpacked keys."""
+    from sparse_attn.decode.pruned_pages import PrunedSlotFormat
+    from sparse_attn.ops.extension import decode_select_cpu
+
+    gen, seed = rng
+    s = Setup(gen, [90, 33], page_size=8)
+    fmt = PrunedSlotFormat.for_sparsity(s.head_dim, 0.5, torch.float32)
+    slots = fmt.pack(s.k_cache, s.v_cache)  # [P, page, Hkv, width]
+    k_unpacked, _ = fmt.unpack(slots)
+    cfg = DoubleSparsityConfig(r=s.head_dim, budget=16, min_budget=16, sink_tokens=1, recent_tokens=3, dense_below=0)
+    everything = torch.arange(s.head_dim).expand(s.hkv, s.head_dim)
+    budgets = cfg.token_budgets(s.seq_lens)
+    got_idx, got_cnt = decode_select_cpu(s.q, slots, everything, s.block_table, s.seq_lens, budgets, 16, sink=1,
+                                         recent=3, slot_keep=fmt.keep)
+    want_idx, want_cnt = decode_select_cpu(s.q, k_unpacked, everything, s.block_table, s.seq_lens, budgets, 16, sink=1,
+                                           recent=3)
+    assert torch.equal(got_cnt, want_cnt) and torch.equal(got_idx, want_idx), f"seed {seed}"
+    exact = LabelCache.over(k_unpacked, everything)
+    torch_idx, _ = _torch_selection(s, cfg, exact, 16)
+    assert torch.equal(got_idx, torch_idx), f"seed {seed}"
+
+
+def test_cpp_decode_select_checks_its_arguments(rng):
+    from sparse_attn.ops.extension import extension
+
+    gen, _ = rng
+    s = Setup(gen, [20], page_size=8)
+    args = dict(q=s.q, labels=s.labels.labels.flatten(0, 1), channels=s.labels.channels, block_table=s.block_table,
+                page_size=8, kv_lens=s.seq_lens, budgets=torch.tensor([8], dtype=torch.int32), width=8, sink=1,
+                recent=2)
+    for overrides, message in [(dict(block_table=s.block_table + 50), "block_table"),
+                               (dict(budgets=torch.tensor([9], dtype=torch.int32)), "budgets"),
+                               (dict(channels=s.labels.channels + 40), "channels must lie"),
+                               (dict(sink=-1), "non-negative")]:
+        with pytest.raises(RuntimeError, match=message):
+            extension().decode_select(**{**args, **overrides})

@@ -17,8 +17,9 @@ Split-K ("flash-decoding"): a long context is cut into ``num_splits`` contiguous
 each piece yields a partial ``(out, lse)`` and :func:`merge_attention_states` combines them exactly, so short batches
 still fill the GPU. Results are independent of ``num_splits`` up to float rounding.
 
-Backends (chosen once by ``resolve_backend``): "triton" (GPU, or CPU under TRITON_INTERPRET=1), "cpu" (PyTorch, reads
-only the selected tokens through vectorized gathers, chunked to bound memory) and "reference" (the float64 oracle
+Backends (chosen once by ``resolve_backend``): "triton" (GPU, or CPU under TRITON_INTERPRET=1), "cpu" (the C++
+attention kernel on CPU tensors: the listed tokens read from the pages in place, rows split over the threads; else
+PyTorch, reading only the selected tokens through vectorized gathers, chunked to bound memory) and "reference" (the float64 oracle
 built on ``ops.reference``). "cuda" dispatches to ``sparse_attn._C.sparse_decode_attention_fwd`` where built.
 """
 
@@ -31,6 +32,8 @@ import torch
 from ..masks import BlockSparseMask
 from ..ops import checks
 from ..ops.attention import cuda_extension, resolve_backend, triton_kernels
+from ..ops.extension import block_sparse_attention_cpu as block_sparse_attention_cpp
+from ..ops.extension import cpu_kernel_available
 from ..ops.reference import attention_reference_varlen
 from .paged import gather_tokens
 
@@ -175,6 +178,13 @@ def sparse_decode_attention(
     if name == "reference":
         out, lse = decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, selection, scale=scale)
         return out.to(q.dtype), lse
+    if name == "cpu" and q.device.type == "cpu" and cpu_kernel_available():
+        # The C++ kernel reads the pages in place (only the selected tokens), split over the threads and merged. The
+        # one query sees its whole context (non-causal), so an empty context (seq_len 0) reads nothing.
+        out, lse = block_sparse_attention_cpp(
+            q, k_cache, v_cache, torch.arange(q.shape[0] + 1, dtype=torch.int32), None, selection, False, scale,
+            block_table=block_table, kv_lens=seq_lens, q_block_size=1, checked=True)
+        return out, lse.transpose(0, 1)
     if name == "cpu":
         return _decode_cpu(q, k_cache, v_cache, block_table, seq_lens, selection, scale, num_splits or 1)
     sel = (None, None, 1) if selection is None else (

@@ -399,6 +399,13 @@ def select_tokens(
         return None
     budgets = config.token_budgets(seq_lens)
     width = config.max_token_budget(max_seq_len)
+    if (q.device.type == "cpu" and label_cache.bits == 16 and resolve_backend(backend, q.device) == "cpu"
+            and extension.extension_available("decode_select")):  # scores and top-k in one pass over the pages
+        indices, counts = extension.decode_select_cpu(
+            q, label_cache.labels, label_cache.channels, block_table, seq_lens, budgets, width,
+            sink=config.sink_tokens, recent=config.recent_tokens, per_group=config.share_kv_group,
+            reduce_max=config.group_reduce == "max")
+        return BlockSparseMask.from_token_indices(indices, counts, kv_len=max_seq_len)
     scores = label_scores(q, label_cache, block_table, seq_lens, max_seq_len, config, backend=backend)
     indices, counts = topk_token_indices(scores, budgets, width)
     return BlockSparseMask.from_token_indices(indices, counts, kv_len=max_seq_len)

@@ -46,7 +46,8 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
+    if IMPLEMENTATION not in AttentionInterface().valid_keys():  # keep a registration (or a wrapper of it) in place
+        AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 

@@ -131,12 +131,13 @@ class SparseAttention(nn.Module):
         if mask is None and short and not return_lse:
             self.last_density = 1.0
             return dense_attention(q, k, v, causal=is_causal, scale=scale)
-        if mask is None:
-            # A short context with return_lse: SDPA gives no log-sum-exp, the Dense pattern through the kernels does.
-            mask = self._mask(Dense() if short else self.pattern, q, k, is_causal, scale)
-        result = block_sparse_attention(q, k, v, mask, causal=is_causal, scale=scale, return_lse=return_lse,
-                                        backend=self.backend)
-        self.last_density = mask.density(causal=is_causal)  # after the op has validated the mask
+        dense = mask is None and (short or isinstance(self.pattern, Dense))
+        if mask is None and not dense:
+            mask = self._mask(self.pattern, q, k, is_causal, scale)
+        # Dense reads every key without a mask (a short context with return_lse too: SDPA gives no log-sum-exp).
+        result = block_sparse_attention(q, k, v, None if dense else mask, causal=is_causal, scale=scale,
+                                        return_lse=return_lse, q_block_size=self.q_block_size, backend=self.backend)
+        self.last_density = 1.0 if dense else mask.density(causal=is_causal)  # after the op has validated the mask
         return result
 
     def _mask(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float) -> BlockSparseMask:

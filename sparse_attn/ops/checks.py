@@ -56,9 +56,11 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
     return values
 
 
-def check_paged(block_table, kv_lens: list[int], batch: int, page_size: int, num_pages: int, device) -> None:
+def check_paged(block_table, kv_lens: list[int], batch: int, page_size: int, num_pages: int, device, *,
+                check_values: bool = True) -> None:
     """Paged keys: ``block_table`` an integer ``[B, max_pages]`` tensor on ``device`` whose pages cover every
-    sequence (``kv_lens`` per sequence, a host list) and whose used entries lie in ``[0, num_pages)``."""
+    sequence (``kv_lens`` per sequence, a host list) and (``check_values``, CPU tensors) whose used entries lie in
+    ``[0, num_pages)``."""
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table must be a [B={batch}, max_pages] tensor, got "
                          f"{tuple(getattr(block_table, 'shape', ()))}")
@@ -71,7 +73,7 @@ def check_paged(block_table, kv_lens: list[int], batch: int, page_size: int, num
     capacity = block_table.shape[1] * page_size
     if any(n < 0 or n > capacity for n in kv_lens):
         raise ValueError(f"kv_lens must lie in [0, {capacity}] (block_table pages x page_size), got {kv_lens}")
-    if device.type == "cpu" and batch:
+    if check_values and device.type == "cpu" and batch:
         used = torch.arange(block_table.shape[1]) < torch.tensor([-(-n // page_size) for n in kv_lens])[:, None]
         pages = block_table[used]
         if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):

@@ -212,3 +212,22 @@ def pooled_block_scores_cpu(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
     arguments; fp32/fp16/bf16): softmax probabilities of sampled rows pooled per block, computed tile by tile."""
     return extension().pooled_block_scores(q, k, pos.to(torch.int32), int(kv_block_size), float(scale), bool(causal),
                                            bool(mean))
+
+
+def decode_select_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, block_table: torch.Tensor,
+                      kv_lens: torch.Tensor, budgets: torch.Tensor, width: int, *, sink: int, recent: int,
+                      per_group: bool = True, reduce_max: bool = True, slot_keep: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode token selection read from pages in place (the C++ op ``decode_select``): q ``[B, Hq, D]``; ``labels``
+    ``[num_pages, page_size, Hkv, W]`` (any strides, e.g. a view of a KV page) holding each token's label (its r
+    channels of K, or the key itself for exact scores; with ``slot_keep`` > 0 pruned K slots, unpacked); ``channels``
+    ``[Hkv, r]``; ``block_table [B, max_pages]``, ``kv_lens [B]``, ``budgets [B]`` (tokens kept, <= width).
+
+    Returns int32 ``indices [B, H, width]`` (ascending, zero-padded past the count) and ``counts [B, H]``, H = Hkv
+    with ``per_group`` (the group's scores reduced by max or sum) else Hq: the sink tokens, the recent tokens and the
+    best-scoring others."""
+    return extension().decode_select(
+        q, labels.flatten(0, 1), channels.to(torch.int64), block_table.to(torch.int32), labels.shape[1],
+        kv_lens.to(torch.int32), budgets.to(torch.int32), int(width), int(sink), int(recent), int(slot_keep),
+        bool(per_group), bool(reduce_max),
+    )

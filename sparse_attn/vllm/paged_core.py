@@ -43,6 +43,8 @@ from ..decode.pruned_pages import PrunedSlotFormat
 from ..masks import BlockSparseMask, causal_block_bounds
 from ..ops import block_sparse_attention
 from ..ops.attention import cuda_op_available
+from ..ops.extension import block_sparse_attention_cpu as block_sparse_attention_cpp
+from ..ops.extension import cpu_kernel_available, decode_select_cpu
 from ..patterns import Dense, Pattern
 from .config import SparseAttnOptions
 
@@ -330,7 +332,7 @@ class PagedAttentionLayer:
             labels = LabelCache.over(views.labels[..., : channels.shape[1]], channels.to(kv_cache.device))
         elif isinstance(self.decode, DecodeSelection) and not slot.pruned:  # exact scores: keys are their own labels
             labels = LabelCache.over(views.k, torch.arange(d, device=kv_cache.device).expand(self.num_kv_heads, d))
-        # Pruned pages without labels: exact scores read the unpacked keys of each step (_pruned_selected_decode).
+        # Pruned pages without labels: exact scores read the pruned keys themselves (_selected_decode).
         self._views_key, self._views, self._slot = key, (views, labels), slot
         return self._views
 
@@ -353,72 +355,117 @@ class PagedAttentionLayer:
         ``value`` ``[T, Hkv, D]``: the step's new tokens as written; with KV pruning they are attended unpruned
         (None: read pruned from the pages like the rest of the context)."""
         views, labels = self.page_views(kv_cache)
-        new_tokens = (key, value) if key is not None and value is not None else None
+        fresh = (key, value) if key is not None and value is not None and self._slot.pruned else None
         for group in meta.groups:
             q = group.take(query)
-            selecting = group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection)
-            if selecting and not self._slot.pruned:
-                out = self._selected_decode(group, q, views, labels)
-            elif selecting:
-                out = self._pruned_selected_decode(group, q, views, labels, new_tokens)
+            if group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection):
+                out = self._selected_decode(group, q, views, labels, fresh)
             else:
-                out = self._masked(group, q, *self._context(group, views, new_tokens, q.dtype))
+                out = self._masked(group, q, views, fresh)
             group.put(output, out.to(output.dtype))
         output[meta.num_scheduled_tokens : meta.num_actual_tokens].zero_()  # padding rows
         return output
 
-    def _context(self, group: RowGroup, views: PageViews, new_tokens, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' context K/V in the varlen layout ``[Tk, Hkv, D]`` (``kv_slots`` order), in ``dtype`` (None: the
-        page dtype). Pruned slots are unpacked, and the step's new tokens replace their pruned copies."""
+    def _in_kernel(self, q: torch.Tensor) -> bool:
+        """Whether pruned slots are unpacked inside the kernels (the C++ CPU ops) rather than gathered first."""
+        return q.device.type == "cpu" and self.op_backend in (None, "cpu") and cpu_kernel_available()
+
+    def _fresh(self, group: RowGroup, fresh):
+        return (None, None) if fresh is None else (group.take(fresh[0]), group.take(fresh[1]))
+
+    def _context(self, group: RowGroup, views: PageViews, fresh, dtype=None, keys_only: bool = False):
+        """The rows' context K (and V) gathered into the varlen layout ``[Tk, Hkv, D]`` (``kv_slots`` order), in
+        ``dtype`` (None: the page dtype): what estimators read, and pruned slots for kernels that cannot unpack
+        them. Pruned slots are unpacked, and the step's new tokens replace their pruned copies."""
         dtype = dtype or views.kv.dtype
-        if not self._slot.pruned:  # two contiguous gathers straight from the pages
-            return (views.flat(views.k).index_select(0, group.kv_slots).to(dtype),
-                    views.flat(views.v).index_select(0, group.kv_slots).to(dtype))
+        if not self._slot.pruned:
+            k = views.flat(views.k).index_select(0, group.kv_slots).to(dtype)
+            return k if keys_only else (k, views.flat(views.v).index_select(0, group.kv_slots).to(dtype))
         k, v = self._slot.unpack(views.flat(views.kv).index_select(0, group.kv_slots))
-        if new_tokens is not None:
+        if fresh is not None:
             positions = group.new_positions
-            k.index_copy_(0, positions, group.take(new_tokens[0]).to(k.dtype))  # as the page dtype would hold them
-            v.index_copy_(0, positions, group.take(new_tokens[1]).to(v.dtype))
-        return k.to(dtype), v.to(dtype)
+            k.index_copy_(0, positions, group.take(fresh[0]).to(k.dtype))  # as the page dtype would hold them
+            v.index_copy_(0, positions, group.take(fresh[1]).to(v.dtype))
+        return k.to(dtype) if keys_only else (k.to(dtype), v.to(dtype))
 
-    def _masked(self, group: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Block-sparse attention over the rows' context ``k, v`` in the varlen layout."""
+    def _masked(self, group: RowGroup, q: torch.Tensor, views: PageViews, fresh) -> torch.Tensor:
+        """Block-sparse attention over the rows' context, read from the pages in place (content-aware patterns
+        gather the keys they estimate from)."""
         pattern = Dense() if group.dense else (self.decode if group.phase == "decode" else self.prefill)
-        mask = group.mask(pattern, self.block_size, self.num_heads, q, k, self.scale)
+        dense = isinstance(pattern, Dense)
+        keys = self._context(group, views, fresh, q.dtype, keys_only=True) if pattern.content_aware else None
+        mask = None if dense else group.mask(pattern, self.block_size, self.num_heads, q, keys, self.scale)
         full = group.causal_blocks(self.block_size) * self.num_heads
-        read = full if isinstance(pattern, Dense) else mask.kv_num_blocks.sum()
-        self.stats.add(group.phase, len(group.rows), read, full, not isinstance(pattern, Dense))
-        return block_sparse_attention(
-            q, k, v, mask, causal=True, scale=self.scale, cu_seqlens_q=group.cu_seqlens_q,
-            cu_seqlens_k=group.cu_seqlens_k, backend=self.op_backend,
-        )
+        self.stats.add(group.phase, len(group.rows), full if dense else mask.kv_num_blocks.sum(), full, not dense)
+        table, _ = group.row_pages()
+        if self._slot.pruned and self._in_kernel(q):
+            new_k, new_v = self._fresh(group, fresh)
+            out, _ = block_sparse_attention_cpp(
+                q.to(views.kv.dtype), views.kv, views.kv, group.cu_seqlens_q, None, mask, True, self.scale,
+                block_table=table, kv_lens=group.kv_lens, q_block_size=self.block_size, slot_keep=self._slot.keep,
+                new_k=new_k, new_v=new_v, checked=True)
+            return out
+        if self._slot.pruned:  # kernels without slot unpacking read the unpacked context
+            k, v = self._context(group, views, fresh, q.dtype)
+            return block_sparse_attention(q, k, v, mask, causal=True, scale=self.scale, cu_seqlens_q=group.cu_seqlens_q,
+                                          cu_seqlens_k=group.cu_seqlens_k, q_block_size=self.block_size,
+                                          backend=self.op_backend)
+        return block_sparse_attention(q.to(views.k.dtype), views.k, views.v, mask, causal=True, scale=self.scale,
+                                      cu_seqlens_q=group.cu_seqlens_q, block_table=table, kv_lens=group.kv_lens,
+                                      q_block_size=self.block_size, backend=self.op_backend)
 
-    def _selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews, labels: LabelCache) -> torch.Tensor:
-        """Decode over the top-k tokens of each KV group, read in place from the pages."""
+    def _selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews, labels: LabelCache | None,
+                         fresh) -> torch.Tensor:
+        """Decode over the top-k tokens of each KV group, scored on the page's labels (Double Sparsity) or exactly
+        on the keys, then attended exactly over the selected tokens, read in place from the pages."""
         block_table, seq_lens = group.row_pages()
-        return self._select_and_attend(group, q.to(views.kv.dtype), labels, block_table, views.k, views.v, block_table,
-                                       seq_lens)
+        config, max_len = self.decode.config, max(group.kv_lens)
+        q = q.to(views.kv.dtype)
+        if self._slot.pruned and not self._in_kernel(q):
+            return self._unpacked_selected_decode(group, q, views, labels, fresh)
+        if labels is not None:
+            selection = select_tokens(q, labels, None, block_table, seq_lens, config, max_seq_len=max_len,
+                                      backend=self._decode_backend("label_scores_fwd"), check_values=False)
+        elif max_len < config.dense_below:
+            selection = None
+        else:  # exact scores over the pruned keys, unpacked as they are read
+            d = self.head_size
+            indices, counts = decode_select_cpu(
+                q, views.kv, torch.arange(d).expand(self.num_kv_heads, d), block_table, seq_lens,
+                config.token_budgets(seq_lens), config.max_token_budget(max_len), sink=config.sink_tokens,
+                recent=config.recent_tokens, per_group=config.share_kv_group, reduce_max=config.group_reduce == "max",
+                slot_keep=self._slot.keep)
+            selection = BlockSparseMask.from_token_indices(indices, counts, kv_len=max_len)
+        full = sum(group.kv_lens) * self.num_kv_heads
+        self.stats.add("decode", len(group.rows), full if selection is None else selection.kv_num_blocks.sum(), full,
+                       True)
+        if self._slot.pruned:
+            new_k, new_v = self._fresh(group, fresh)
+            out, _ = block_sparse_attention_cpp(
+                q, views.kv, views.kv, torch.arange(q.shape[0] + 1, dtype=torch.int32), None, selection, False,
+                self.scale, block_table=block_table, kv_lens=seq_lens, q_block_size=1, slot_keep=self._slot.keep,
+                new_k=new_k, new_v=new_v, checked=True)
+            return out
+        out, _ = sparse_decode_attention(q, views.k, views.v, block_table, seq_lens, selection, scale=self.scale,
+                                         backend=self._decode_backend("sparse_decode_attention_fwd"), check_values=False)
+        return out
 
-    def _pruned_selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews, labels: LabelCache | None,
-                                new_tokens) -> torch.Tensor:
-        """Decode over the top-k tokens of each KV group of pruned pages: the rows' context unpacked (each row's new
-        token exact) and read as pages of one token; scored exactly on it, or on the page's labels."""
-        k, v = self._context(group, views, new_tokens)
+    def _unpacked_selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews,
+                                  labels: LabelCache | None, fresh) -> torch.Tensor:
+        """Token-selection decode on pruned pages for kernels that cannot unpack slots: the rows' context unpacked
+        (each row's new token exact) and read as pages of one token; scored exactly on it, or on the labels."""
+        k, v = self._context(group, views, fresh)
         table = group.token_pages()
         k_pages, v_pages = k[:, None], v[:, None]  # [Tk, 1, Hkv, D]
-        label_table = group.row_pages()[0]
+        label_table, seq_lens = group.row_pages()
         if labels is None:  # exact scores over the (pruned) keys
             d = self.head_size
             labels = LabelCache.over(k_pages, torch.arange(d, device=k.device).expand(self.num_kv_heads, d))
             label_table = table
-        seq_lens = group.row_pages()[1]
-        return self._select_and_attend(group, q.to(k.dtype), labels, label_table, k_pages, v_pages, table, seq_lens)
-
-    def _select_and_attend(self, group, q, labels, label_table, k_cache, v_cache, block_table, seq_lens):
         selection = select_tokens(q, labels, None, label_table, seq_lens, self.decode.config,
                                   max_seq_len=max(group.kv_lens), backend=self._decode_backend("label_scores_fwd"),
                                   check_values=False)
-        out, _ = sparse_decode_attention(q, k_cache, v_cache, block_table, seq_lens, selection, scale=self.scale,
+        out, _ = sparse_decode_attention(q, k_pages, v_pages, table, seq_lens, selection, scale=self.scale,
                                          backend=self._decode_backend("sparse_decode_attention_fwd"), check_values=False)
         full = sum(group.kv_lens) * self.num_kv_heads
         self.stats.add("decode", len(group.rows), full if selection is None else selection.kv_num_blocks.sum(), full,
