@@ -19,8 +19,9 @@ configuration still finds the key. Configurations (:mod:`bench.methods`):
   runs the same pattern when it is static (A-shape keeps its sink and window) and dense for content-aware
   estimators, which choose blocks for a block of queries. A method the backend's options do not know is recorded
   as skipped with the reason;
-- ``plan`` (with ``--plan``): our backend with a planner plan's per-head prefill patterns and block size, dense
-  decode (``dense_below`` 0).
+- ``default``: our backend without options (what ``--attention-backend sparse`` alone gives);
+- ``plan`` (with ``--plan``): our backend with a planner plan's per-head prefill patterns, block size and per-layer
+  decode methods (``dense_below`` 0).
 
 Ratios divide the dense time by the configuration's (> 1 is faster) and compare the generated token ids with the
 dense ones.
@@ -68,7 +69,7 @@ class Settings:
     def __post_init__(self):
         if "dense" not in self.methods:
             raise ValueError("methods must include dense (vLLM's own backend, the baseline of every ratio)")
-        methods.resolve(self.methods)
+        methods.resolve([m for m in self.methods if m != "default"])
         if not isinstance(self.output_tokens, int) or self.output_tokens < 2:
             raise ValueError(f"output_tokens must be an int >= 2 (TPOT needs two tokens), got {self.output_tokens!r}")
         too_long = [c for c in self.contexts if c < 16 or c + self.output_tokens + 64 > MAX_POSITIONS]
@@ -97,7 +98,7 @@ def configurations(names: list[str], plan: str | None = None) -> list[dict]:
     skip reason."""
     native = "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
     configs = []
-    for name, candidate in methods.resolve(names).items():
+    for name, candidate in methods.resolve([n for n in names if n != "default"]).items():
         config = dict(name=name, pattern=candidate.label)
         if name == "dense":
             config.update(attention_backend=native, additional_config=None, pattern=f"vLLM {native}")
@@ -110,9 +111,11 @@ def configurations(names: list[str], plan: str | None = None) -> list[dict]:
                 config.update(attention_backend="sparse", additional_config={
                     "sparse_attn": {"prefill": spec, "decode": decode, "dense_below": 0}})
         configs.append(config)
+    if "default" in names:  # the backend as a user gets it without options
+        configs.append(dict(name="default", pattern="no options", attention_backend="sparse", additional_config=None))
     if plan is not None:
         configs.append(dict(name="plan", pattern=f"plan {Path(plan).name}", attention_backend="sparse",
-                            additional_config={"sparse_attn": {"plan": plan, "decode": "dense", "dense_below": 0}}))
+                            additional_config={"sparse_attn": {"plan": plan, "dense_below": 0}}))
     return configs
 
 

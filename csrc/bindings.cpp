@@ -327,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::
               "[rows, Hkv, W] must agree on Hkv, a divisor of q's ", q_heads, " heads; got ", shape_of(channels),
               " and ", shape_of(labels));
   TORCH_CHECK(r >= 1 && r <= dim && dim <= 256, "channels must hold 1..head_dim (<= 256) channels, got ", r);
+  TORCH_CHECK(q_heads / kv_heads <= 256, "at most 256 query heads per KV head, got ", q_heads / kv_heads);
   TORCH_CHECK(labels.stride(2) == 1 || labels.size(2) == 1, "labels must have unit stride along its last axis");
   if (slot_keep > 0) {
     TORCH_CHECK(r == dim, "exact scores over pruned slots take every channel (r = head_dim)");

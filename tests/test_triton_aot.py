@@ -19,8 +19,9 @@ lowered to LLVM IR stops there (a Triton stages hook): ptxas can take minutes on
 
 The full grid compiles every distinct launch (about 1,500 per architecture, some of them a minute each: too slow for
 CI). CI compiles the grid's upper corners: for each kernel, the launches are grouped by what changes the code
-(argument dtypes, head size, the kernel's code variants, num_warps, num_stages) and, per group, only the launches with
-the largest tiles are compiled (those no other launch of the group matches or exceeds in every tile dimension).
+(argument element sizes, padded head size, the kernel's code variants, num_warps, num_stages; fp16 and bf16 share a
+group, and so do head sizes padded to the same tile) and, per group, only the launches with the largest tiles are
+compiled (those no other launch of the group matches or exceeds in every tile dimension).
 Shared memory and registers grow with the tiles at fixed warps and stages, so these bound their group. Set
 ``SPARSE_ATTN_AOT_FULL=1`` for the full grid; a kernel missing from ``KERNEL_SHAPES`` is always compiled in full.
 """
@@ -54,7 +55,7 @@ KERNEL_SHAPES = {
     "_decode_split_kernel": (("BLOCK_G", "BLOCK_N"), ("HEAD_DIM", "BLOCK_D")),
     "_merge_splits": (("BLOCK_S",), ("HEAD_DIM", "BLOCK_D")),
     "_label_scores_kernel": (("BLOCK_G", "BLOCK_N", "BLOCK_R"), ("BITS",)),
-    "_pooled_block_probs": (("ROWS", "KV_BLOCK"), ("HEAD_DIM", "BLOCK_D")),
+    "_pooled_block_probs": (("ROWS", "BLOCK_N"), ("HEAD_DIM", "BLOCK_D")),
 }
 
 
@@ -167,6 +168,9 @@ def compile_key(launch) -> str:
     return json.dumps([launch["kernel"], launch["args"], launch["kwargs"]], sort_keys=True)
 
 
+SAME_SIZE = {"float16": "16-bit float", "bfloat16": "16-bit float"}
+
+
 def corners(launches: list[dict]) -> list[dict]:
     """The CI selection (module docstring): per group, the launches with maximal tiles."""
     chosen, groups = [], {}
@@ -177,7 +181,10 @@ def corners(launches: list[dict]) -> list[dict]:
             continue
         tiles, variant = shape
         c = constexprs(launch)
-        group = (launch["kernel"], tuple(a.get("tensor") for a in launch["args"]), tuple(c.get(n) for n in variant),
+        # fp16 and bf16 tiles take the same registers and shared memory, and a head size padded to the same BLOCK_D
+        # (96 -> 128) the same tiles: one launch stands for each such family.
+        dtypes = tuple(SAME_SIZE.get(a.get("tensor"), a.get("tensor")) for a in launch["args"])
+        group = (launch["kernel"], dtypes, tuple(c.get(n) for n in variant if n != "HEAD_DIM"),
                  c.get("num_warps"), c.get("num_stages"))
         groups.setdefault(group, []).append((tuple(c.get(n) or 0 for n in tiles), launch))
     for members in groups.values():

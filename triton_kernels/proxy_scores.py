@@ -9,6 +9,8 @@ over the keys (causal at token level) and pools them to one score per (head, que
 
 One program handles one (query block, head): a first pass over the visible keys finds each row's softmax max and
 normaliser online (base 2, as in the attention kernel), a second pass turns scores into probabilities and pools them.
+Keys are loaded in tiles of BLOCK_N (a KV block is one or several tiles), so the on-chip tile stays small at large
+head sizes and blocks; num_stages is chosen so the pipelined K tiles fit shared memory.
 The probability matrix never reaches memory: the output is ``[H, num_q_blocks, num_kv_blocks]`` fp32.
 """
 
@@ -24,10 +26,11 @@ LOG2E = 1.4426950408889634  # log2(e)
 
 
 @triton.jit
-def _masked_scores(q, k_rows, j, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
-                   KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores ``q . k * qk_scale`` of the rows against KV block j, -inf where a key is missing or causally hidden."""
-    key = j * KV_BLOCK + offs_n
+def _masked_scores(q, k_rows, start, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
+                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores ``q . k * qk_scale`` of the rows against the key tile at ``start``, -inf where a key is missing or
+    causally hidden."""
+    key = start + offs_n
     k = tl.load(k_rows + key.to(tl.int64)[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=(key < kv_len)[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -45,13 +48,13 @@ def _pooled_block_probs(
     stride_pb, stride_pr,
     stride_oh, stride_ob, stride_oj,
     kv_len, num_kv_blocks, heads_per_kv, qk_scale,
-    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MEAN: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MEAN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0)  # query block
     h = tl.program_id(1)  # head of Q
     offs_r = tl.arange(0, ROWS)
-    offs_n = tl.arange(0, KV_BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
@@ -69,9 +72,9 @@ def _pooled_block_probs(
     # Pass 1: running max m and normaliser l of 2^(s * qk_scale) per row.
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    for j in range(0, n_blocks):
-        s = _masked_scores(q, k_rows, j, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
-                           KV_BLOCK, CAUSAL, PRECISION)
+    for t in range(0, n_blocks * (KV_BLOCK // BLOCK_N)):
+        s = _masked_scores(q, k_rows, t * BLOCK_N, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd,
+                           qk_scale, CAUSAL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
@@ -82,14 +85,24 @@ def _pooled_block_probs(
     inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     n_rows = tl.maximum(tl.sum(row_ok.to(tl.float32), 0), 1.0)
     for j in range(0, n_blocks):
-        s = _masked_scores(q, k_rows, j, offs_n, offs_d, d_ok, row_ok, pos, kv_len, stride_kt, stride_kd, qk_scale,
-                           KV_BLOCK, CAUSAL, PRECISION)
-        p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]  # exp2(-inf) = 0 for hidden keys
-        if MEAN:
-            value = tl.sum(tl.sum(p, 1), 0) / n_rows
-        else:
-            value = tl.max(tl.max(p, 1), 0)
+        value = 0.0
+        for u in range(0, KV_BLOCK // BLOCK_N):
+            s = _masked_scores(q, k_rows, j * KV_BLOCK + u * BLOCK_N, offs_n, offs_d, d_ok, row_ok, pos, kv_len,
+                               stride_kt, stride_kd, qk_scale, CAUSAL, PRECISION)
+            p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]  # exp2(-inf) = 0 for hidden keys
+            if MEAN:
+                value += tl.sum(tl.sum(p, 1), 0) / n_rows
+            else:
+                value = tl.maximum(value, tl.max(tl.max(p, 1), 0))
         tl.store(Out + h * stride_oh + i * stride_ob + j * stride_oj, value)
+
+
+def _tile_config(kv_block: int, block_d: int, rows: int, elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_N, num_stages): key tiles of at most 64 keys (32 from head_dim 256 up), and as many pipeline stages (up
+    to 3) as keep the Q tile and the staged K tiles under 96 KiB of shared memory on every architecture."""
+    block_n = min(kv_block, 64 if block_d <= 128 else 32)
+    smem = lambda stages: (rows + stages * block_n) * block_d * elem_bytes
+    return block_n, next((s for s in (3, 2) if smem(s) <= 96 * 1024), 1)
 
 
 def pooled_block_probs_fwd(
@@ -130,12 +143,13 @@ def pooled_block_probs_fwd(
         q = torch.nn.functional.pad(q, (0, 0, 0, padded_rows - rows))
         pos = torch.nn.functional.pad(pos, (0, padded_rows - rows), value=-1)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n, num_stages = _tile_config(kv_block_size, block_d, padded_rows, q.element_size())
     _pooled_block_probs[(nq, heads)](
         q, k, pos, out,
         *q.stride(), *k.stride(), *pos.stride(), *out.stride(),
         kv_len, nk, heads // k.shape[1], scale * LOG2E,
-        HEAD_DIM=head_dim, ROWS=padded_rows, KV_BLOCK=kv_block_size, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, ROWS=padded_rows, KV_BLOCK=kv_block_size, BLOCK_N=block_n, BLOCK_D=block_d,
         CAUSAL=bool(causal), MEAN=bool(mean), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=4, num_stages=num_stages,
     )
     return out

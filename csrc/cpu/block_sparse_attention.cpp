@@ -100,15 +100,10 @@ void unpack_slots(const T* slots, int64_t stride, int64_t rows, int64_t dim, int
                   int which, float* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* slot = slots + r * stride;
-    const T* values = slot + which * keep;
     const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep) + which * bitmap_bytes;
-    float* o = dst + r * dim;
-    int64_t rank = 0;
-    for (int64_t c = 0; c < dim; ++c) {
-      const bool kept = (bits[c >> 3] >> (c & 7)) & 1;
-      o[c] = kept ? static_cast<float>(values[rank]) : 0.0f;
-      rank += kept;
-    }
+    unpack_vector(slot + which * keep, [&](int64_t j) {  // bitmap bytes 2j, 2j + 1 (the last may be missing)
+      return static_cast<uint16_t>(bits[2 * j] | (2 * j + 1 < bitmap_bytes ? bits[2 * j + 1] << 8 : 0));
+    }, dim, dst + r * dim);
   }
 }
 

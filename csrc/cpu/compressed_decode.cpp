@@ -1,37 +1,42 @@
-// Decode attention on the bitmap-compressed KV cache, CPU. One (sequence, KV head) per OpenMP iteration serves all
-// query heads of its GQA group, so each compressed tile is decoded once per step.
+// Decode attention on the bitmap-compressed KV cache, CPU, flash-decoding style.
 //
-// q.K and P.V run on the packed values: the set bits of a tile's bitmap, visited low to high, are the channels of
-// that tile's values in storage order (tile c of a token starts after the popcounts of tiles 0..c-1).
+// A sequence's context is its compressed tokens (per token and KV head: a 64-bit keep bitmap per 64-channel tile and
+// the kept values in channel order) followed by its dense recent window. One work item is (sequence, KV head, a slice
+// of the context); it serves all query heads of the GQA group, so each compressed token is unpacked once per step.
+// Tokens are unpacked kTileTokens at a time into a dense fp32 tile (one expand-load per 16 channels on AVX-512), then
+//   S = Q K^T,  online softmax in base 2 (m, l per head),  acc = acc 2^(m - m') + P V,
+// and the slices of a split context are merged through their log-sum-exps. Long contexts of few sequences (batch-1
+// decode) are split so every thread has work.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "../ops.h"
+#include "kernel_utils.h"
 
 namespace sparse_attn {
 namespace {
 
-// Calls fn(channel, value) for every kept channel of one compressed token.
-template <typename T, typename Fn>
-inline void for_each_kept(const uint64_t* bitmaps, const T* values, int64_t tiles, Fn&& fn) {
-  for (int64_t c = 0; c < tiles; ++c) {
-    for (uint64_t bits = bitmaps[c]; bits; bits &= bits - 1) {
-      fn(c * 64 + __builtin_ctzll(bits), static_cast<float>(*values++));
-    }
-  }
-}
+constexpr int64_t kTileTokens = 128;
+constexpr int64_t kMinSliceTokens = 512;
+constexpr int64_t kItemsPerThread = 4;
+
+struct Slice {
+  int64_t bh, begin, end;  // (sequence, KV head) and its context tokens [begin, end)
+};
 
 template <typename T>
 void decode(const CompressedDecodeInputs& in, at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = in.q.size(0), q_heads = in.q.size(1), dim = in.q.size(2);
   const int64_t kv_heads = in.offsets.size(1), group = q_heads / kv_heads, window = in.k_recent.size(2);
   const int64_t tiles = num_tiles(dim), k_keep = in.k_keep, v_keep = in.v_keep;
-  const float scale = static_cast<float>(in.scale);
+  const float mul = static_cast<float>(in.scale) * kLog2e;
   const T* q = in.q.data_ptr<T>();
   const auto* k_bits = reinterpret_cast<const uint64_t*>(in.k_bitmaps.data_ptr<int64_t>());
   const auto* v_bits = reinterpret_cast<const uint64_t*>(in.v_bitmaps.data_ptr<int64_t>());
@@ -45,68 +50,87 @@ void decode(const CompressedDecodeInputs& in, at::Tensor& out, at::Tensor& lse) 
   T* o = out.data_ptr<T>();
   float* l = lse.data_ptr<float>();
 
-#pragma omp parallel
-  {
-    std::vector<float> qf(group * dim), acc(group * dim), denom(group), probs;  // per-thread scratch
-#pragma omp for schedule(dynamic)
-    for (int64_t bh = 0; bh < batch * kv_heads; ++bh) {
-      const int64_t b = bh / kv_heads, g = bh % kv_heads, head0 = b * q_heads + g * group;
-      const int64_t n_comp = comp_len[b], n_rec = rec_len[b], n = n_comp + n_rec;
-      if (n == 0) {  // no keys: out 0, lse -inf
-        std::fill(o + head0 * dim, o + (head0 + group) * dim, static_cast<T>(0.0f));
-        std::fill(l + head0, l + head0 + group, -std::numeric_limits<float>::infinity());
+  // Work: every (sequence, KV head), its context cut into slices when there are few of them.
+  const int64_t threads = at::get_num_threads();
+  std::vector<Slice> slices;
+  std::vector<int64_t> first_slice(batch * kv_heads + 1, 0);
+  const int64_t rows = batch * kv_heads;
+  for (int64_t bh = 0; bh < rows; ++bh) {
+    const int64_t b = bh / kv_heads, n = int64_t{comp_len[b]} + rec_len[b];
+    int64_t pieces = 1;
+    if (threads > 1 && rows < threads * kItemsPerThread) {
+      pieces = std::max<int64_t>(1, std::min((threads * kItemsPerThread + rows - 1) / rows, n / kMinSliceTokens));
+    }
+    for (int64_t s = 0; s < pieces; ++s) slices.push_back({bh, n * s / pieces, n * (s + 1) / pieces});
+    first_slice[bh + 1] = static_cast<int64_t>(slices.size());
+  }
+  const int64_t num = static_cast<int64_t>(slices.size());
+  std::vector<float> part_out(num * group * dim), part_lse(num * group);
+
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, std::min(threads, num)), 1, [&](int64_t, int64_t) {
+    std::vector<float> qf(group * dim), kt(kTileTokens * dim), vt(kTileTokens * dim), s(group * kTileTokens);
+    std::vector<float> acc(group * dim), row_max(group), row_sum(group);
+    for (int64_t i = next.fetch_add(1); i < num; i = next.fetch_add(1)) {
+      const Slice& sl = slices[i];
+      const int64_t b = sl.bh / kv_heads, head0 = b * q_heads + (sl.bh % kv_heads) * group;
+      const int64_t n_comp = comp_len[b];
+      for (int64_t e = 0; e < group * dim; ++e) qf[e] = static_cast<float>(q[head0 * dim + e]) * mul;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      for (int64_t t0 = sl.begin; t0 < sl.end; t0 += kTileTokens) {
+        const int64_t n = std::min(kTileTokens, sl.end - t0);
+        for (int64_t j = 0; j < n; ++j) {  // unpack (or copy) the tile's K and V
+          const int64_t t = t0 + j;
+          if (t < n_comp) {
+            const int64_t slot = offsets[sl.bh] + t;
+            const uint64_t* kb = k_bits + slot * tiles;
+            const uint64_t* vb = v_bits + slot * tiles;
+            unpack_vector(k_vals + slot * k_keep, [&](int64_t c) { return uint16_t(kb[c / 4] >> (16 * (c % 4))); },
+                          dim, kt.data() + j * dim);
+            unpack_vector(v_vals + slot * v_keep, [&](int64_t c) { return uint16_t(vb[c / 4] >> (16 * (c % 4))); },
+                          dim, vt.data() + j * dim);
+          } else {
+            const int64_t r = (sl.bh * window + (t - n_comp)) * dim;
+            to_float(k_rec + r, dim, 1, dim, 1.0f, kt.data() + j * dim);
+            to_float(v_rec + r, dim, 1, dim, 1.0f, vt.data() + j * dim);
+          }
+        }
+        gemm_abt_loops(group, n, dim, qf.data(), dim, kt.data(), dim, s.data(), kTileTokens);
+        softmax_update(s.data(), kTileTokens, group, n, row_max.data(), row_sum.data(), acc.data(), dim);
+        gemm_ab_acc_loops(group, dim, n, s.data(), kTileTokens, vt.data(), dim, acc.data(), dim);
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        const float sum = row_sum[h];
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int64_t e = 0; e < dim; ++e) part_out[(i * group + h) * dim + e] = acc[h * dim + e] * inv;
+        part_lse[i * group + h] = sum > 0.0f ? (row_max[h] + std::log2(sum)) * kLn2 : kNegInf;
+      }
+    }
+  });
+
+  // Merge the slices of every (sequence, KV head): lse = log sum e^lse_s, out = sum_s e^(lse_s - lse) out_s.
+  for (int64_t bh = 0; bh < rows; ++bh) {
+    const int64_t b = bh / kv_heads, head0 = b * q_heads + (bh % kv_heads) * group;
+    for (int64_t h = 0; h < group; ++h) {
+      float top = kNegInf;
+      for (int64_t i = first_slice[bh]; i < first_slice[bh + 1]; ++i) top = std::max(top, part_lse[i * group + h]);
+      T* dst = o + (head0 + h) * dim;
+      if (top == kNegInf) {  // no keys: out 0, lse -inf
+        std::fill(dst, dst + dim, static_cast<T>(0.0f));
+        l[head0 + h] = kNegInf;
         continue;
       }
-      for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(q[head0 * dim + i]) * scale;
-
-      // Scores s[t * group + h] = scale * q_h . k_t.
-      probs.assign(n * group, 0.0f);
-      for (int64_t t = 0; t < n_comp; ++t) {
-        const int64_t slot = offsets[bh] + t;
-        float* s = &probs[t * group];
-        for_each_kept(k_bits + slot * tiles, k_vals + slot * k_keep, tiles, [&](int64_t e, float x) {
-          for (int64_t h = 0; h < group; ++h) s[h] += qf[h * dim + e] * x;
-        });
+      float total = 0.0f;
+      std::vector<float> merged(dim, 0.0f);
+      for (int64_t i = first_slice[bh]; i < first_slice[bh + 1]; ++i) {
+        const float w = std::exp(part_lse[i * group + h] - top);
+        total += w;
+        for (int64_t e = 0; e < dim; ++e) merged[e] += w * part_out[(i * group + h) * dim + e];
       }
-      const T* k_win = k_rec + bh * window * dim;
-      for (int64_t t = 0; t < n_rec; ++t) {
-        float* s = &probs[(n_comp + t) * group];
-        for (int64_t h = 0; h < group; ++h) {
-          float dot = 0.0f;
-          for (int64_t e = 0; e < dim; ++e) dot += qf[h * dim + e] * static_cast<float>(k_win[t * dim + e]);
-          s[h] = dot;
-        }
-      }
-
-      // Softmax per head: p = exp(s - max) / sum, lse = max + log(sum).
-      for (int64_t h = 0; h < group; ++h) {
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, probs[t * group + h]);
-        float sum = 0.0f;
-        for (int64_t t = 0; t < n; ++t) sum += (probs[t * group + h] = std::exp(probs[t * group + h] - m));
-        denom[h] = sum;
-        l[head0 + h] = m + std::log(sum);
-      }
-
-      // out_h = sum_t p_t v_t / sum.
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < n_comp; ++t) {
-        const int64_t slot = offsets[bh] + t;
-        const float* p = &probs[t * group];
-        for_each_kept(v_bits + slot * tiles, v_vals + slot * v_keep, tiles, [&](int64_t e, float x) {
-          for (int64_t h = 0; h < group; ++h) acc[h * dim + e] += p[h] * x;
-        });
-      }
-      const T* v_win = v_rec + bh * window * dim;
-      for (int64_t t = 0; t < n_rec; ++t) {
-        const float* p = &probs[(n_comp + t) * group];
-        for (int64_t h = 0; h < group; ++h) {
-          for (int64_t e = 0; e < dim; ++e) acc[h * dim + e] += p[h] * static_cast<float>(v_win[t * dim + e]);
-        }
-      }
-      for (int64_t h = 0; h < group; ++h) {
-        for (int64_t e = 0; e < dim; ++e) o[(head0 + h) * dim + e] = static_cast<T>(acc[h * dim + e] / denom[h]);
-      }
+      for (int64_t e = 0; e < dim; ++e) dst[e] = static_cast<T>(merged[e] / total);
+      l[head0 + h] = top + std::log(total);
     }
   }
 }

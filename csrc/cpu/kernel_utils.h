@@ -8,6 +8,10 @@
 #include <limits>
 #include <type_traits>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 // Fortran BLAS sgemm (column-major, LP64), exported by torch's CPU library when it is built with a BLAS.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -200,6 +204,44 @@ bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row
     row_max[r] = m_new;
   }
   return true;
+}
+
+// Unpacks `dim` channels of a pruned vector into dense fp32: `next_bits(j)` gives the keep mask of channels
+// [16 j, 16 j + 16), whose kept values follow one another in `values` (channel order); pruned channels are 0. Returns
+// the number of values read. fp32 values on AVX-512 machines use the expand-load instruction (one per 16 channels);
+// otherwise a loop over the set bits.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) inline int64_t expand16_avx512(const float* values, uint16_t mask, float* out) {
+  _mm512_storeu_ps(out, _mm512_maskz_expandloadu_ps(mask, values));
+  return __builtin_popcount(mask);
+}
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
+template <typename T, typename Bits>
+int64_t unpack_vector(const T* values, Bits&& next_bits, int64_t dim, float* out) {
+  int64_t read = 0;
+  for (int64_t j = 0; j * 16 < dim; ++j) {
+    const uint16_t mask = next_bits(j);
+    const int64_t width = std::min<int64_t>(16, dim - j * 16);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (width == 16 && has_avx512()) {
+        read += expand16_avx512(values + read, mask, out + j * 16);
+        continue;
+      }
+    }
+#endif
+    for (int64_t c = 0; c < width; ++c) {
+      const bool kept = (mask >> c) & 1;
+      out[j * 16 + c] = kept ? static_cast<float>(values[read]) : 0.0f;
+      read += kept;
+    }
+  }
+  return read;
 }
 
 // Converts `rows` vectors of `dim` elements (row stride `stride`) into a dense fp32 [rows, dim] buffer, times `mul`.

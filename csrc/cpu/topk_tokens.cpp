@@ -5,18 +5,20 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
 
 #include "../ops.h"
+#include "kernel_utils.h"
 
 namespace sparse_attn {
 namespace {
 
 // Writes the selected token ids of one row, ascending, and returns their count.
 int32_t select_row(const float* scores, int64_t len, int64_t budget, int64_t sink, int64_t recent, int32_t* out,
-                   std::vector<int32_t>& middle) {
+                   std::vector<uint64_t>& middle) {
   if (len <= budget) {  // everything fits
     std::iota(out, out + len, 0);
     return static_cast<int32_t>(len);
@@ -27,18 +29,18 @@ int32_t select_row(const float* scores, int64_t len, int64_t budget, int64_t sin
   const int64_t recent_start = std::max(len - recent, sink_end);
   const int64_t forced = sink_end + (len - recent_start);
   const int64_t need = std::max<int64_t>(budget - forced, 0);
+  // One 64-bit key per token: the score's order above, the complemented index below, so that a larger key ranks
+  // higher and ties go to the lower index; plain integer comparisons then do the selection.
   middle.resize(recent_start - sink_end);
-  std::iota(middle.begin(), middle.end(), static_cast<int32_t>(sink_end));
-  auto ranks_higher = [scores](int32_t a, int32_t b) {
-    const uint32_t ka = ordered_key(scores[a]), kb = ordered_key(scores[b]);
-    return ka > kb || (ka == kb && a < b);
-  };
-  std::nth_element(middle.begin(), middle.begin() + need, middle.end(), ranks_higher);
-  std::sort(middle.begin(), middle.begin() + need);
-
+  for (int64_t t = sink_end; t < recent_start; ++t) {
+    middle[t - sink_end] = (uint64_t{ordered_key(scores[t])} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(t));
+  }
+  std::nth_element(middle.begin(), middle.begin() + need, middle.end(), std::greater<uint64_t>());
   int32_t* p = out;
   for (int64_t i = 0; i < sink_end; ++i) *p++ = static_cast<int32_t>(i);
-  p = std::copy(middle.begin(), middle.begin() + need, p);
+  for (int64_t i = 0; i < need; ++i) p[i] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(middle[i]));
+  std::sort(p, p + need);
+  p += need;
   for (int64_t i = recent_start; i < len; ++i) *p++ = static_cast<int32_t>(i);
   return static_cast<int32_t>(forced + need);
 }
@@ -47,6 +49,18 @@ int32_t select_row(const float* scores, int64_t len, int64_t budget, int64_t sin
 // reduced over the group (max or sum) or one row per query head. Labels are rows of `labels` (stride per token
 // row, per KV head), r values each; with pruned slots (slot_keep > 0) a row is a packed K slot and the label is the
 // unpacked key (r == D, channels the identity).
+// dots[h] = q_label[h] . x for the group's heads (r channels each).
+SPARSE_ATTN_ISA_CLONES
+void group_dots(const float* q_label, int64_t group, int64_t r, const float* x, float* dots) {
+  for (int64_t h = 0; h < group; ++h) {
+    const float* qh = q_label + h * r;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < r; ++c) dot += qh[c] * x[c];
+    dots[h] = dot;
+  }
+}
+
 template <typename T>
 void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t rows_out, int64_t b, int64_t g,
                   int64_t len, float* out) {
@@ -54,32 +68,33 @@ void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t ro
   const T* labels = in.labels.data_ptr<T>() + g * in.labels.stride(1);
   const int64_t stride = in.labels.stride(0), page = in.page_size;
   const int32_t* table = in.block_table.data_ptr<int32_t>() + b * in.block_table.stride(0);
+  const bool reduce_max = in.reduce_max;
+  float dense[256];  // one label as fp32 (head_dim <= 256, checked)
   for (int64_t t = 0; t < len; ++t) {
     const T* row = labels + (int64_t{table[t / page]} * page + t % page) * stride;
-    float dense[256];  // head_dim <= 256 (checked)
+    const float* x;
     if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
       const uint8_t* bits = reinterpret_cast<const uint8_t*>(row + 2 * in.slot_keep);
-      int64_t rank = 0;
-      for (int64_t c = 0; c < dim; ++c) {
-        const bool kept = (bits[c >> 3] >> (c & 7)) & 1;
-        dense[c] = kept ? static_cast<float>(row[rank]) : 0.0f;
-        rank += kept;
-      }
+      const int64_t bytes = (dim + 7) / 8;
+      unpack_vector(row, [&](int64_t j) {
+        return static_cast<uint16_t>(bits[2 * j] | (2 * j + 1 < bytes ? bits[2 * j + 1] << 8 : 0));
+      }, dim, dense);
+      x = dense;
+    } else if constexpr (std::is_same_v<T, float>) {
+      x = row;
     } else {
       for (int64_t c = 0; c < r; ++c) dense[c] = static_cast<float>(row[c]);
+      x = dense;
     }
-    float reduced = in.reduce_max ? -std::numeric_limits<float>::infinity() : 0.0f;
-    for (int64_t h = 0; h < group; ++h) {
-      float dot = 0.0f;
-      const float* qh = q_label + h * r;
-      for (int64_t c = 0; c < r; ++c) dot += qh[c] * dense[c];
-      if (rows_out > 1) {
-        out[h * len + t] = dot;
-      } else {
-        reduced = in.reduce_max ? std::max(reduced, dot) : reduced + dot;
-      }
+    float dots[256];
+    group_dots(q_label, group, r, x, dots);
+    if (rows_out > 1) {
+      for (int64_t h = 0; h < group; ++h) out[h * len + t] = dots[h];
+    } else {
+      float reduced = dots[0];
+      for (int64_t h = 1; h < group; ++h) reduced = reduce_max ? std::max(reduced, dots[h]) : reduced + dots[h];
+      out[t] = reduced;
     }
-    if (rows_out == 1) out[t] = reduced;
   }
 }
 
@@ -103,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> decode_select_cpu(const DecodeSelectInputs& i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.labels.scalar_type(), "decode_select_cpu", [&] {
     at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
       std::vector<float> scores, q_label(group * r);
-      std::vector<int32_t> middle;
+      std::vector<uint64_t> middle;
       for (int64_t item = first; item < last; ++item) {
         const int64_t b = item / kv_heads, g = item % kv_heads, len = lens[b];
         const int64_t budget = std::clamp<int64_t>(budgets[b], 0, k);
@@ -143,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> topk_tokens_cpu(const at::Tensor& scores, con
   const int32_t* budget = budgets ? budgets->data_ptr<int32_t>() : nullptr;
 #pragma omp parallel
   {
-    std::vector<int32_t> middle;  // per-thread scratch
+    std::vector<uint64_t> middle;  // per-thread scratch
 #pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < batch * heads; ++row) {
       const int64_t b = row / heads;

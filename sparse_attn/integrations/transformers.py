@@ -115,6 +115,7 @@ def configure(
     backend: str | None = None,
     decode: DecodeMethod | None = None,
     plan=None,
+    skip_mass: float = 0.0,
 ) -> torch.nn.Module:
     """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else the
     content-aware default (:func:`sparse_attn.patterns.default_pattern`).
@@ -123,7 +124,8 @@ def configure(
     :func:`calibrate_double_sparsity`, or ``KVPruning``) handles the one-query decode steps of every layer.
     ``plan`` (a :class:`sparse_attn.planner.Plan` or the path of a plan file, checked against the model) gives
     every layer its per-head prefill patterns, block sizes and decode method (Double Sparsity or KV pruning where
-    the plan chose them); it excludes ``pattern``, ``layers`` and ``decode``. Returns the model (changed in place).
+    the plan chose them); it excludes ``pattern``, ``layers`` and ``decode``. ``skip_mass`` turns on softmax
+    thresholding in the kernel (see :class:`sparse_attn.SparseAttention`). Returns the model (changed in place).
     """
     modules = attention_modules(model)
     if not modules:
@@ -159,7 +161,7 @@ def configure(
         chosen = layers.get(idx, pattern)
         module.sparse_attention = SparseAttention(
             chosen if chosen is not None else default_pattern(), q_block_size=q_block_size, kv_block_size=kv_block_size,
-            dense_below=dense_below, backend=backend, decode=layer_decode.get(idx),
+            dense_below=dense_below, backend=backend, decode=layer_decode.get(idx), skip_mass=skip_mass,
         )
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(IMPLEMENTATION)

@@ -41,6 +41,9 @@ class SparseAttention(nn.Module):
             absorbs the new keys of every call, prefill included; a call that does not continue the absorbed
             context (a new prompt) resets it (:mod:`sparse_attn.decode.methods`). :meth:`reset_decode_state`
             drops it. Prefill rows (q_len > 1) run the pattern as without a decode method.
+        skip_mass: softmax thresholding inside the kept blocks (C++ CPU kernel): key tiles holding at most this
+            fraction of a row's mass are skipped without an estimate (see :func:`sparse_attn.block_sparse_attention`);
+            0 (default) is exact.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class SparseAttention(nn.Module):
         dense_below: int = 1024,
         backend: str | None = None,
         decode: DecodeMethod | None = None,
+        skip_mass: float = 0.0,
     ):
         super().__init__()
         pattern = default_pattern() if pattern is None else pattern
@@ -69,6 +73,9 @@ class SparseAttention(nn.Module):
         if decode is not None and not isinstance(decode, DecodeMethod):
             raise ValueError(f"decode must be None, DoubleSparsity or KVPruning, got {type(decode).__name__}")
         self.decode = decode
+        if not isinstance(skip_mass, (int, float)) or isinstance(skip_mass, bool) or not 0 <= skip_mass < 1:
+            raise ValueError(f"skip_mass must be a number in [0, 1), got {skip_mass!r}")
+        self.skip_mass = float(skip_mass)
         #: The decode method's state for the sequences this module last saw (None without a decode method).
         self.decode_state: DecodeState | None = decode.new_state() if decode is not None else None
         #: Density of the last mask run (1.0 after a dense run): a cheap dense-vs-sparse diagnostic.
@@ -88,7 +95,8 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern!r}, q_block_size={self.q_block_size}, kv_block_size={self.kv_block_size}, "
-                f"dense_below={self.dense_below}, backend={self.backend!r}, decode={self.decode!r}")
+                f"dense_below={self.dense_below}, backend={self.backend!r}, decode={self.decode!r}, "
+                f"skip_mass={self.skip_mass}")
 
     def reset_decode_state(self) -> None:
         """Forget the decode method's label / compressed cache (the next call rebuilds it from its context)."""
@@ -136,7 +144,8 @@ class SparseAttention(nn.Module):
             mask = self._mask(self.pattern, q, k, is_causal, scale)
         # Dense reads every key without a mask (a short context with return_lse too: SDPA gives no log-sum-exp).
         result = block_sparse_attention(q, k, v, None if dense else mask, causal=is_causal, scale=scale,
-                                        return_lse=return_lse, q_block_size=self.q_block_size, backend=self.backend)
+                                        return_lse=return_lse, q_block_size=self.q_block_size, backend=self.backend,
+                                        skip_mass=self.skip_mass if q.device.type == "cpu" else 0.0)
         self.last_density = 1.0 if dense else mask.density(causal=is_causal)  # after the op has validated the mask
         return result
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from typing import Sequence
 
@@ -94,16 +95,18 @@ def block_sparse_attention(
     block_table: torch.Tensor | None = None,
     kv_lens: torch.Tensor | Sequence[int] | None = None,
     q_block_size: int = 64,
-    skip_threshold: float = 0.0,
+    skip_mass: float = 0.0,
     return_lse: bool = False,
     backend: str | None = None,
 ):
     """Attention that reads only the KV blocks ``mask`` keeps (see the module docstring for layouts); ``mask=None``
     reads every key (dense, in query blocks of ``q_block_size``).
 
-    ``skip_threshold`` > 0 (natural-log units, C++ CPU kernel) also skips, inside the kept blocks, every key tile whose
-    scores all lie that far below their rows' running maxima: such a tile holds at most ``tile * e^-threshold`` of a
-    row's mass, so its exponentials and its P.V product are left out without an estimation pass. 0 is exact.
+    ``skip_mass`` > 0 (C++ CPU kernel) also skips, inside the kept blocks, every key tile whose scores all lie more
+    than ``ln(kv_len / skip_mass)`` below their rows' running maxima (softmax thresholding, as in BLASST): each
+    skipped key weighs at most ``skip_mass / kv_len`` of its row's largest term, so all of them together at most
+    ``skip_mass`` of the row's softmax mass, and their exponentials and P.V products are left out without an
+    estimation pass. The threshold grows with the context, so the bound holds at every length. 0 is exact.
 
     Returns ``out`` shaped like q (q's dtype), and with ``return_lse`` also the fp32 log-sum-exp, ``[B, Hq, Sq]``
     (padded) or ``[Hq, Tq]`` (varlen), which lets partial results over disjoint key sets be merged exactly.
@@ -145,13 +148,14 @@ def block_sparse_attention(
     if mask is not None:
         checks.check_mask(mask, batch, num_heads, max(q_lens, default=0), max(kv_list, default=0), q.device)
     scale = checks.check_scale(scale, q.shape[-1])
-    if not isinstance(skip_threshold, (int, float)) or isinstance(skip_threshold, bool) or not 0 <= skip_threshold < float("inf"):
-        raise ValueError(f"skip_threshold must be a finite number >= 0, got {skip_threshold!r}")
+    if not isinstance(skip_mass, (int, float)) or isinstance(skip_mass, bool) or not 0 <= skip_mass < 1:
+        raise ValueError(f"skip_mass must be a number in [0, 1), got {skip_mass!r}")
+    skip_threshold = skip_threshold_for(max(kv_list, default=0), skip_mass)
 
     name = resolve_backend(backend, q.device)
     cpp = name == "cpu" and q.device.type == "cpu" and cpu_kernel_available() and not _needs_grad(q, k, v)
     if skip_threshold and not cpp:
-        raise ValueError("skip_threshold runs in the C++ CPU kernel only (CPU tensors, backend 'cpu', no gradients)")
+        raise ValueError("skip_mass runs in the C++ CPU kernel only (CPU tensors, backend 'cpu', no gradients)")
     if cpp:  # reads pages in place
         out, lse = block_sparse_attention_cpp(
             q_tokens, k if paged else k_tokens, v if paged else v_tokens, cu_q, None if paged else cu_k, mask, causal,
@@ -196,6 +200,12 @@ def block_sparse_attention(
         out = out.view(batch, sq, num_heads, -1).transpose(1, 2)
         lse = lse.view(num_heads, batch, sq).transpose(0, 1)
     return (out, lse) if return_lse else out
+
+
+def skip_threshold_for(kv_len: int, skip_mass: float) -> float:
+    """The score gap (natural log) below a row's running max past which a key tile is skipped: ``ln(kv_len /
+    skip_mass)``, so the skipped keys of a row hold at most ``skip_mass`` of its mass (0: no skipping)."""
+    return math.log(max(kv_len, 1) / skip_mass) if skip_mass > 0 else 0.0
 
 
 def _as_tensor(values) -> torch.Tensor:
