@@ -5,7 +5,7 @@ Triton kernel against it, the selection rules, and recall on real SmolLM2 attent
 import pytest
 import torch
 
-from sparse_attn import AShape, ElasticSpan, HeadProxy, VerticalSlash
+from sparse_attn import AShape, ElasticSpan, HeadProxy, SparseAttention, VerticalSlash
 from sparse_attn.masks import causal_block_bounds
 from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
 from sparse_attn.patterns import SeqContext
@@ -311,3 +311,18 @@ def test_head_scores_equal_group_scores_when_groups_have_one_head():
     fixed = dict(gamma=1.0, min_budget=48, max_budget=48)
     assert not torch.equal(HeadProxy(**fixed).build_mask(**sizes6).to_block_bool(),
                            HeadProxy(**fixed, head_scores=True).build_mask(**sizes6).to_block_bool())
+
+
+def test_dense_tail_reads_every_visible_block_for_the_last_rows(rng):
+    """The query blocks holding the last ``dense_tail`` rows keep every causally visible block; the others keep their
+    budget; the density grows by those block rows only."""
+    gen, seed = rng
+    q, k = torch.randn(1, 6, 1000, 32, generator=gen), torch.randn(1, 2, 1000, 32, generator=gen)
+    base = SparseAttention(HeadProxy(min_budget=128, max_budget=128), dense_below=0).build_mask(q, k)
+    tail = SparseAttention(HeadProxy(min_budget=128, max_budget=128, dense_tail=64), dense_below=0).build_mask(q, k)
+    # 1000 rows in blocks of 64: the last 64 rows (936..999) lie in blocks 14 and 15, which see 15 and 16 blocks.
+    assert tail.kv_num_blocks[0, :, 14:].tolist() == [[15, 16]] * 6, f"seed {seed}"
+    assert torch.equal(tail.kv_num_blocks[0, :, :14], base.kv_num_blocks[0, :, :14]), f"seed {seed}"
+    assert torch.equal(tail.to_block_bool()[0, :, :14], base.to_block_bool()[0, :, :14])
+    with pytest.raises(ValueError, match="dense_tail"):
+        HeadProxy(dense_tail=-1)

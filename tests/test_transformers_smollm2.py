@@ -16,6 +16,7 @@ from sparse_attn import AShape, Dense
 from sparse_attn.patterns import default_pattern
 from sparse_attn.integrations import transformers as integration
 from sparse_attn.models.smollm2 import cache_dir, load_smollm2, make_passkey_prompt, passkey_answer
+from sparse_attn.planner.shipped import model_fingerprint
 
 KEY = 48213
 
@@ -122,13 +123,38 @@ def test_dropout_while_training_is_rejected(smollm2):
     assert out.shape == (1, 4, 9, 64) and out.is_contiguous() and weights is None
 
 
+def test_shipped_plan_is_chosen_automatically(smollm2, caplog):
+    """Without a pattern, plan or decode method, configure(model) and never-configured layers take the shipped plan
+    that matches the model (logged); auto_plan=False keeps the content-aware default."""
+    from sparse_attn.planner import SMOLLM2_PLAN, load_plan
+
+    model, _ = smollm2
+    plan_patterns = load_plan(SMOLLM2_PLAN).to_patterns()
+    with caplog.at_level(logging.WARNING, logger="sparse_attn"):
+        sparse_attn.configure(model)
+    layers = model.model.layers
+    assert [layers[i].self_attn.sparse_attention.pattern for i in (0, 17)] == [plan_patterns[0], plan_patterns[17]]
+    assert layers[0].self_attn.sparse_attention.q_block_size == 32
+    sparse_attn.configure(model, auto_plan=False)
+    assert layers[3].self_attn.sparse_attention.pattern == default_pattern()
+    for module in integration.attention_modules(model).values():  # as if never configured
+        del module.sparse_attention
+    q, kv = torch.randn(1, 9, 40, 64), torch.randn(1, 3, 40, 64)
+    integration.sparse_attention_forward(layers[5].self_attn, q, kv, kv, None)
+    assert layers[5].self_attn.sparse_attention.pattern == plan_patterns[5]
+    assert not hasattr(layers[6].self_attn, "sparse_attention")  # attached per layer on its first call
+    assert "SmolLM2-135M-Instruct-d30.json" in caplog.text
+
+
 def test_shipped_plan_is_the_measured_one_and_keeps_a_passkey_at_a_third_of_the_reads(smollm2):
     from sparse_attn.planner import SMOLLM2_PLAN, load_plan
 
     model, tokenizer = smollm2
     plan = load_plan(SMOLLM2_PLAN, model)  # checked against the model's layers and head counts
     measured = Path(__file__).parents[1] / "bench" / "results" / "accuracy_plan" / "plan.json"
-    assert json.loads(SMOLLM2_PLAN.read_text()) == json.loads(measured.read_text())
+    shipped = json.loads(SMOLLM2_PLAN.read_text())
+    assert shipped["model"].pop("fingerprint") == model_fingerprint(model)  # what the automatic choice matches
+    assert shipped == json.loads(measured.read_text())
     assert plan.q_block_size == plan.kv_block_size == 32 and plan.mean("density") <= 0.3 + 1e-3
     prompt = make_passkey_prompt(tokenizer, 2048, 0.3, KEY)
     sparse_attn.configure(model, plan=plan, dense_below=0)

@@ -120,6 +120,40 @@ def test_options_merge_env_and_additional_config(monkeypatch):
         options_from_vllm_config(Config())
 
 
+def smollm2_config(**changes):
+    """SmolLM2-135M-Instruct's configuration (the fields its GGUF file gives), with ``changes``."""
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                  rms_norm_eps=9.999999747378752e-06, rope_theta=100000.0, tie_word_embeddings=True,
+                  architectures=["LlamaForCausalLM"])
+    return LlamaConfig(**{**fields, **changes})
+
+
+def test_options_choose_the_shipped_plan_for_a_matching_model(caplog):
+    """No plan and no prefill option: the shipped plan whose fingerprint matches the served model, logged; not for a
+    model that differs in one configuration field, nor with auto_plan false."""
+    from types import SimpleNamespace
+
+    from sparse_attn.planner import SMOLLM2_PLAN
+
+    def options(hf_config, raw=None):
+        config = SimpleNamespace(additional_config={"sparse_attn": raw} if raw else None,
+                                 model_config=SimpleNamespace(hf_config=hf_config, hf_text_config=hf_config))
+        return options_from_vllm_config(config)
+
+    with caplog.at_level("WARNING", logger="sparse_attn"):
+        chosen = options(smollm2_config())
+    assert chosen.plan_path == str(SMOLLM2_PLAN.resolve()) and SMOLLM2_PLAN.name in caplog.text
+    assert options(smollm2_config(), {"dense_below": 0}).plan_path == str(SMOLLM2_PLAN.resolve())
+    assert options(smollm2_config(rope_theta=500000.0)).plan_path is None  # another model of the same shape
+    assert options(smollm2_config(), {"auto_plan": False}).plan_path is None
+    assert options(smollm2_config(), {"prefill": "dense"}).plan_path is None
+    with pytest.raises(SparseAttnConfigError, match="auto_plan must be true or false"):
+        parse_options({"auto_plan": "yes"})
+
+
 # ------------------------------------------------------------------------------------------------ plans (no vLLM)
 def synthetic_plan(layers=2, heads=4, kv_heads=2, head_dim=16, r=4) -> Plan:
     """Every head of every layer a different setting (head h of layer l: AShape with local window 64*(l*heads+h+1)
@@ -531,9 +565,16 @@ def dense_setting(model_dir, vllm_env, prompts):
 
 @pytest.fixture(scope="module")
 def default_setting(model_dir, vllm_env, prompts):
-    """No options: head-proxy prefill and exact top-k decode, on a ~4k-token passkey prompt and the short prompts."""
+    """The no-plan default (auto_plan off): head-proxy prefill and exact top-k decode, on a ~4k-token passkey prompt
+    and the short prompts."""
     return run_engine(model_dir, "sparse", {"passkey_4k": (prompts["passkey_4k"], 8), "short": (prompts["short"], 24)},
-                      engine_args=LONG_ENGINE_ARGS)
+                      {"auto_plan": False}, engine_args=LONG_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def auto_setting(model_dir, vllm_env, prompts):
+    """No options at all: the shipped plan that matches SmolLM2 is chosen by the backend."""
+    return run_engine(model_dir, "sparse", {"passkey_4k": (prompts["passkey_4k"], 8)}, engine_args=LONG_ENGINE_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -597,6 +638,20 @@ def test_defaults_retrieve_a_4k_passkey_while_reading_less(cpu_attention, defaul
     # Short contexts (below dense_below = 2048) run dense and give dense attention's tokens.
     assert default_setting["short"] == cpu_attention["short"]
     assert default_setting["stats"]["short"][0]["decode"]["sparse_rows"] == 0
+
+
+@needs_vllm
+def test_no_options_serve_the_shipped_plan(auto_setting):
+    """Without options the backend serves the shipped SmolLM2 plan: every layer's prefill is the plan's per-head
+    pattern, the 4k passkey is retrieved, and prefill reads about the plan's density."""
+    from sparse_attn.planner import SMOLLM2_PLAN, load_plan
+
+    patterns = load_plan(SMOLLM2_PLAN).to_patterns()
+    layers = auto_setting["layers"][0]
+    assert {int(i): entry["prefill"] for i, entry in layers.items()} == {i: repr(p) for i, p in patterns.items()}
+    assert str(PASSKEY) in auto_setting["passkey_4k_text"][0], auto_setting["passkey_4k_text"]
+    stats = auto_setting["stats"]["passkey_4k"][0]["prefill"]
+    assert stats["sparse_rows"] == 30 and 0.25 < stats["density"] < 0.4, stats
 
 
 @needs_vllm

@@ -31,6 +31,7 @@ import torch
 from ..decode.methods import DecodeMethod, DoubleSparsity
 from ..modules import SparseAttention
 from ..patterns import Pattern, default_pattern
+from ..planner.shipped import AUTO_PLAN_ENV, announce, find_shipped_plan
 
 __all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules",
            "reset_decode_state", "calibrate_double_sparsity"]
@@ -80,9 +81,23 @@ def sparse_attention_forward(
         # transformers drops the mask with more keys than queries only for a prefill into an empty static cache:
         # the queries are the first positions and the keys past them are unwritten slots.
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    attention = getattr(module, "sparse_attention", None) or _default_attention
+    attention = getattr(module, "sparse_attention", None) or _unconfigured_attention(module)
     out = attention(query, key, value, is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _unconfigured_attention(module: torch.nn.Module) -> SparseAttention:
+    """A layer never configured: its layer of the shipped plan matching the model (set on the module, once), else the
+    content-aware default. ``SPARSE_ATTN_AUTO_PLAN=0`` keeps the default."""
+    config, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    if config is None or not isinstance(layer, int) or os.environ.get(AUTO_PLAN_ENV, "1") == "0":
+        return _default_attention
+    found = find_shipped_plan(config)
+    if found is None or not 0 <= layer < found[1].shape.num_layers:
+        return _default_attention
+    announce(found[0], 'attn_implementation="sparse"')
+    module.sparse_attention = SparseAttention.from_plan(found[1], layer)
+    return module.sparse_attention
 
 
 def _warn_dense_fallback() -> None:
@@ -116,6 +131,7 @@ def configure(
     decode: DecodeMethod | None = None,
     plan=None,
     skip_mass: float = 0.0,
+    auto_plan: bool = True,
 ) -> torch.nn.Module:
     """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else the
     content-aware default (:func:`sparse_attn.patterns.default_pattern`).
@@ -124,13 +140,20 @@ def configure(
     :func:`calibrate_double_sparsity`, or ``KVPruning``) handles the one-query decode steps of every layer.
     ``plan`` (a :class:`sparse_attn.planner.Plan` or the path of a plan file, checked against the model) gives
     every layer its per-head prefill patterns, block sizes and decode method (Double Sparsity or KV pruning where
-    the plan chose them); it excludes ``pattern``, ``layers`` and ``decode``. ``skip_mass`` turns on softmax
+    the plan chose them); it excludes ``pattern``, ``layers`` and ``decode``. Without any of the four, a plan shipped
+    with the package that matches the model (:mod:`sparse_attn.planner.shipped`) is used and the log says so;
+    ``auto_plan=False`` keeps the content-aware default instead. ``skip_mass`` turns on softmax
     thresholding in the kernel (see :class:`sparse_attn.SparseAttention`). Returns the model (changed in place).
     """
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"model: {type(model).__name__} has no attention module with a layer_idx to configure")
     plan_decode: dict = {}
+    if plan is None and pattern is None and not layers and decode is None and auto_plan:
+        found = find_shipped_plan(model)
+        if found is not None:
+            plan = found[1]
+            announce(found[0], f"configure({type(model).__name__})")
     if plan is not None:
         given = [name for name, value in (("pattern", pattern), ("layers", layers), ("decode", decode)) if value]
         if given:

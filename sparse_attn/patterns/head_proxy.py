@@ -149,6 +149,9 @@ class HeadProxy(Pattern):
             where they cross). At or below ``min_budget`` the budget is fixed and gamma unused.
         head_scores: score with every query head's own queries instead of its group's mean query.
         pooling: "max" (ProxyAttn) or "mean" (the block's mass averaged over the sampled rows).
+        dense_tail: the query blocks holding the last ``dense_tail`` query rows read every block they can see. A
+            prompt ends with its question: those rows decide what the first answer token retrieves, and their block
+            rows are a small share of the causal area (one block row in ``num_q_blocks``).
     """
 
     gamma: float | tuple[float, ...] = 0.95
@@ -159,6 +162,7 @@ class HeadProxy(Pattern):
     max_budget: int | float | tuple[int | float | None, ...] | None = None
     head_scores: bool = False
     pooling: str = "max"
+    dense_tail: int = 0
     #: Filled by every estimate: ``seconds`` (estimation time of the last call, apart from the attention kernel),
     #: ``total_seconds`` and ``calls`` (running totals), ``budget_tokens`` (per head, last call).
     stats: dict = field(default_factory=dict, compare=False, repr=False)
@@ -190,6 +194,7 @@ class HeadProxy(Pattern):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not isinstance(self.head_scores, bool):
             raise ValueError(f"head_scores must be a bool, got {self.head_scores!r}")
+        _positive_int("dense_tail", self.dense_tail, 0)
 
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         nq, nk = seq.num_q_blocks, seq.num_kv_blocks
@@ -267,6 +272,9 @@ class HeadProxy(Pattern):
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nk, device=seq.device).expand_as(order))
         group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
         top = (rank[group_of_head] < budget[:, None, None]) & (scores[group_of_head] > float("-inf"))
+        if self.dense_tail:
+            _, last_row = seq.q_block_rows()  # absolute positions; the tail is [kv_len - dense_tail, kv_len)
+            top[:, last_row >= seq.kv_len - self.dense_tail, :] = True  # (causality is applied by build_mask)
         return top | always, budget
 
     def _budget_bounds(self, seq: SeqContext, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,6 +115,18 @@ def _render(args) -> None:
     print(f"wrote {out}")
 
 
+def _list(args) -> None:
+    from .shipped import shipped_plans
+
+    for path, plan in shipped_plans():
+        s, fp = plan.shape, plan.fingerprint or {}
+        decode = sum(1 for d in plan.decode or [] if d)
+        print(f"{path.name}: {plan.model_id} ({fp.get('architecture', '?')}, {s.num_layers} layers, {s.num_heads} heads, "
+              f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}); prefill density {plan.mean('density'):.3f}, "
+              f"{decode} layers with sparse decode; config fingerprint {fp.get('config', 'none')[:16]}")
+        print(f"    {path}")
+
+
 def _show(args) -> None:
     from .plan import load_plan
 
@@ -175,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", help="PNG file (default: the plan's name with .png)")
     render.add_argument("--title")
     render.set_defaults(run=_render)
+
+    listing = commands.add_parser("list", help="the plans shipped with the package, used automatically for the model "
+                                               "each was made for")
+    listing.set_defaults(run=_list)
 
     show = commands.add_parser("show", help="print a plan per layer")
     show.add_argument("plan")

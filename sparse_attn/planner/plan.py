@@ -111,6 +111,8 @@ class Plan:
     #: Per layer, None or the decode choice: ``{"double_sparsity": {"r", "budget_fraction", "channels" [Hkv][r],
     #: ...}, "kv_pruning": {"sparsity", ...}}`` (either key optional; other keys are measurements).
     decode: list[dict | None] | None = None
+    #: The model's :func:`sparse_attn.planner.shipped.model_fingerprint` (shipped plans carry it; others may not).
+    fingerprint: dict | None = None
 
     def __post_init__(self):
         _check_plan(self)
@@ -194,7 +196,7 @@ class Plan:
             shape=ModelShape(self.shape.num_layers, len(q_heads), len(kv_heads), self.shape.head_dim),
             heads=[[layer[h] for h in q_heads] for layer in self.heads],
             q_block_size=self.q_block_size, kv_block_size=self.kv_block_size, budget=self.budget,
-            calibration=self.calibration, version=self.version, decode=decode,
+            calibration=self.calibration, version=self.version, decode=decode, fingerprint=self.fingerprint,
         )
 
     # ------------------------------------------------------------------ JSON
@@ -202,7 +204,8 @@ class Plan:
         return {
             "format": PLAN_FORMAT,
             "version": self.version,
-            "model": {"id": self.model_id, **{f.name: getattr(self.shape, f.name) for f in fields(ModelShape)}},
+            "model": {"id": self.model_id, **{f.name: getattr(self.shape, f.name) for f in fields(ModelShape)},
+                      **({"fingerprint": self.fingerprint} if self.fingerprint else {})},
             "blocks": {"q": self.q_block_size, "kv": self.kv_block_size},
             "budget": self.budget,
             "calibration": self.calibration,
@@ -224,6 +227,10 @@ class Plan:
             raise PlanError(f"version: this sparse-attn reads plan versions 1..{PLAN_VERSION}, the file is version {version}")
         model = _get(data, "model", dict, "")
         shape = ModelShape(*(_get(model, f.name, int, "model.") for f in fields(ModelShape)))
+        fingerprint = model.get("fingerprint")
+        if fingerprint is not None and (not isinstance(fingerprint, dict)
+                                        or not all(isinstance(v, str) for v in fingerprint.values())):
+            raise PlanError(f"model.fingerprint: expected an object of strings, got {fingerprint!r}")
         blocks = _get(data, "blocks", dict, "")
         layers = _get(data, "layers", list, "")
         heads, decode = [], []
@@ -244,7 +251,7 @@ class Plan:
             model_id=_get(model, "id", str, "model."), shape=shape, heads=heads,
             q_block_size=_get(blocks, "q", int, "blocks."), kv_block_size=_get(blocks, "kv", int, "blocks."),
             budget=data.get("budget", {}), calibration=data.get("calibration", {}), version=version,
-            decode=decode if any(d is not None for d in decode) else None,
+            decode=decode if any(d is not None for d in decode) else None, fingerprint=fingerprint,
         )
 
     def save(self, path: str | os.PathLike) -> None:

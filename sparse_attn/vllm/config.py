@@ -16,6 +16,9 @@ Two sources, both JSON objects of the same shape: the environment variable ``SPA
   ``channels`` file), or a block pattern name.
 - ``plan``: a planner plan file (``sparse-attn-plan calibrate``): per-layer, per-head prefill patterns and per-layer
   decode (Double Sparsity where the plan chose it, dense elsewhere unless ``decode`` is given).
+- ``auto_plan``: without ``plan`` and ``prefill``, a plan shipped with the package that matches the served model
+  (:mod:`sparse_attn.planner.shipped`: head counts and configuration fingerprint) is used, and the log says so;
+  ``false`` turns that off (default true).
 - ``dense_below``: rows whose context (cached plus new tokens) is shorter run dense (default 2048).
 - ``dense_layers``: layer indices that always run dense.
 - ``block_size``: query and KV block size of the masks (a power of two >= 16, what the Triton kernel tiles by).
@@ -49,6 +52,7 @@ from ..decode.pruned_pages import PrunedSlotFormat
 from ..ops import BACKENDS
 from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, Strided, TopKBlocks, VerticalSlash, default_pattern
 from ..planner.plan import ModelShape, Plan, PlanError, load_plan, tensor_parallel_heads
+from ..planner.shipped import announce, find_shipped_plan
 
 ENV_VAR = "SPARSE_ATTN_VLLM_CONFIG"
 ADDITIONAL_CONFIG_KEY = "sparse_attn"
@@ -65,7 +69,8 @@ PATTERNS: dict[str, type[Pattern]] = {
     "head_proxy": HeadProxy,
 }
 _NOT_OPTIONS = {"scores", "stats", "backend"}
-_KEYS = ("prefill", "decode", "plan", "dense_below", "dense_layers", "block_size", "op_backend", "kv_pruning")
+_KEYS = ("prefill", "decode", "plan", "auto_plan", "dense_below", "dense_layers", "block_size", "op_backend",
+         "kv_pruning")
 CALIBRATE_HINT = (
     "calibrate them with `sparse-attn-plan calibrate --model MODEL --out plan.json` and pass {\"plan\": \"plan.json\"}, "
     "or save sparse_attn.calibrate_double_sparsity(model, tokenizer) with torch.save and pass "
@@ -357,6 +362,8 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise SparseAttnConfigError(f"{where}: unknown option(s) {unknown}; known: {list(_KEYS)}")
+    if not isinstance(raw.get("auto_plan", True), bool):
+        raise SparseAttnConfigError(f"{where}: auto_plan must be true or false, got {raw['auto_plan']!r}")
 
     plan = plan_path = None
     if raw.get("plan") is not None:
@@ -494,6 +501,13 @@ def options_from_vllm_config(vllm_config: Any) -> SparseAttnOptions:
     """The options of a vLLM run (parsed once per process, option set and file version), checked against its
     model."""
     merged, source = merged_raw_options(getattr(vllm_config, "additional_config", None))
+    if isinstance(merged, Mapping) and "plan" not in merged and "prefill" not in merged and merged.get("auto_plan", True):
+        hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+        found = find_shipped_plan(hf_config) if hf_config is not None else None
+        if found is not None:  # the shipped plan for this model, as if given
+            merged = {**merged, "plan": str(found[0])}
+            source = f"{source}; shipped plan {found[0].name}"
+            announce(found[0], "the vLLM backend")
     try:
         key = json.dumps(merged, sort_keys=True)
     except TypeError:
