@@ -210,13 +210,14 @@ def profile_layer(
         part = slice(start, start + len(r))
         mass, block_out = _row_block_stats(q, k, k if v is None else v, r, kv_block_size, scale)
         full_out = block_out.sum(2)  # [H, R, D]: the exact attention output of each row
-        for c in range(len(candidates)):
-            row_keep = keeps[c][:, r // q_block_size].float()  # [H, R, nk]
-            kept = (mass * row_keep).sum(-1)
-            # Reading only the kept blocks renormalises the softmax over them: o_kept = sum_kept P v / sum_kept P.
-            kept_out = torch.einsum("hrj,hrjd->hrd", row_keep, block_out) / kept.clamp(min=1e-30)[..., None]
-            recall[c, :, part] = kept
-            error[c, :, part] = (kept_out - full_out).norm(dim=-1) / full_out.norm(dim=-1).clamp(min=1e-30)
+        row_keep = keeps[:, :, r // q_block_size].float().permute(1, 2, 0, 3)  # [H, R, C, nk]
+        kept = (row_keep @ mass[..., None])[..., 0]  # [H, R, C]
+        # Reading only the kept blocks renormalises the softmax over them: o_kept = sum_kept P v / sum_kept P. All
+        # candidates at once: one batched product per (head, row).
+        kept_out = (row_keep @ block_out) / kept.clamp(min=1e-30)[..., None]  # [H, R, C, D]
+        recall[:, :, part] = kept.permute(2, 0, 1)
+        error[:, :, part] = ((kept_out - full_out[:, :, None]).norm(dim=-1)
+                             / full_out.norm(dim=-1).clamp(min=1e-30)[..., None]).permute(2, 0, 1)
 
     def row_mean(per_row: torch.Tensor) -> torch.Tensor:  # [C, H, R] -> [C, H], the two row groups weighted alike
         parts = [per_row[..., : len(spread)].mean(-1)] if len(spread) else []
