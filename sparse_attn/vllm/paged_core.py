@@ -397,12 +397,13 @@ class PagedAttentionLayer:
         mask = None if dense else group.mask(pattern, self.block_size, self.num_heads, q, keys, self.scale)
         full = group.causal_blocks(self.block_size) * self.num_heads
         self.stats.add(group.phase, len(group.rows), full if dense else mask.kv_num_blocks.sum(), full, not dense)
-        table, _ = group.row_pages()
-        if self._slot.pruned and self._in_kernel(q):
+        table, kv_lens = group.row_pages()
+        if self._in_kernel(q):  # the C++ kernel on the pages (it checks the page ids itself; the rest is vLLM's)
             new_k, new_v = self._fresh(group, fresh)
+            k, v = (views.kv, views.kv) if self._slot.pruned else (views.k, views.v)
             out, _ = block_sparse_attention_cpp(
-                q.to(views.kv.dtype), views.kv, views.kv, group.cu_seqlens_q, None, mask, True, self.scale,
-                block_table=table, kv_lens=group.kv_lens, q_block_size=self.block_size, slot_keep=self._slot.keep,
+                q.to(views.kv.dtype), k, v, group.cu_seqlens_q, None, mask, True, self.scale, block_table=table,
+                kv_lens=kv_lens, q_block_size=self.block_size, slot_keep=self._slot.keep if self._slot.pruned else 0,
                 new_k=new_k, new_v=new_v, checked=True)
             return out
         if self._slot.pruned:  # kernels without slot unpacking read the unpacked context
