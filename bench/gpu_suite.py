@@ -423,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import decode, e2e_hf, estimation, prefill  # import sparse_attn: after the install
 
-    prefill_argv = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + shlex.split(args.prefill_args)
+    # Pages of 16 tokens (vLLM's block size on GPUs): the paged read is timed beside the contiguous one.
+    prefill_argv = (["--out", str(args.out), "--page-size", "16"] + (["--quick"] if args.quick else [])
+                    + shlex.split(args.prefill_args))
     settings, _ = prefill.settings_from_args(prefill_argv)
     gpu = settings.device == "cuda"
     context = 65536 if gpu else settings.contexts[-1]

@@ -73,6 +73,7 @@ class Settings:
     batch: int = 1
     time_budget_s: float | None = None
     reference_blocks: int = 2
+    page_size: int = 0  # > 0: also time our kernel reading K/V from shuffled pages of this size (a paged KV cache)
     timing: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -401,6 +402,8 @@ class PrefillRun:
                 reason = common.error_reason(exc)
         if reason is None:
             self._measure(ours, lambda: block_sparse_attention(q, k, v, mask, causal=True, scale=self.scale, backend=s.backend))
+            if s.page_size:
+                self._paged(ours, q, k, v, mask, ours_out)
         else:
             self._skip(ours, reason)
 
@@ -444,6 +447,39 @@ class PrefillRun:
             else:
                 ours["reference_skipped"] = reason
         common.release_memory(self.device)
+
+    def _paged(self, row: dict, q, k, v, mask, reference_out) -> None:
+        """The same call with K/V in shuffled pages of ``page_size`` tokens read through a block table (how a serving
+        engine's KV cache is read in place): its time beside the contiguous one, and its largest difference."""
+        s = self.s
+        batch, heads, context, dim = q.shape
+        pages = -(-context // s.page_size)
+        order = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
+        table = order.view(batch, pages).to(torch.int32)
+
+        def paged(x):  # [B, Hkv, S, D] -> [B * pages, page_size, Hkv, D] at the shuffled page ids
+            padded = torch.nn.functional.pad(x.transpose(1, 2), (0, 0, 0, 0, 0, pages * s.page_size - context))
+            out = torch.empty(batch * pages, s.page_size, x.shape[1], dim, dtype=x.dtype, device=x.device)
+            out[order] = padded.reshape(batch * pages, s.page_size, x.shape[1], dim)
+            return out
+
+        k_pages, v_pages = paged(k), paged(v)
+        q_tokens = q.transpose(1, 2).reshape(-1, heads, dim)
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=self.device) * context
+        kv_lens = [context] * batch
+        call = lambda: block_sparse_attention(q_tokens, k_pages, v_pages, mask, causal=True, scale=self.scale,  # noqa: E731
+                                              cu_seqlens_q=cu_q, block_table=table, kv_lens=kv_lens, backend=s.backend)
+        try:
+            out = call()
+            timing = common.time_fn(call, self.device, **s.timing)
+        except Exception as exc:
+            row["paged_skipped"] = common.error_reason(exc)
+            return
+        row["paged_ms"] = timing.median_ms
+        row["paged_vs_contiguous"] = row["ms"] / timing.median_ms if row.get("ms") else None
+        if reference_out is not None:
+            want = reference_out.transpose(1, 2).reshape(-1, heads, dim)
+            row["paged_max_abs_diff"] = float((out.float() - want.float()).abs().max())
 
     # -------------------------------------------------------------- grid
     def run(self) -> list[dict]:
@@ -563,10 +599,15 @@ def markdown(payload: dict) -> str:
             sdpa, _ratio(r.get("speedup_vs_sdpa")), _ratio(r.get("speedup_vs_flex")),
             f"{common.fmt(r.get('tflops_effective'))} / {common.fmt(r.get('tflops_actual'))}", " / ".join(errors),
         ])
-    lines.append(common.markdown_table(
-        ["context", "density (target → kept)", f"sparse-attn ({ours_rows[0]['impl'] if ours_rows else '–'})",
-         "FlexAttention", "dense SDPA (fastest)", "vs SDPA", "vs Flex", "TFLOP/s eff. / actual",
-         "max err vs Flex / ref"], table))
+    headers = ["context", "density (target → kept)", f"sparse-attn ({ours_rows[0]['impl'] if ours_rows else '–'})",
+               "FlexAttention", "dense SDPA (fastest)", "vs SDPA", "vs Flex", "TFLOP/s eff. / actual",
+               "max err vs Flex / ref"]
+    if s.get("page_size"):  # the paged read beside the contiguous one
+        headers.append(f"paged, pages of {s['page_size']} (time, vs contiguous)")
+        for row, r in zip(table, ours_rows):
+            row.append(f"{common.fmt(r['paged_ms'])} ms, {_ratio(r.get('paged_vs_contiguous'))}" if r.get("paged_ms")
+                       else r.get("paged_skipped", "–"))
+    lines.append(common.markdown_table(headers, table))
 
     dense = [r for r in results if r["method"] in ("sdpa", "flash_attn")]
     contexts = sorted({r["context"] for r in dense})
@@ -612,6 +653,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--quick", action="store_true", help="fewer timed calls (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-budget", type=float, help="seconds; cells after it are recorded as skipped")
+    parser.add_argument("--page-size", type=int, default=0,
+                        help="also time K/V read in place from shuffled pages of this many tokens (0: off)")
     args = parser.parse_args(argv)
 
     device = args.device or common.default_device().type
@@ -619,7 +662,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     settings = Settings(
         **common.options_or_defaults(args, defaults), device=device, pattern=args.pattern,
         flex=args.flex or ("compile" if device == "cuda" else "eager"), backend=args.backend, quick=args.quick,
-        seed=args.seed, time_budget_s=args.time_budget,
+        seed=args.seed, time_budget_s=args.time_budget, page_size=args.page_size,
     )
     return settings, args.out
 
