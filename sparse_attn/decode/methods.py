@@ -163,11 +163,13 @@ class DoubleSparsityState(DecodeState):
         k_pages, block_table = as_paged_cache(k)
         v_pages, _ = as_paged_cache(v)
         seq_lens = torch.full((batch,), context, dtype=torch.int32, device=q.device)
+        # The tables and lengths are built here, so their values need no checks (each would cost small tensor ops
+        # per layer per token).
         selection = select_tokens(q, self.labels, None, block_table, seq_lens, self.method.config,
-                                  max_seq_len=context, backend=backend)
+                                  max_seq_len=context, backend=backend, check_values=False)
         self.last_read = 1.0 if selection is None else float(selection.kv_num_blocks.float().mean()) / context
         return sparse_decode_attention(q, k_pages, v_pages, block_table, seq_lens, selection, scale=scale,
-                                       backend=backend)
+                                       backend=backend, check_values=False)
 
 
 # ---------------------------------------------------------------------------------------------------- KV pruning
