@@ -119,6 +119,21 @@ class RowGroup:
             self._token_pages = self.cu_seqlens_k[:-1, None] + t
         return self._token_pages
 
+    def budgets(self, config: DoubleSparsityConfig) -> tuple[torch.Tensor, int]:
+        """Tokens each row keeps under ``config`` (int32 ``[n]``) and their maximum, once per step."""
+        key = ("budgets", config)
+        if key not in self.masks:
+            budgets = [config.token_budget(n) for n in self.kv_lens]
+            self.masks[key] = (torch.tensor(budgets, dtype=torch.int32),
+                               max(config.max_token_budget(max(self.kv_lens)), 1))
+        return self.masks[key]
+
+    def decode_cu_seqlens(self) -> torch.Tensor:
+        """cu_seqlens of one query per row (host int32 ``[n + 1]``), once per step."""
+        if "decode_cu" not in self.masks:
+            self.masks["decode_cu"] = torch.arange(len(self.rows) + 1, dtype=torch.int32)
+        return self.masks["decode_cu"]
+
     def row_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' block table ``[n, max_pages]`` and int32 context lengths ``[n]`` (the paged decode inputs)."""
         if self._row_pages is None:
@@ -422,34 +437,47 @@ class PagedAttentionLayer:
         block_table, seq_lens = group.row_pages()
         config, max_len = self.decode.config, max(group.kv_lens)
         q = q.to(views.kv.dtype)
-        if self._slot.pruned and not self._in_kernel(q):
-            return self._unpacked_selected_decode(group, q, views, labels, fresh)
-        if labels is not None:
+        if not self._in_kernel(q):
+            if self._slot.pruned:
+                return self._unpacked_selected_decode(group, q, views, labels, fresh)
             selection = select_tokens(q, labels, None, block_table, seq_lens, config, max_seq_len=max_len,
                                       backend=self._decode_backend("label_scores_fwd"), check_values=False)
-        elif max_len < config.dense_below:
-            selection = None
-        else:  # exact scores over the pruned keys, unpacked as they are read
-            d = self.head_size
+            self._count_decode(group, selection)
+            out, _ = sparse_decode_attention(q, views.k, views.v, block_table, seq_lens, selection, scale=self.scale,
+                                             backend=self._decode_backend("sparse_decode_attention_fwd"),
+                                             check_values=False)
+            return out
+        # CPU: one selection pass (scores read from the page's labels, or from the keys themselves, pruned slots
+        # unpacked) and one attention pass over the selected tokens, both C++ on the pages.
+        selection = None
+        if max_len >= config.dense_below:
+            budgets, width = group.budgets(config)
+            if labels is not None:
+                source, channels, keep = labels.labels, labels.channels, 0
+            else:  # exact scores over the pruned keys
+                source, channels, keep = views.kv, self._all_channels(q.device), self._slot.keep
             indices, counts = decode_select_cpu(
-                q, views.kv, torch.arange(d).expand(self.num_kv_heads, d), block_table, seq_lens,
-                config.token_budgets(seq_lens), config.max_token_budget(max_len), sink=config.sink_tokens,
+                q, source, channels, block_table, seq_lens, budgets, width, sink=config.sink_tokens,
                 recent=config.recent_tokens, per_group=config.share_kv_group, reduce_max=config.group_reduce == "max",
-                slot_keep=self._slot.keep)
+                slot_keep=keep)
             selection = BlockSparseMask.from_token_indices(indices, counts, kv_len=max_len)
+        self._count_decode(group, selection)
+        new_k, new_v = self._fresh(group, fresh)
+        k, v = (views.kv, views.kv) if self._slot.pruned else (views.k, views.v)
+        out, _ = block_sparse_attention_cpp(
+            q, k, v, group.decode_cu_seqlens(), None, selection, False, self.scale, block_table=block_table,
+            kv_lens=seq_lens, q_block_size=1, slot_keep=self._slot.keep if self._slot.pruned else 0,
+            new_k=new_k, new_v=new_v, checked=True)
+        return out
+
+    def _all_channels(self, device) -> torch.Tensor:
+        d = self.head_size
+        return torch.arange(d, device=device).expand(self.num_kv_heads, d)
+
+    def _count_decode(self, group: RowGroup, selection) -> None:
         full = sum(group.kv_lens) * self.num_kv_heads
         self.stats.add("decode", len(group.rows), full if selection is None else selection.kv_num_blocks.sum(), full,
                        True)
-        if self._slot.pruned:
-            new_k, new_v = self._fresh(group, fresh)
-            out, _ = block_sparse_attention_cpp(
-                q, views.kv, views.kv, torch.arange(q.shape[0] + 1, dtype=torch.int32), None, selection, False,
-                self.scale, block_table=block_table, kv_lens=seq_lens, q_block_size=1, slot_keep=self._slot.keep,
-                new_k=new_k, new_v=new_v, checked=True)
-            return out
-        out, _ = sparse_decode_attention(q, views.k, views.v, block_table, seq_lens, selection, scale=self.scale,
-                                         backend=self._decode_backend("sparse_decode_attention_fwd"), check_values=False)
-        return out
 
     def _unpacked_selected_decode(self, group: RowGroup, q: torch.Tensor, views: PageViews,
                                   labels: LabelCache | None, fresh) -> torch.Tensor:
@@ -468,9 +496,7 @@ class PagedAttentionLayer:
                                   check_values=False)
         out, _ = sparse_decode_attention(q, k_pages, v_pages, table, seq_lens, selection, scale=self.scale,
                                          backend=self._decode_backend("sparse_decode_attention_fwd"), check_values=False)
-        full = sum(group.kv_lens) * self.num_kv_heads
-        self.stats.add("decode", len(group.rows), full if selection is None else selection.kv_num_blocks.sum(), full,
-                       True)
+        self._count_decode(group, selection)
         return out
 
     def _decode_backend(self, cuda_op: str) -> str | None:
