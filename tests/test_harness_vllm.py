@@ -53,7 +53,7 @@ def test_a_plan_is_one_more_configuration(tmp_path):
     settings = e2e_vllm.Settings(methods=["dense"], plan=str(SMOLLM2_PLAN))
     configs = {c["name"]: c for c in e2e_vllm.configurations(settings.methods, settings.plan)}
     options = configs["plan"]["additional_config"]["sparse_attn"]
-    assert options == {"plan": str(SMOLLM2_PLAN.resolve()), "decode": "dense", "dense_below": 0}
+    assert options == {"plan": str(SMOLLM2_PLAN.resolve()), "dense_below": 0}  # decode as the plan says
     bad = tmp_path / "plan.json"
     bad.write_text('{"format": "sparse-attn-plan", "version": 1')
     with pytest.raises(ValueError, match="plan.json"):

@@ -16,6 +16,7 @@ from sparse_attn import AShape, Dense
 from sparse_attn.patterns import default_pattern
 from sparse_attn.integrations import transformers as integration
 from sparse_attn.models.smollm2 import cache_dir, load_smollm2, make_passkey_prompt, passkey_answer
+from sparse_attn.planner import shipped
 from sparse_attn.planner.shipped import model_fingerprint
 
 KEY = 48213
@@ -123,13 +124,14 @@ def test_dropout_while_training_is_rejected(smollm2):
     assert out.shape == (1, 4, 9, 64) and out.is_contiguous() and weights is None
 
 
-def test_shipped_plan_is_chosen_automatically(smollm2, caplog):
+def test_shipped_plan_is_chosen_automatically(smollm2, caplog, monkeypatch):
     """Without a pattern, plan or decode method, configure(model) and never-configured layers take the shipped plan
     that matches the model (logged); auto_plan=False keeps the content-aware default."""
     from sparse_attn.planner import SMOLLM2_PLAN, load_plan
 
     model, _ = smollm2
     plan_patterns = load_plan(SMOLLM2_PLAN).to_patterns()
+    monkeypatch.setattr(shipped, "_announced", set())  # announced once per process
     with caplog.at_level(logging.WARNING, logger="sparse_attn"):
         sparse_attn.configure(model)
     layers = model.model.layers
