@@ -9,7 +9,7 @@ names and parameters, for every option of ``sparse_attn/vllm/config.py``, explic
 (hypothesis; ``SPARSE_ATTN_FUZZ_EXAMPLES`` sets the number of examples, 25 by default).
 
 Inputs the library accepts but should refuse, and errors that do not name the field, are tests marked
-``xfail(strict=True)`` whose reason says what happens instead.
+``xfail(strict=True)`` (the ``xfail`` helper) whose reason says what happens instead; there are none at present.
 """
 
 from __future__ import annotations
@@ -181,9 +181,6 @@ def test_out_of_range_counts_blocks_and_decode_entries(tmp_path, path, value, fi
     load_fails(write(tmp_path, changed(path, value)), *fields)
 
 
-HUGE_AT_RUNTIME = "accepted at load; an OverflowError when the first mask is built"
-BOOL = "a JSON true/false is accepted as the integer 1/0"
-BOOL_CRASH = BOOL + "; the first prefill then fails in torch (RuntimeError or TypeError: a bool where an int is needed)"
 PARAMS = [  # (pattern, params of head 0 of layer 0, the parameter the error must name)
     ("AShape", {"local_tokens": 0}, "local_tokens"),
     ("AShape", {"local_tokens": -1}, "local_tokens"),
@@ -217,27 +214,23 @@ PARAMS = [  # (pattern, params of head 0 of layer 0, the parameter the error mus
     ("HeadProxy", {"backend": "cpu"}, "backend"),
     ("headproxy", {}, "headproxy"),
     ("", {}, "unknown pattern"),
-    xfail("AShape", {"local_tokens": True}, "local_tokens", reason=BOOL_CRASH),
-    xfail("TopKBlocks", {"k": True}, "k", reason=BOOL_CRASH),
-    xfail("VerticalSlash", {"slash": True}, "slash", reason=BOOL_CRASH),
-    xfail("Strided", {"stride": True}, "stride", reason=BOOL),
-    xfail("HeadProxy", {"gamma": True}, "gamma", reason=BOOL),
-    xfail("HeadProxy", {"min_budget": False}, "min_budget", reason=BOOL),
-    xfail("HeadProxy", {"dense_tail": True}, "dense_tail", reason=BOOL),
-    xfail("ElasticSpan", {"beta": True}, "beta", reason=BOOL),
-    xfail("AShape", {"local_tokens": BEYOND_INT64}, "local_tokens", reason=HUGE_AT_RUNTIME),
-    xfail("Strided", {"stride": BEYOND_INT64}, "stride", reason=HUGE_AT_RUNTIME),
-    xfail("ElasticSpan", {"alpha": BEYOND_INT64}, "alpha", reason=HUGE_AT_RUNTIME),
-    xfail("HeadProxy", {"q_stride": BEYOND_INT64}, "q_stride", reason=HUGE_AT_RUNTIME),
-    xfail("HeadProxy", {"dense_tail": BEYOND_INT64}, "dense_tail", reason=HUGE_AT_RUNTIME),
-    xfail("HeadProxy", {"min_budget": 10 ** 400}, "min_budget", reason=HUGE_AT_RUNTIME),
-    xfail("HeadProxy", {"kv_heads_per_group": 3}, "kv_heads_per_group",
-          reason="3 does not divide the plan's 2 KV heads: accepted at load, a ValueError at the first prefill"),
-    xfail("HeadProxy", {"gamma": [0.9, 0.8]}, "gamma",
-          reason="a list in one head's params is accepted at load; Plan.to_patterns then raises TypeError "
-                 "(float() of a list) without naming the field"),
-    xfail("HeadProxy", {"gamma": [0.9, 0.8, 0.7, 0.6]}, "gamma",
-          reason="a list in one head's params is accepted at load; Plan.to_patterns then raises TypeError"),
+    ("AShape", {"local_tokens": True}, "local_tokens"),
+    ("TopKBlocks", {"k": True}, "k"),
+    ("VerticalSlash", {"slash": True}, "slash"),
+    ("Strided", {"stride": True}, "stride"),
+    ("HeadProxy", {"gamma": True}, "gamma"),
+    ("HeadProxy", {"min_budget": False}, "min_budget"),
+    ("HeadProxy", {"dense_tail": True}, "dense_tail"),
+    ("ElasticSpan", {"beta": True}, "beta"),
+    ("AShape", {"local_tokens": BEYOND_INT64}, "local_tokens"),
+    ("Strided", {"stride": BEYOND_INT64}, "stride"),
+    ("ElasticSpan", {"alpha": BEYOND_INT64}, "alpha"),
+    ("HeadProxy", {"q_stride": BEYOND_INT64}, "q_stride"),
+    ("HeadProxy", {"dense_tail": BEYOND_INT64}, "dense_tail"),
+    ("HeadProxy", {"min_budget": 10 ** 400}, "min_budget"),
+    ("HeadProxy", {"kv_heads_per_group": 3}, "kv_heads_per_group"),
+    ("HeadProxy", {"gamma": [0.9, 0.8]}, "gamma"),
+    ("HeadProxy", {"gamma": [0.9, 0.8, 0.7, 0.6]}, "gamma"),
 ]
 
 
@@ -271,8 +264,6 @@ def test_another_models_shape(tmp_path, changes, fields):
         options_from_vllm_config(vllm_config)
 
 
-@pytest.mark.xfail(strict=True, reason="docs/PLAN_FORMAT.md says every PlanError names the file; the model "
-                                       "mismatch raised by load_plan(path, model) does not")
 def test_a_model_mismatch_names_the_file(tmp_path):
     path = write(tmp_path, plan_data())
     with pytest.raises(PlanError, match=re.escape(str(path))):
@@ -302,7 +293,6 @@ def oversized(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="Plan.load reads the file whole (Path.read_text) without a size limit")
 def test_plan_files_have_a_size_limit(oversized):
     try:
         with pytest.raises(PlanError, match=re.escape(str(oversized))) as error:
@@ -314,7 +304,6 @@ def test_plan_files_have_a_size_limit(oversized):
         pytest.fail(f"no size limit: {read}")
 
 
-@pytest.mark.xfail(strict=True, reason="a JSON channels file is read whole (Path.read_text) without a size limit")
 def test_channels_files_have_a_size_limit(oversized):
     try:
         with pytest.raises(SparseAttnConfigError, match="decode.channels"):
@@ -332,11 +321,8 @@ def test_the_size_guard_sees_whole_reads(oversized):
 
 
 @pytest.mark.parametrize("text, reason", [
-    xfail('{"format": "sparse-attn-plan", "version": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nesting",
-          reason="json.loads raises RecursionError, which Plan.load does not catch"),
-    xfail('{"format": "sparse-attn-plan", "version": 1' + "0" * 5000 + "}", "digits",
-          reason="json.loads raises a plain ValueError (Python's 4300-digit limit), which Plan.load does not turn "
-                 "into a PlanError naming the file, and parse_options not into a SparseAttnConfigError"),
+    ('{"format": "sparse-attn-plan", "version": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nesting"),
+    ('{"format": "sparse-attn-plan", "version": 1' + "0" * 5000 + "}", "digits"),
     ('{"format": "sparse-attn-plan", "version": 1}{}', "two documents"),
     ("\ufeff" + json.dumps(plan_data()), "byte order mark"),
     ("\x00" * 64, "zeros"),
@@ -346,8 +332,6 @@ def test_text_that_breaks_the_json_parser(tmp_path, text, reason):
     load_fails(write(tmp_path, text=text))
 
 
-@pytest.mark.xfail(strict=True, reason="a directory (or the empty path, which resolves to the working directory) "
-                                       "raises IsADirectoryError from Plan.load and parse_options")
 @pytest.mark.parametrize("which", ["directory", "empty"])
 def test_a_directory_as_the_plan(tmp_path, which):
     path = tmp_path if which == "directory" else ""
@@ -358,7 +342,6 @@ def test_a_directory_as_the_plan(tmp_path, which):
 
 
 # ---------------------------------------------------------------------------------------------------- vLLM options
-TYPE_ERROR = "an unhashable pattern name raises TypeError from parse_options instead of a SparseAttnConfigError"
 OPTION_CASES = [  # (raw options, substrings the error must contain)
     ({"prefill": 5}, ["prefill"]),
     ({"prefill": None}, ["prefill"]),
@@ -439,34 +422,27 @@ OPTION_CASES = [  # (raw options, substrings the error must contain)
     ({"kv_pruning": {"sparsity": True}}, ["kv_pruning.sparsity"]),
     ({"kv_pruning": {"sparsity": "0.5"}}, ["kv_pruning.sparsity"]),
     ({"prefil": "dense"}, ["prefil"]),
-    xfail({"prefill": {"pattern": ["a_shape"]}}, ["prefill.pattern"], reason=TYPE_ERROR),
-    xfail({"decode": {"pattern": {"top_k": {}}}}, ["decode.pattern"], reason=TYPE_ERROR),
-    xfail({"prefill": {"pattern": "a_shape", "local_tokens": True}}, ["prefill", "local_tokens"], reason=BOOL_CRASH),
-    xfail({"prefill": {"pattern": "top_k_blocks", "k": True}}, ["prefill", "k must be"], reason=BOOL_CRASH),
-    xfail({"prefill": {"pattern": "vertical_slash", "vertical": True}}, ["prefill", "vertical"], reason=BOOL_CRASH),
-    xfail({"decode": {"pattern": "vertical_slash", "slash": True}}, ["decode", "slash"], reason=BOOL_CRASH),
-    xfail({"prefill": {"pattern": "strided", "stride": True}}, ["prefill", "stride"], reason=BOOL),
-    xfail({"prefill": {"pattern": "head_proxy", "gamma": True}}, ["prefill", "gamma"], reason=BOOL),
-    xfail({"prefill": {"pattern": "head_proxy", "q_stride": True}}, ["prefill", "q_stride"], reason=BOOL),
-    xfail({"prefill": {"pattern": "head_proxy", "min_budget": False}}, ["prefill", "min_budget"], reason=BOOL),
-    xfail({"prefill": {"pattern": "elastic", "beta": True}}, ["prefill", "beta"], reason=BOOL),
-    xfail({"decode": {"pattern": "top_k", "budget_fraction": True}}, ["decode", "budget_fraction"], reason=BOOL),
-    xfail({"prefill": {"pattern": "a_shape", "local_tokens": BEYOND_INT64}}, ["prefill", "local_tokens"],
-          reason=HUGE_AT_RUNTIME),
-    xfail({"prefill": {"pattern": "strided", "stride": BEYOND_INT64}}, ["prefill", "stride"], reason=HUGE_AT_RUNTIME),
-    xfail({"prefill": {"pattern": "elastic", "alpha": BEYOND_INT64}}, ["prefill", "alpha"], reason=HUGE_AT_RUNTIME),
-    xfail({"prefill": {"pattern": "head_proxy", "q_stride": BEYOND_INT64}}, ["prefill", "q_stride"],
-          reason=HUGE_AT_RUNTIME),
-    xfail({"prefill": {"pattern": "head_proxy", "max_budget": 10 ** 400}}, ["prefill", "max_budget"],
-          reason=HUGE_AT_RUNTIME),
-    xfail({"decode": {"pattern": "top_k", "min_budget": BEYOND_INT64}}, ["decode", "min_budget"],
-          reason="accepted at load; an OverflowError when the first decode budget is computed"),
-    xfail({"decode": {"pattern": "top_k", "budget": BEYOND_INT64}}, ["decode", "budget"],
-          reason="accepted at load; an OverflowError when the first decode budget is computed"),
-    xfail({"block_size": 1 << 40}, ["block_size"],
-          reason="no upper bound: accepted at load; the C++ kernel then sizes its scratch by the block size and "
-                 "fails with MemoryError (std::bad_alloc) at the first prefill"),
-    xfail({"plan": ""}, ["plan"], reason="the empty path resolves to the working directory: IsADirectoryError"),
+    ({"prefill": {"pattern": ["a_shape"]}}, ["prefill.pattern"]),
+    ({"decode": {"pattern": {"top_k": {}}}}, ["decode.pattern"]),
+    ({"prefill": {"pattern": "a_shape", "local_tokens": True}}, ["prefill", "local_tokens"]),
+    ({"prefill": {"pattern": "top_k_blocks", "k": True}}, ["prefill", "k must be"]),
+    ({"prefill": {"pattern": "vertical_slash", "vertical": True}}, ["prefill", "vertical"]),
+    ({"decode": {"pattern": "vertical_slash", "slash": True}}, ["decode", "slash"]),
+    ({"prefill": {"pattern": "strided", "stride": True}}, ["prefill", "stride"]),
+    ({"prefill": {"pattern": "head_proxy", "gamma": True}}, ["prefill", "gamma"]),
+    ({"prefill": {"pattern": "head_proxy", "q_stride": True}}, ["prefill", "q_stride"]),
+    ({"prefill": {"pattern": "head_proxy", "min_budget": False}}, ["prefill", "min_budget"]),
+    ({"prefill": {"pattern": "elastic", "beta": True}}, ["prefill", "beta"]),
+    ({"decode": {"pattern": "top_k", "budget_fraction": True}}, ["decode", "budget_fraction"]),
+    ({"prefill": {"pattern": "a_shape", "local_tokens": BEYOND_INT64}}, ["prefill", "local_tokens"]),
+    ({"prefill": {"pattern": "strided", "stride": BEYOND_INT64}}, ["prefill", "stride"]),
+    ({"prefill": {"pattern": "elastic", "alpha": BEYOND_INT64}}, ["prefill", "alpha"]),
+    ({"prefill": {"pattern": "head_proxy", "q_stride": BEYOND_INT64}}, ["prefill", "q_stride"]),
+    ({"prefill": {"pattern": "head_proxy", "max_budget": 10 ** 400}}, ["prefill", "max_budget"]),
+    ({"decode": {"pattern": "top_k", "min_budget": BEYOND_INT64}}, ["decode", "min_budget"]),
+    ({"decode": {"pattern": "top_k", "budget": BEYOND_INT64}}, ["decode", "budget"]),
+    ({"block_size": 1 << 40}, ["block_size"]),
+    ({"plan": ""}, ["plan"]),
 ]
 
 
@@ -487,14 +463,9 @@ def vllm_config(raw: dict, shape: ModelShape = SHAPE):
 
 @pytest.mark.parametrize("raw, fields", [
     ({"dense_layers": [0, 2]}, ["dense_layers", "[2]"]),
-    xfail({"prefill": {"pattern": "head_proxy", "gamma": [0.9, 0.8, 0.7]}}, ["prefill", "gamma"],
-          reason="per-head lists are not checked against the model's heads at start-up: ValueError 'gamma has 3 "
-                 "values but the layer has 4 query heads' at the first prefill"),
-    xfail({"prefill": {"pattern": "head_proxy", "min_budget": [64] * 8}}, ["prefill", "min_budget"],
-          reason="per-head lists are not checked against the model's heads at start-up"),
-    xfail({"prefill": {"pattern": "head_proxy", "kv_heads_per_group": 4}}, ["prefill", "kv_heads_per_group"],
-          reason="kv_heads_per_group is not checked against the model's 2 KV heads at start-up: ValueError at the "
-                 "first prefill"),
+    ({"prefill": {"pattern": "head_proxy", "gamma": [0.9, 0.8, 0.7]}}, ["prefill", "gamma"]),
+    ({"prefill": {"pattern": "head_proxy", "min_budget": [64] * 8}}, ["prefill", "min_budget"]),
+    ({"prefill": {"pattern": "head_proxy", "kv_heads_per_group": 4}}, ["prefill", "kv_heads_per_group"]),
 ])
 def test_options_that_do_not_fit_the_served_model(raw, fields, monkeypatch):
     """Options valid on their own but not for the model: refused when vLLM starts (options_from_vllm_config checks
@@ -506,8 +477,6 @@ def test_options_that_do_not_fit_the_served_model(raw, fields, monkeypatch):
         assert field in str(error.value), str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a plan whose head params hold a list is accepted by parse_options; building "
-                                       "the layers (layer_settings -> Plan.to_patterns) raises TypeError")
 def test_plan_option_with_a_list_param_fails_at_start_up(tmp_path):
     data = changed(("layers", 0, "heads", 0, "params", "gamma"), [0.9, 0.8])
     path = write(tmp_path, data)
@@ -522,19 +491,6 @@ json_scalars = (st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70)
                 | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
-
-
-def _huge(value) -> bool:
-    """Whether a JSON value holds an integer near or beyond int64 (the known class of HUGE_AT_RUNTIME)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return abs(value) >= 2 ** 62
-    if isinstance(value, (list, tuple)):
-        return any(_huge(v) for v in value)
-    if isinstance(value, dict):
-        return any(_huge(v) for v in value.values())
-    return False
 
 
 @st.composite
@@ -580,13 +536,11 @@ def _runs(options) -> None:
 @given(phase=st.sampled_from(["prefill", "decode"]), data=st.data())
 def test_drawn_pattern_options_fail_at_load_or_run(phase, data):
     """A pattern option with a random parameter value is refused with an error naming the option, or accepted and
-    then runs (mask built and attended, decode budgets computed) without an error. The classes of input known to
-    break this are the xfail cases above, left out here: unhashable pattern names, true/false for numbers, integers near
-    or beyond int64, per-head lists, kv_heads_per_group not dividing the KV heads."""
+    then runs (mask built and attended, decode budgets computed) without an error. Per-head lists and
+    kv_heads_per_group are left out where they need the model's head counts, which parse_options does not know
+    (options_from_vllm_config checks them: test_options_that_do_not_fit_the_served_model)."""
     spec = data.draw(pattern_spec(phase))
     assume(isinstance(spec["pattern"], str))
-    assume(not any(isinstance(v, bool) for k, v in spec.items() if k != "head_scores"))
-    assume(not _huge(spec))
     assume(not any(isinstance(v, list) for v in spec.values()))
     group = spec.get("kv_heads_per_group")
     assume(not (isinstance(group, int) and not isinstance(group, bool) and group > 2))
@@ -605,8 +559,6 @@ def test_drawn_option_values_fail_with_the_option_named(key, value):
     """Any JSON value for any option: accepted, or a SparseAttnConfigError naming the option (never another
     exception). Strings for ``plan`` are paths and are not drawn (files are the plan tests' part)."""
     assume(not (key == "plan" and isinstance(value, str)))
-    assume(not (key in ("prefill", "decode") and isinstance(value, dict)
-                and isinstance(value.get("pattern"), (list, dict))))  # the unhashable-name xfail above
     try:
         options = parse_options({key: value}, source="test")
     except SparseAttnConfigError as error:

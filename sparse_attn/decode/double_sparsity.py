@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int, check_real
 from ..masks import BlockSparseMask
 from ..ops import extension
 from ..ops.attention import cuda_extension, cuda_op_available, resolve_backend, triton_kernels
@@ -68,20 +69,14 @@ class DoubleSparsityConfig:
     group_reduce: str = "max"
 
     def __post_init__(self):
-        def positive_int(name, minimum=1):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        positive_int("r")
+        check_int("r", self.r)
         if self.budget is not None:
-            positive_int("budget")
-        if not isinstance(self.budget_fraction, (int, float)) or not 0 < self.budget_fraction <= 1:
-            raise ValueError(f"budget_fraction must lie in (0, 1], got {self.budget_fraction!r}")
-        positive_int("min_budget")
-        positive_int("sink_tokens", 0)
-        positive_int("recent_tokens", 0)
-        positive_int("dense_below", 0)
+            check_int("budget", self.budget)
+        check_real("budget_fraction", self.budget_fraction, 0, 1, low_open=True)
+        check_int("min_budget", self.min_budget)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("recent_tokens", self.recent_tokens, 0)
+        check_int("dense_below", self.dense_below, 0)
         protected = self.sink_tokens + self.recent_tokens
         for name in ("budget", "min_budget"):
             value = getattr(self, name)

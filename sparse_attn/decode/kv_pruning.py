@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int
 from ..ops.attention import resolve_backend
 from ..ops.extension import extension_available
 from ..ops.reference import attention_reference_varlen
@@ -48,10 +49,8 @@ class KVPruningConfig:
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
-        for name, minimum in (("recent_tokens", 0), ("compress_every", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_int("recent_tokens", self.recent_tokens, 0)
+        check_int("compress_every", self.compress_every, 1)
         for name in ("prune_keys", "prune_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

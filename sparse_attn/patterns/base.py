@@ -83,6 +83,11 @@ class Pattern:
         """Boolean ``[H or 1, num_q_blocks, num_kv_blocks]`` for one sequence (before causal clipping)."""
         raise NotImplementedError
 
+    def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        """Raise ValueError naming the parameter where the pattern cannot run on layers of ``num_heads`` query heads
+        and ``num_kv_heads`` KV heads (per-head values of another count, groups that do not divide the KV heads):
+        callers that know the model check this when they are configured, before the first prompt."""
+
     def build_mask(
         self,
         *,
@@ -170,6 +175,12 @@ class PerHead(Pattern):
     @property
     def content_aware(self) -> bool:  # type: ignore[override]
         return any(p.content_aware for p in self.patterns)
+
+    def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        if len(self.patterns) != num_heads:
+            raise ValueError(f"PerHead has {len(self.patterns)} patterns but the layer has {num_heads} query heads")
+        for pattern in {id(p): p for p in self.patterns}.values():
+            pattern.check_heads(num_heads, num_kv_heads)
 
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         if len(self.patterns) != seq.num_heads:

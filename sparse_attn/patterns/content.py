@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int
 from .base import Pattern, SeqContext
-from .static import _positive_int
 
 
 def _group_map(seq: SeqContext, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -30,9 +30,9 @@ class VerticalSlash(Pattern):
     last_q: int = 64
 
     def __post_init__(self):
-        _positive_int("vertical", self.vertical)
-        _positive_int("slash", self.slash)
-        _positive_int("last_q", self.last_q)
+        check_int("vertical", self.vertical)
+        check_int("slash", self.slash)
+        check_int("last_q", self.last_q)
 
     content_aware = True
 
@@ -101,7 +101,7 @@ class TopKBlocks(Pattern):
     scores: torch.Tensor | None = None
 
     def __post_init__(self):
-        _positive_int("k", self.k)
+        check_int("k", self.k)
 
     @property
     def content_aware(self) -> bool:  # type: ignore[override]

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int, check_real
 from .base import Pattern, SeqContext
-from .static import AShape, _positive_int
+from .static import AShape
 
 __all__ = ["ElasticSpan"]
 
@@ -25,10 +26,9 @@ class ElasticSpan(Pattern):
     sink_tokens: int = 64
 
     def __post_init__(self):
-        _positive_int("alpha", self.alpha)
-        _positive_int("sink_tokens", self.sink_tokens, 0)
-        if not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {self.beta!r}")
+        check_int("alpha", self.alpha)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_real("beta", self.beta, 0, 1)
 
     def span(self, context_len: int) -> int:
         """Window length in keys for a context of ``context_len`` keys (at least 1)."""

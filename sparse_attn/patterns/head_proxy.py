@@ -32,15 +32,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._validate import MAX_COUNT, check_int, check_real, shown
 from ..ops.attention import resolve_backend, triton_kernels
 from ..ops.extension import extension_available, pooled_block_scores_cpu
 from .base import Pattern, SeqContext
-from .static import _positive_int
 
 __all__ = ["HeadProxy", "pooled_block_probs", "blocks_for_mass", "strided_rows", "POOLINGS"]
 
 #: Block score pooling over a query block's sampled rows: the max probability, the mean block mass, or their sum.
 POOLINGS = ("max", "mean")
+
+#: Parameters that may hold one value per query head.
+_PER_HEAD = ("gamma", "min_budget", "max_budget")
 
 # Elements of one chunk of the score matrix on the PyTorch path (bounds its memory: 2**24 fp32 = 64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -120,11 +123,12 @@ def blocks_for_mass(mass: torch.Tensor, gamma: torch.Tensor, first: torch.Tensor
     return ((ordered < target[:, None]).sum(-1) + 1).clamp(max=mass.shape[-1])
 
 
-def _is_budget(value) -> bool:
-    """Tokens (an int >= 1) or a fraction of the context (a float in (0, 1])."""
+def _is_budget(value, minimum: int = 1) -> bool:
+    """Tokens (an int in [minimum, MAX_COUNT]) or a fraction of the context (a float in (0, 1])."""
     if isinstance(value, bool):
         return False
-    return (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0.0 < value <= 1.0)
+    return ((isinstance(value, int) and minimum <= value <= MAX_COUNT)
+            or (isinstance(value, float) and 0.0 < value <= 1.0))
 
 
 def _budget_blocks(budget: int | float, seq: SeqContext) -> int:
@@ -170,31 +174,45 @@ class HeadProxy(Pattern):
     content_aware = True
 
     def __post_init__(self):
-        for name in ("gamma", "min_budget", "max_budget"):
+        for name in _PER_HEAD:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        gammas = self.gamma if isinstance(self.gamma, tuple) else (self.gamma,)
-        if not gammas or not all(isinstance(g, (int, float)) and 0.0 < g <= 1.0 for g in gammas):
-            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma!r}")
-        _positive_int("q_stride", self.q_stride)
+        if isinstance(self.gamma, tuple):
+            if not self.gamma:
+                raise ValueError("gamma must lie in (0, 1], or be one such value per query head; got ()")
+            for h, g in enumerate(self.gamma):
+                check_real(f"gamma[{h}]", g, 0, 1, low_open=True)
+        else:
+            check_real("gamma", self.gamma, 0, 1, low_open=True)
+        check_int("q_stride", self.q_stride)
         lows = self.min_budget if isinstance(self.min_budget, tuple) else (self.min_budget,)
         highs = self.max_budget if isinstance(self.max_budget, tuple) else (self.max_budget,)
-        if not lows or not all(_is_budget(b) or b == 0 for b in lows):
-            raise ValueError(f"min_budget must be tokens (an int >= 0) or a fraction of the context (a float in "
-                             f"(0, 1]), or one of those per query head; got {self.min_budget!r}")
+        if not lows or not all(_is_budget(b, 0) for b in lows):
+            raise ValueError(f"min_budget must be tokens (an int in [0, {MAX_COUNT}]) or a fraction of the context "
+                             f"(a float in (0, 1]), or one of those per query head; got {shown(self.min_budget)}")
         if not highs or not all(b is None or _is_budget(b) for b in highs):
-            raise ValueError(f"max_budget must be None, tokens (an int >= 1) or a fraction of the context (a float "
-                             f"in (0, 1]), or one of those per query head; got {self.max_budget!r}")
+            raise ValueError(f"max_budget must be None, tokens (an int in [1, {MAX_COUNT}]) or a fraction of the "
+                             f"context (a float in (0, 1]), or one of those per query head; got "
+                             f"{shown(self.max_budget)}")
         if len(lows) == len(highs) or 1 in (len(lows), len(highs)):
             pairs = zip(lows * (len(highs) if len(lows) == 1 else 1), highs * (len(lows) if len(highs) == 1 else 1))
             if any(high is not None and type(high) is type(low) and high < low for low, high in pairs):
-                raise ValueError(f"max_budget {self.max_budget!r} must be >= min_budget {self.min_budget!r}")
-        _positive_int("kv_heads_per_group", self.kv_heads_per_group)
+                raise ValueError(f"max_budget {shown(self.max_budget)} must be >= min_budget "
+                                 f"{shown(self.min_budget)}")
+        check_int("kv_heads_per_group", self.kv_heads_per_group)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not isinstance(self.head_scores, bool):
             raise ValueError(f"head_scores must be a bool, got {self.head_scores!r}")
-        _positive_int("dense_tail", self.dense_tail, 0)
+        check_int("dense_tail", self.dense_tail, 0)
+
+    def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        """ValueError where a per-head list (``gamma``, ``min_budget``, ``max_budget``) does not have ``num_heads``
+        values or ``kv_heads_per_group`` does not divide ``num_kv_heads``."""
+        if num_kv_heads % self.kv_heads_per_group:
+            raise ValueError(f"kv_heads_per_group={self.kv_heads_per_group} must divide the {num_kv_heads} KV heads")
+        for name in _PER_HEAD:
+            self._per_head(name, num_heads)
 
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         nq, nk = seq.num_q_blocks, seq.num_kv_blocks

@@ -6,12 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int
 from .base import Pattern, SeqContext
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -34,8 +30,8 @@ class AShape(Pattern):
     local_tokens: int = 1024
 
     def __post_init__(self):
-        _positive_int("sink_tokens", self.sink_tokens, 0)
-        _positive_int("local_tokens", self.local_tokens, 1)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("local_tokens", self.local_tokens, 1)
 
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         first_row, last_row = seq.q_block_rows()
@@ -55,8 +51,8 @@ class Strided(Pattern):
     local_blocks: int = 1
 
     def __post_init__(self):
-        _positive_int("stride", self.stride)
-        _positive_int("local_blocks", self.local_blocks, 0)
+        check_int("stride", self.stride)
+        check_int("local_blocks", self.local_blocks, 0)
 
     def keep_blocks(self, seq: SeqContext) -> torch.Tensor:
         heads = torch.arange(seq.num_heads, device=seq.device)

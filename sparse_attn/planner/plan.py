@@ -10,17 +10,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .._validate import MAX_BLOCK_SIZE, MAX_COUNT, check_int, shown
 from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, PerHead, Strided, TopKBlocks, VerticalSlash
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PATTERNS", "ModelShape", "HeadSetting", "Plan", "load_plan",
-           "build_pattern", "PlanError", "tensor_parallel_heads"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PATTERNS", "MAX_FILE_BYTES", "ModelShape", "HeadSetting", "Plan",
+           "load_plan", "build_pattern", "PlanError", "tensor_parallel_heads", "read_bounded"]
 
 PLAN_FORMAT = "sparse-attn-plan"
 PLAN_VERSION = 1
+#: Largest plan file (and JSON or torch channels file of the vLLM options) read, in bytes; the size is checked
+#: before reading. Plans are kilobytes (a 30-layer model's is about 100 KB).
+MAX_FILE_BYTES = 64 << 20
 
 #: Pattern names a plan may use, and the classes they build. Parameters are the classes' constructor arguments.
 PATTERNS: dict[str, type[Pattern]] = {
@@ -36,7 +41,7 @@ class PlanError(ValueError):
 
 def build_pattern(name: str, params: Mapping[str, Any], where: str = "pattern") -> Pattern:
     """The pattern ``name`` with constructor arguments ``params``; PlanError naming ``where`` when they are wrong."""
-    cls = PATTERNS.get(name)
+    cls = PATTERNS.get(name) if isinstance(name, str) else None
     if cls is None:
         raise PlanError(f"{where}: unknown pattern {name!r}; known patterns: {sorted(PATTERNS)}")
     allowed = {f.name for f in fields(cls)} - _RUNTIME_ARGS
@@ -46,7 +51,7 @@ def build_pattern(name: str, params: Mapping[str, Any], where: str = "pattern") 
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
     except (TypeError, ValueError) as error:
-        raise PlanError(f"{where}.params: invalid {name} parameters {dict(params)}: {error}") from None
+        raise PlanError(f"{where}.params: invalid {name} parameters {shown(dict(params), 200)}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -264,13 +269,19 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "Plan":
         """Read and validate a plan file; with ``model`` (a model, config or ModelShape) also check it matches."""
+        if not os.fspath(path):
+            raise PlanError("the plan path is empty: give a plan file")
         path = Path(path)
         try:
-            text = path.read_text()
+            text = read_bounded(path, "plan file").decode("utf-8")
         except FileNotFoundError:
             raise PlanError(f"{path}: plan file not found") from None
         except UnicodeDecodeError:
             raise PlanError(f"{path}: not a plan file (not UTF-8 text; the file is corrupt)") from None
+        except OSError as error:
+            raise PlanError(f"{path}: cannot read the plan file: {error.strerror or error}") from None
+        except ValueError as error:  # a directory, a file too large
+            raise PlanError(str(error)) from None
         if not text.strip():
             raise PlanError(f"{path}: the plan file is empty")
         try:
@@ -279,13 +290,33 @@ class Plan:
             hint = "truncated (it ends inside an unfinished value)" if _ends_open(text) else "corrupt"
             raise PlanError(f"{path}: not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}); "
                             f"the plan file looks {hint}") from None
+        except RecursionError:
+            raise PlanError(f"{path}: not a plan file (JSON nested too deeply to parse)") from None
+        except ValueError as error:  # e.g. an integer beyond Python's digit limit
+            raise PlanError(f"{path}: not a plan file (JSON the parser refuses: {error})") from None
         try:
             plan = cls.from_dict(data)
+            if model is not None:
+                plan.check_model(model)
         except PlanError as error:
             raise PlanError(f"{path}: {error}") from None
-        if model is not None:
-            plan.check_model(model)
         return plan
+
+
+def read_bounded(path: str | os.PathLike, what: str = "file", limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the file at ``path``, its size checked before reading: ValueError naming the path for a
+    directory or a file of more than ``limit`` bytes; OSError (e.g. FileNotFoundError) where it cannot be read."""
+    info = os.stat(path)
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path}: a directory, not a {what}")
+    too_large = f"{path}: the {what} is too large ({{}} bytes; at most {limit} bytes are read)"
+    if info.st_size > limit:
+        raise ValueError(too_large.format(info.st_size))
+    with open(path, "rb") as f:  # bounded also where the size is not known in advance (pipes, devices)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(too_large.format(f"more than {limit}"))
+    return data
 
 
 def load_plan(path: str | os.PathLike, model=None) -> Plan:
@@ -376,6 +407,13 @@ def _expect(value, kind, where: str) -> None:
         raise PlanError(f"{where}: expected {name}, got {type(value).__name__} {value!r:.60}")
 
 
+def _check_int(where: str, value, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    try:
+        return check_int(where, value, minimum, maximum)
+    except ValueError as error:
+        raise PlanError(str(error)) from None
+
+
 def _get(data: dict, key: str, kind, prefix: str):
     if key not in data:
         raise PlanError(f"{prefix}{key}: missing")
@@ -395,15 +433,11 @@ def _optional_number(data: dict, key: str, where: str, upper: float) -> float | 
 def _check_plan(plan: Plan) -> None:
     s = plan.shape
     for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-        value = getattr(s, name)
-        if not isinstance(value, int) or value < 1:
-            raise PlanError(f"model.{name}: expected a positive int, got {value!r}")
+        _check_int(f"model.{name}", getattr(s, name))
     if s.num_heads % s.num_kv_heads:
         raise PlanError(f"model.num_heads: {s.num_heads} is not a multiple of num_kv_heads {s.num_kv_heads}")
     for name in ("q_block_size", "kv_block_size"):
-        value = getattr(plan, name)
-        if not isinstance(value, int) or value < 1:
-            raise PlanError(f"blocks.{name.split('_')[0]}: expected a positive int, got {value!r}")
+        _check_int(f"blocks.{name.split('_')[0]}", getattr(plan, name), maximum=MAX_BLOCK_SIZE)
     if len(plan.heads) != s.num_layers:
         raise PlanError(f"layers: {len(plan.heads)} entries but model.num_layers is {s.num_layers}")
     if plan.decode is not None:
@@ -415,7 +449,19 @@ def _check_plan(plan: Plan) -> None:
         if len(layer) != s.num_heads:
             raise PlanError(f"layers[{i}].heads: {len(layer)} entries but model.num_heads is {s.num_heads}")
         for h, setting in enumerate(layer):
-            build_pattern(setting.pattern, setting.params, f"layers[{i}].heads[{h}]")
+            where = f"layers[{i}].heads[{h}]"
+            if not isinstance(setting.params, Mapping):
+                raise PlanError(f"{where}.params: expected object, got {shown(setting.params)}")
+            for name, value in setting.params.items():
+                if isinstance(value, (list, tuple, dict)) and name not in _RUNTIME_ARGS:  # one head's value
+                    raise PlanError(f"{where}.params.{name}: expected one value (this head's), got {shown(value)}; "
+                                    "each head of a plan has its own entry in layers[i].heads")
+            pattern = build_pattern(setting.pattern, setting.params, where)
+            try:
+                pattern.check_heads(s.num_heads, s.num_kv_heads)
+            except ValueError as error:
+                raise PlanError(f"{where}.params: {error} (model.num_kv_heads {s.num_kv_heads}, model.num_heads "
+                                f"{s.num_heads})") from None
 
 
 def _check_decode(entry, where: str, shape: ModelShape) -> None:
@@ -431,7 +477,7 @@ def _check_decode(entry, where: str, shape: ModelShape) -> None:
         _expect(ds, dict, where + ".double_sparsity")
         r = _get(ds, "r", int, prefix)
         if not 1 <= r <= shape.head_dim:
-            raise PlanError(f"{prefix}r: expected 1..head_dim={shape.head_dim}, got {r}")
+            raise PlanError(f"{prefix}r: expected 1..head_dim={shape.head_dim}, got {shown(r)}")
         fraction = _get(ds, "budget_fraction", (int, float), prefix)
         if isinstance(fraction, bool) or not 0 < fraction <= 1:
             raise PlanError(f"{prefix}budget_fraction: expected a number in (0, 1], got {fraction!r}")

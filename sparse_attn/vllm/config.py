@@ -21,7 +21,8 @@ Two sources, both JSON objects of the same shape: the environment variable ``SPA
   ``false`` turns that off (default true).
 - ``dense_below``: rows whose context (cached plus new tokens) is shorter run dense (default 2048).
 - ``dense_layers``: layer indices that always run dense.
-- ``block_size``: query and KV block size of the masks (a power of two >= 16, what the Triton kernel tiles by).
+- ``block_size``: query and KV block size of the masks (a power of two in 16..1024: the Triton kernel tiles by it, the
+  C++ kernels size their scratch by it).
 - ``op_backend``: implementation of the attention ops (``auto``, ``triton``, ``cuda``, ``cpu``, ``reference``).
 - ``kv_pruning``: ``{"sparsity": s}``, s in [0, 1): every layer stores each token's K and V per KV head pruned to its
   ``round((1 - s) * D)`` largest-magnitude values plus keep bitmaps, in a smaller KV page, so vLLM fits more tokens in
@@ -38,20 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from .._validate import MAX_BLOCK_SIZE, check_int, check_real, shown
 from ..decode import DoubleSparsityConfig
 from ..decode.compressed import check_sparsity
 from ..decode.pruned_pages import PrunedSlotFormat
 from ..ops import BACKENDS
 from ..patterns import AShape, Dense, ElasticSpan, HeadProxy, Pattern, Strided, TopKBlocks, VerticalSlash, default_pattern
-from ..planner.plan import ModelShape, Plan, PlanError, load_plan, tensor_parallel_heads
+from ..planner.plan import ModelShape, Plan, PlanError, load_plan, read_bounded, tensor_parallel_heads
 from ..planner.shipped import announce, find_shipped_plan
 
 ENV_VAR = "SPARSE_ATTN_VLLM_CONFIG"
@@ -96,6 +98,8 @@ class TopKDecode:
     recent_tokens: int = 64
 
     def __post_init__(self):
+        if self.budget_fraction is not None:  # (None: DoubleSparsityDecode's "the plan's")
+            check_real("budget_fraction", self.budget_fraction, 0, 1, low_open=True)
         self.config(1)  # DoubleSparsityConfig's range checks
 
     def config(self, r: int, budget_fraction: float | None = None) -> DoubleSparsityConfig:
@@ -119,10 +123,10 @@ class DoubleSparsityDecode(TopKDecode):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
-            raise ValueError(f"r must be an int >= 1, got {self.r!r}")
-        if self.channels is not None and not isinstance(self.channels, str):
-            raise ValueError(f"channels must be a file path, got {self.channels!r}")
+        if self.r is not None:
+            check_int("r", self.r)
+        if self.channels is not None and (not isinstance(self.channels, str) or not self.channels):
+            raise ValueError(f"channels must be a file path, got {shown(self.channels)}")
 
 
 DECODE_METHODS: dict[str, type[TopKDecode]] = {"top_k": TopKDecode, "double_sparsity": DoubleSparsityDecode}
@@ -250,6 +254,14 @@ class SparseAttnOptions:
         if bad:
             raise SparseAttnConfigError(f"sparse_attn option dense_layers: {bad} out of range (the model has "
                                         f"{shape.num_layers} layers)")
+        for name, pattern in (("prefill", self.prefill), ("decode", self.decode)):
+            if isinstance(pattern, Pattern):
+                try:
+                    pattern.check_heads(shape.num_heads, shape.num_kv_heads)
+                except ValueError as error:
+                    raise SparseAttnConfigError(
+                        f"sparse_attn option {name}: {error} (the model has {shape.num_heads} query heads and "
+                        f"{shape.num_kv_heads} KV heads)") from None
 
 
 def _plan_double_sparsity(plan: Plan | None) -> dict[int, dict]:
@@ -287,7 +299,7 @@ def _construct(cls: type, name: str, kwargs: dict, where: str):
 def build_pattern(spec: Any, where: str) -> Pattern:
     """A block pattern from ``"name"`` or ``{"pattern": "name", **kwargs}``."""
     name, kwargs = _split_spec(spec, where)
-    if name not in PATTERNS:
+    if not isinstance(name, str) or name not in PATTERNS:
         raise SparseAttnConfigError(f"{where}.pattern: unknown pattern {name!r}; choose one of {sorted(PATTERNS)}")
     return _construct(PATTERNS[name], name, kwargs, where)
 
@@ -295,23 +307,26 @@ def build_pattern(spec: Any, where: str) -> Pattern:
 def build_decode(spec: Any, where: str) -> Pattern | TopKDecode:
     """A decode setting: ``top_k`` / ``double_sparsity`` (token selection) or a block pattern."""
     name, kwargs = _split_spec(spec, where)
-    if name in DECODE_METHODS:
+    if isinstance(name, str) and name in DECODE_METHODS:
         return _construct(DECODE_METHODS[name], name, kwargs, where)
-    if name not in PATTERNS:
+    if not isinstance(name, str) or name not in PATTERNS:
         raise SparseAttnConfigError(
             f"{where}.pattern: unknown decode {name!r}; choose one of {sorted(DECODE_METHODS) + sorted(PATTERNS)}")
     return _construct(PATTERNS[name], name, kwargs, where)
 
 
 def _non_negative_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SparseAttnConfigError(f"{where} must be an int >= 0, got {value!r}")
-    return value
+    try:
+        return check_int(where, value, 0)
+    except ValueError as e:
+        raise SparseAttnConfigError(str(e)) from None
 
 
 def _block_size(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise SparseAttnConfigError(f"{where} must be a power of two >= 16, got {value!r}")
+        raise SparseAttnConfigError(f"{where} must be a power of two >= 16, got {shown(value)}")
+    if value > MAX_BLOCK_SIZE:
+        raise SparseAttnConfigError(f"{where} must be a power of two in [16, {MAX_BLOCK_SIZE}], got {shown(value)}")
     return value
 
 
@@ -324,10 +339,11 @@ def _load_plan(path: str, stamp: tuple) -> Plan:
 def _load_channels(path: str, stamp: tuple) -> dict[int, torch.Tensor]:
     """A channels file: ``torch.save`` of ``{layer: LongTensor [Hkv, r]}`` (what
     :func:`sparse_attn.calibrate_double_sparsity` returns), or JSON ``{"layer": [[channel, ...] per KV head]}``."""
+    data = read_bounded(path, "channels file")
     if path.endswith(".json"):
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(data.decode("utf-8"))
     else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError("expected a non-empty mapping {layer: channels [Hkv, r]}")
     channels = {}
@@ -368,8 +384,8 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
     plan = plan_path = None
     if raw.get("plan") is not None:
         plan_path = raw["plan"]
-        if not isinstance(plan_path, str):
-            raise SparseAttnConfigError(f"{where}: plan must be a file path, got {plan_path!r}")
+        if not isinstance(plan_path, str) or not plan_path:
+            raise SparseAttnConfigError(f"{where}: plan must be a file path, got {shown(plan_path)}")
         plan_path = os.path.abspath(os.path.expanduser(plan_path))
         try:
             plan = _load_plan(plan_path, _file_stamp(plan_path, f"{where}: plan"))
@@ -460,7 +476,9 @@ def merged_raw_options(additional_config: Any) -> tuple[dict[str, Any], str]:
     if env:
         try:
             from_env = json.loads(env)
-        except json.JSONDecodeError as e:
+        except RecursionError:
+            raise SparseAttnConfigError(f"${ENV_VAR} is not valid JSON: nested too deeply to parse") from None
+        except ValueError as e:  # JSONDecodeError, or an integer beyond Python's digit limit
             raise SparseAttnConfigError(f"${ENV_VAR} is not valid JSON: {e}") from None
         if not isinstance(from_env, dict):
             raise SparseAttnConfigError(f"${ENV_VAR} must be a JSON object, got {type(from_env).__name__}")
@@ -510,9 +528,10 @@ def options_from_vllm_config(vllm_config: Any) -> SparseAttnOptions:
             announce(found[0], "the vLLM backend")
     try:
         key = json.dumps(merged, sort_keys=True)
-    except TypeError:
-        return parse_options(merged, source)  # not JSON (a Python caller's object): parse without the cache
-    options = _parse_cached(key, source, _referenced_files(merged))
+    except (TypeError, ValueError, RecursionError):
+        options = parse_options(merged, source)  # not JSON (a Python caller's object): parse without the cache
+    else:
+        options = _parse_cached(key, source, _referenced_files(merged))
     shape = model_shape(vllm_config)
     if shape is not None:
         options.check_model(shape)
