@@ -21,19 +21,7 @@ from sparse_attn.decode.kv_pruning import (
     prune_magnitude,
     pruned_decode_attention,
 )
-from sparse_attn.ops.reference import attention_reference_varlen
-
-
-def pruned_reference(q, keys, values, scale):
-    """Float64 oracle: q [B, Hq, D]; keys/values per sequence [Hkv, L_b, D] (already pruned as stored)."""
-    cu = [0]
-    for k in keys:
-        cu.append(cu[-1] + k.shape[1])
-    k = torch.cat([k.transpose(0, 1) for k in keys]).double()
-    v = torch.cat([v.transpose(0, 1) for v in values]).double()
-    out, lse = attention_reference_varlen(q.double(), k, v, list(range(q.shape[0] + 1)), cu, None, False, scale,
-                                          compute_dtype=torch.float64)
-    return out, lse.transpose(0, 1)
+from backends import pruned_reference
 
 
 # ---------------------------------------------------------------------------------------------- pruning and format

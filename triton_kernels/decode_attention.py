@@ -126,7 +126,8 @@ def _merge_splits(
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(w[:, None] * parts, 0) / tl.maximum(total, 1.1754943508222875e-38)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
-    lse_out = tl.where(total > 0.0, top + tl.log(tl.maximum(total, 1.1754943508222875e-38)), float("-inf"))
+    # total 0: every split empty (lse -inf); a NaN total (a NaN split) stays NaN, as the split's own lse.
+    lse_out = tl.where(total == 0.0, float("-inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
     tl.store(Lse + b * stride_lb + h * stride_lh, lse_out)
 
 

@@ -345,8 +345,9 @@ class BlockSparseAttention {
     for (int64_t r = 0; r < g.rows; ++r) {
       const float l = w.row_sum[tile_row + r];
       const float* acc = w.acc.data() + (tile_row + r) * dim;
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      const float lse = l > 0.0f ? (w.row_max[tile_row + r] + std::log2(l)) * kLn2 : kNegInf;
+      // l == 0: the row read no key; a NaN l (NaN or +inf scores) makes out and lse NaN.
+      const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+      const float lse = l == 0.0f ? kNegInf : (w.row_max[tile_row + r] + std::log2(l)) * kLn2;
       if (item.partial >= 0) {
         const int64_t at = slot(item, (h - item.head0) * g.rows + r);
         float* o = partial_out_ + at * dim;
@@ -371,10 +372,15 @@ class BlockSparseAttention {
       for (int64_t r = 0; r < g.rows; ++r) {
         const int64_t local = j * g.rows + r;
         float top = kNegInf;
-        for (int64_t s = first; s < last; ++s) top = std::max(top, partial_lse_[slot(items[s], local)]);
+        bool nan = false;  // a NaN slice (std::max skips it) makes the merged row NaN
+        for (int64_t s = first; s < last; ++s) {
+          const float part = partial_lse_[slot(items[s], local)];
+          top = std::max(top, part);
+          nan |= part != part;
+        }
         T* o = out_ + (g.q_start + r) * p_.out_stride_t + (item.head0 + j) * p_.out_stride_h;
         float* lse = lse_ + (item.head0 + j) * lse_stride_ + g.q_start + r;
-        if (top == kNegInf) {
+        if (top == kNegInf && !nan) {
           std::fill(o, o + dim, static_cast<T>(0.0f));
           *lse = kNegInf;
           continue;

@@ -103,9 +103,9 @@ void decode(const CompressedDecodeInputs& in, at::Tensor& out, at::Tensor& lse) 
       }
       for (int64_t h = 0; h < group; ++h) {
         const float sum = row_sum[h];
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        const float inv = sum == 0.0f ? 0.0f : 1.0f / sum;  // a NaN sum (NaN or +inf scores) gives NaN
         for (int64_t e = 0; e < dim; ++e) part_out[(i * group + h) * dim + e] = acc[h * dim + e] * inv;
-        part_lse[i * group + h] = sum > 0.0f ? (row_max[h] + std::log2(sum)) * kLn2 : kNegInf;
+        part_lse[i * group + h] = sum == 0.0f ? kNegInf : (row_max[h] + std::log2(sum)) * kLn2;
       }
     }
   });
@@ -115,9 +115,13 @@ void decode(const CompressedDecodeInputs& in, at::Tensor& out, at::Tensor& lse) 
     const int64_t b = bh / kv_heads, head0 = b * q_heads + (bh % kv_heads) * group;
     for (int64_t h = 0; h < group; ++h) {
       float top = kNegInf;
-      for (int64_t i = first_slice[bh]; i < first_slice[bh + 1]; ++i) top = std::max(top, part_lse[i * group + h]);
+      bool nan = false;  // a NaN slice (std::max skips it) makes the merged row NaN
+      for (int64_t i = first_slice[bh]; i < first_slice[bh + 1]; ++i) {
+        top = std::max(top, part_lse[i * group + h]);
+        nan |= part_lse[i * group + h] != part_lse[i * group + h];
+      }
       T* dst = o + (head0 + h) * dim;
-      if (top == kNegInf) {  // no keys: out 0, lse -inf
+      if (top == kNegInf && !nan) {  // no keys: out 0, lse -inf
         std::fill(dst, dst + dim, static_cast<T>(0.0f));
         l[head0 + h] = kNegInf;
         continue;

@@ -31,7 +31,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// 2^x for x <= 0 (and -inf -> 0), written so the compiler vectorizes it: x = k + f with k = round(x),
+// 2^x for x <= 0 (and -inf -> 0, NaN -> NaN, so that a NaN score poisons its row as in torch), written so the compiler vectorizes it: x = k + f with k = round(x),
 // f in [-1/2, 1/2]; 2^f by its degree-6 Taylor polynomial, 2^k through the exponent bits: relative error 2.5e-7
 // (a few ulps) over [-126, 0]. The shifter rounding needs IEEE evaluation order (the build uses no -ffast-math).
 // Always inlined: a call would keep the loops that use it from being vectorized.
@@ -47,7 +47,7 @@ inline __attribute__((always_inline)) float exp2_nonpositive(float x) {
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
-  return x < -126.0f ? 0.0f : p * scale;
+  return x < -126.0f ? 0.0f : (x != x ? x : p * scale);
 }
 
 // C[M, N] = A[M, K] B[N, K]^T, row-major with leading dimensions. Four rows of A share each load of a B row.
@@ -184,7 +184,10 @@ bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row
     float* row = s + r * ld;
     const float m_old = row_max[r], m_new = std::max(m_old, row_max_of(row, cols));
     if (m_new == kNegInf) {  // no key of this row so far: P = 0 keeps acc and l at 0
+      bool nan = false;  // NaN scores (the max skips them) make the row NaN, through l, as in torch
+      for (int64_t c = 0; c < cols; ++c) nan |= row[c] != row[c];
       std::fill(row, row + cols, 0.0f);
+      if (nan) row_sum[r] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
     float sum = 0.0f;

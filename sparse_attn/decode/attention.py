@@ -168,7 +168,9 @@ def sparse_decode_attention(
 
     Returns ``(out [B, Hq, D]`` in q's dtype, ``lse [B, Hq]`` fp32, natural log; rows reading no token give out 0
     and lse -inf). ``num_splits`` splits each row's token list (None: the backend's choice). ``check_values=False``
-    skips the checks that read tensor values (a device sync), e.g. under CUDA graphs with trusted metadata.
+    skips the checks that read tensor values (a device sync), e.g. under CUDA graphs with trusted metadata. NaN and
+    inf among the tokens read behave as in :func:`sparse_attn.block_sparse_attention` (a NaN or +inf score makes the
+    row NaN); slots a row does not read, other sequences' pages included, never reach it.
     """
     check_decode_inputs(q, k_cache, v_cache, block_table, seq_lens, selection, check_values=check_values)
     scale = checks.check_scale(scale, q.shape[-1])

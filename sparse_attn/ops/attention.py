@@ -110,6 +110,13 @@ def block_sparse_attention(
 
     Returns ``out`` shaped like q (q's dtype), and with ``return_lse`` also the fp32 log-sum-exp, ``[B, Hq, Sq]``
     (padded) or ``[Hq, Tq]`` (varlen), which lets partial results over disjoint key sets be merged exactly.
+
+    NaN and inf inputs give what torch's softmax attention (``scaled_dot_product_attention``) gives over the keys a
+    row reads: a NaN or +inf score among them makes the row's output NaN (its lse NaN, or +inf), -inf scores weigh
+    0 (a row whose every score is -inf returns 0 and lse -inf, like a row that reads no key), and a NaN or inf
+    value a row weighs makes that output channel non-finite. Keys a row does not read never reach it through their
+    keys; their values may, when they share a kept block with keys it reads (the kernels multiply them by a weight
+    of exactly 0, and 0 * NaN = NaN, as SDPA's masked product does for every masked value).
     """
     paged = block_table is not None
     varlen = paged or cu_seqlens_q is not None or cu_seqlens_k is not None

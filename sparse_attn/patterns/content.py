@@ -58,12 +58,14 @@ class VerticalSlash(Pattern):
 
         # Diagonal d = pos(m) - n; for causal attention d >= 0. Scatter-add the probabilities per diagonal.
         diag = (q_pos[:, None] - key_pos[None, :]).clamp(min=0) if seq.causal else (q_pos[:, None] - key_pos[None, :])
-        diag = diag + (0 if seq.causal else seq.kv_len)  # shift so that every diagonal id is non-negative
-        n_diag = 2 * seq.kv_len if not seq.causal else seq.kv_len
+        # Shift so that every diagonal id is non-negative: non-causal d >= 1 - n_last, and n_last may exceed kv_len.
+        shift = 0 if seq.causal else max(seq.kv_len, n_last)
+        diag = diag + shift
+        n_diag = seq.kv_len + shift
         slash_score = torch.zeros(q.shape[1], n_diag, device=seq.device)
         slash_score.scatter_add_(1, diag.flatten().expand(q.shape[1], -1), probs.flatten(1))
-        slash_score[:, 0 if seq.causal else seq.kv_len] = float("inf")  # the main diagonal is always kept
-        diags = slash_score.topk(min(self.slash, n_diag), dim=-1).indices - (0 if seq.causal else seq.kv_len)
+        slash_score[:, shift] = float("inf")  # the main diagonal is always kept
+        diags = slash_score.topk(min(self.slash, n_diag), dim=-1).indices - shift
 
         heads = q.shape[1]
         keep = torch.zeros(heads, nq, nk + 1, dtype=torch.bool, device=seq.device)
