@@ -10,7 +10,8 @@ OpenMP slowdown of threads waiting on each other).
 Parts: prefill, decode, estimation (kernel level); e2e-hf (transformers TTFT, GPU only: skipped with the reason
 elsewhere), e2e-vllm (the vLLM engine on SmolLM2), memory (KV bytes), accuracy (SmolLM2 prefill methods; it also
 runs accuracy-decode), accuracy-decode, retrieval (the retrieval suite: cases dense attention solves, per
-configuration); suite (the GPU suite, bench.gpu_suite). Each part is its module's own
+configuration), reliability (prefix caching, preemption and the OpenAI server under load: answers that must not
+change); suite (the GPU suite, bench.gpu_suite). Each part is its module's own
 ``main`` (``python -m bench.<module>`` runs the same code); this command adds the plots and, for ``kernels`` and
 ``all``, a summary (``DIR/run.json``, ``DIR/run.md``: what ran, how long, where the files are, every table).
 Sizes default to the machine: tiny or moderate on a CPU, the METHODS.md sizes on a GPU.
@@ -36,11 +37,12 @@ PARTS = {
     "prefill": "prefill", "decode": "decode", "estimation": "estimation", "e2e-hf": "e2e_hf",
     "e2e-hf-smollm2": "e2e_hf_smollm2",
     "e2e-vllm": "e2e_vllm", "memory": "memory", "accuracy": "accuracy", "accuracy-decode": "accuracy_decode",
-    "retrieval": "retrieval", "suite": "gpu_suite",
+    "retrieval": "retrieval", "reliability": "reliability", "suite": "gpu_suite",
 }
 KERNELS = ("prefill", "decode", "estimation")
 #: What ``all`` runs, in order (accuracy includes accuracy-decode).
-ALL = ("prefill", "decode", "estimation", "memory", "e2e-hf", "e2e-hf-smollm2", "e2e-vllm", "accuracy", "retrieval")
+ALL = ("prefill", "decode", "estimation", "memory", "e2e-hf", "e2e-hf-smollm2", "e2e-vllm", "accuracy", "retrieval",
+       "reliability")
 #: Options ``--quick`` adds per part: fewer timed calls, and the smallest sizes where a part has no such flag.
 QUICK = {
     "prefill": ["--quick"], "decode": ["--quick"], "estimation": ["--quick"], "e2e-hf": ["--quick"],
@@ -50,6 +52,7 @@ QUICK = {
     "accuracy": ["--lengths", "2048", "--ppl-len", "2048", "--recall-len", "2048", "--decode-ppl-len", "512",
                  "--decode-ppl-decode", "32"],
     "retrieval": ["--max-tokens", "2100", "--limit", "6", "--configs", "dense,default,no_plan"],
+    "reliability": ["--quick"],
 }
 
 

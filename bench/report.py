@@ -16,13 +16,14 @@ import re
 from pathlib import Path
 
 from . import (accuracy, accuracy_decode, accuracy_plan, common, decode, e2e_hf, e2e_hf_smollm2, e2e_vllm, estimation,
-               gpu_suite, memory, prefill, retrieval)
+               gpu_suite, memory, prefill, reliability, retrieval)
 
 RENDERERS = {prefill.NAME: prefill.markdown, decode.NAME: decode.markdown, gpu_suite.NAME: gpu_suite.markdown,
              estimation.NAME: estimation.markdown, memory.NAME: memory.markdown, e2e_hf.NAME: e2e_hf.markdown,
              e2e_vllm.NAME: e2e_vllm.markdown, accuracy.NAME: accuracy.markdown,
              accuracy_decode.NAME: accuracy_decode.render, accuracy_plan.NAME: accuracy_plan.markdown,
-             e2e_hf_smollm2.NAME: e2e_hf_smollm2.markdown, retrieval.NAME: retrieval.markdown}
+             e2e_hf_smollm2.NAME: e2e_hf_smollm2.markdown, retrieval.NAME: retrieval.markdown,
+             reliability.NAME: reliability.markdown}
 
 
 def render(payload: dict) -> str:
