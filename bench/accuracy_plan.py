@@ -30,6 +30,7 @@ from sparse_attn.integrations.transformers import attention_modules
 from sparse_attn.models import load_smollm2, make_passkey_prompt, passkey_retrieved
 from sparse_attn.planner import default_pattern, load_plan
 from sparse_attn.planner.calibrate import calibrate, calibration_prompts, default_calibration_texts, default_candidates
+from sparse_attn.planner.decode import DecodeCandidates
 from sparse_attn.planner.solver import make_plan
 
 NAME = "accuracy_plan"
@@ -104,6 +105,7 @@ def evaluate(model, tokenizer, args, ppl_ids: dict[str, torch.Tensor], tag: str)
             else:
                 ok, density = generate_with_prefill_density(
                     model, lambda: passkey_retrieved(model, tokenizer, prompt, key))
+                sparse_attn.reset_decode_state(model)  # the next prompt starts a new cache
             result["passkey"].append({"tokens": n, "depth": depth, "retrieved": ok, "prefill_density": density})
             print(f"[{tag}] passkey {n} tokens depth {depth}: {'ok' if ok else 'MISSED'} "
                   f"(prefill density {density:.3f}, {time.perf_counter() - start:.0f} s)", flush=True)
@@ -118,12 +120,28 @@ def calibrated_plan(model, tokenizer, args, test_texts: list[str], out: Path):
     prompts = calibration_prompts(tokenizer, texts, args.calib_len, args.calib_prompts)
     profile = calibrate(model, prompts, default_candidates(), model_id="SmolLM2-135M-Instruct",
                         q_block_size=args.block_size, kv_block_size=args.block_size, query_rows=args.query_rows,
-                        decode=None)
+                        decode=DecodeCandidates() if args.decode_budget else None)
     profile.info["texts"] = [t.strip().splitlines()[0][:80] for t in texts[: args.calib_prompts]]
     profile.save(out / "profile.pt")
-    plan = make_plan(profile, target_density=args.target_density, decode_budget=None)
+    plan = make_plan(profile, target_density=args.target_density, decode_budget=args.decode_budget or None)
     plan.save(out / "plan.json")
     return plan, str(out / "plan.json")
+
+
+def decode_summary(plan) -> str:
+    """The plan's decode methods in words, e.g. "Double Sparsity r=16 reading 1/4 of the context on 22 layers, ..."."""
+    counts: dict[str, int] = {}
+    for layer in range(plan.shape.num_layers):
+        entry = (plan.decode[layer] if plan.decode else None) or {}
+        if "double_sparsity" in entry:
+            ds = entry["double_sparsity"]
+            name = f"Double Sparsity r={ds['r']} reading {ds['budget_fraction']:g} of the context"
+        elif "kv_pruning" in entry:
+            name = f"KV pruning {entry['kv_pruning']['sparsity']:g}"
+        else:
+            name = "dense"
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} on {n} layer{'s' * (n != 1)}" for name, n in counts.items())
 
 
 def _budget_text(budget: dict) -> str:
@@ -140,6 +158,8 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`", "",
              f"Plan: `{plan['file']}`{blocks}, {_budget_text(plan['budget'])}, planned mean density "
              f"{plan['density']:.3f}, heads per pattern: {', '.join(f'{n} {c}' for n, c in plan['patterns'].items())}."]
+    if plan.get("decode"):
+        lines += ["", f"Decode (passkeys): {plan['decode']}."]
     texts = (plan.get("calibration") or {}).get("texts")
     if texts:
         lengths = "/".join(map(str, plan["calibration"]["context_lens"]))
@@ -171,6 +191,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", help="plan file (default: calibrate one and save it as DIR/plan.json)")
     parser.add_argument("--target-density", type=float, default=0.3)
+    parser.add_argument("--decode-budget", type=float, default=0.25,
+                        help="Double Sparsity decode of the calibrated plan: mean fraction of the context read per "
+                             "step over the layers (default 1/4; 0: dense decode)")
     parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts (default 4)")
     parser.add_argument("--calib-len", type=int, default=4096, help="calibration prompt length (default 4096)")
     parser.add_argument("--block-size", type=int, default=32, help="query and KV block size of the plan (default 32)")
@@ -203,11 +226,10 @@ def main(argv=None) -> int:
               "plan": {"file": plan_file, "blocks": {"q": plan.q_block_size, "kv": plan.kv_block_size},
                        "budget": plan.budget, "density": plan.mean("density"),
                        "recall": plan.mean("recall"), "error": plan.mean("error"), "patterns": plan.pattern_counts(),
-                       "calibration": plan.calibration}}
+                       "calibration": plan.calibration, "decode": decode_summary(plan)}}
     if not args.skip_dense:
         report["dense"] = evaluate(model, tokenizer, args, ppl_ids, "dense")
-    sparse_attn.configure(model, layers=plan.to_patterns(), q_block_size=plan.q_block_size,
-                          kv_block_size=plan.kv_block_size)
+    sparse_attn.configure(model, plan=plan)  # its prefill patterns, block sizes and decode methods
     report["plan_run"] = evaluate(model, tokenizer, args, ppl_ids, "plan")
     if args.no_plan_default:
         sparse_attn.configure(model, default_pattern())

@@ -3,7 +3,7 @@ forward and time per generated token, ``attn_implementation="sparse"`` configura
 the time spent inside attention and whether the passkey answer is kept.
 
     python -m bench.e2e_hf_smollm2 --out DIR [--contexts 6144,8192] [--decode-context 6000] [--decode-tokens 32]
-                                   [--configs sdpa,dense,plan,default] [--decode-configs sdpa,dense,ds,kvp50,plan]
+                                   [--configs sdpa,dense,plan,default,no_plan] [--decode-configs sdpa,dense,ds,kvp50,plan]
                                    [--reps 3] [--quick]
 
 writes ``DIR/e2e_hf_smollm2.json`` and ``.md``. Every configuration runs on the same model object and the same prompts
@@ -12,8 +12,9 @@ falls on all of them alike; times are medians over the repetitions, ratios divid
 
 Configurations (``sparse_attn.configure`` on the loaded model):
 ``sdpa`` transformers' own attention (the baseline); ``dense`` the ``Dense()`` pattern through the sparse path; ``plan``
-the shipped SmolLM2 plan (per-head prefill patterns, its decode entries); ``default`` no option (the content-aware
-default); for decode also ``ds`` (dense prefill, Double Sparsity decode with r = 16 channels calibrated on the
+the shipped SmolLM2 plan (per-head prefill patterns, its decode entries); ``default`` no option (the shipped plan,
+chosen automatically because it matches the model); ``no_plan`` ``auto_plan=False`` (the content-aware default a
+model without a shipped plan gets); for decode also ``ds`` (dense prefill, Double Sparsity decode with r = 16 channels calibrated on the
 machine's licence texts and 1/8 of the context) and ``kvp50`` (dense prefill, KV pruning at 50%).
 
 Per prefill row: forward time (``use_cache=False``, ``logits_to_keep=1``), the time inside the attention function
@@ -36,7 +37,7 @@ import torch
 from . import common
 
 NAME = "e2e_hf_smollm2"
-PREFILL_CONFIGS = ("sdpa", "dense", "plan", "default")
+PREFILL_CONFIGS = ("sdpa", "dense", "plan", "default", "no_plan")
 DECODE_CONFIGS = ("sdpa", "dense", "ds", "kvp50", "plan")
 KEY = 52817
 
@@ -118,6 +119,8 @@ def configure(model, name: str, channels) -> None:
         sparse_attn.configure(model, plan=SMOLLM2_PLAN)
     elif name == "default":
         sparse_attn.configure(model)
+    elif name == "no_plan":
+        sparse_attn.configure(model, auto_plan=False)
     elif name == "ds":
         config = DoubleSparsityConfig(r=16, budget_fraction=1 / 8, min_budget=256, dense_below=0)
         sparse_attn.configure(model, sparse_attn.Dense(), decode=DoubleSparsity(config, channels))

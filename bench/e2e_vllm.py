@@ -19,7 +19,12 @@ configuration still finds the key. Configurations (:mod:`bench.methods`):
   runs the same pattern when it is static (A-shape keeps its sink and window) and dense for content-aware
   estimators, which choose blocks for a block of queries. A method the backend's options do not know is recorded
   as skipped with the reason;
-- ``default``: our backend without options (what ``--attention-backend sparse`` alone gives);
+- ``default``: our backend without options (what ``--attention-backend sparse`` alone gives: the shipped plan where
+  one matches the model, as for SmolLM2);
+- ``no_plan``: ``{"auto_plan": false}``, the defaults of a model without a shipped plan (content-aware prefill,
+  exact top-k decode);
+- ``kvp50``: dense prefill and decode with KV pruning at 50% (``{"kv_pruning": {"sparsity": 0.5}}``: half of each
+  key's and value's entries stored, attention over the pruned pages);
 - ``plan`` (with ``--plan``): our backend with a planner plan's per-head prefill patterns, block size and per-layer
   decode methods (``dense_below`` 0).
 
@@ -49,6 +54,12 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 RUNNER = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 MAX_POSITIONS = 8192  # SmolLM2-135M
 DEFAULT_METHODS = ("dense", "dense_kernel", "head_proxy", "vertical_slash", "a_shape")
+#: Serving configurations that are backend options rather than one prefill method (see the module docstring).
+SERVING_CONFIGS: dict[str, dict | None] = {
+    "default": None,
+    "no_plan": {"auto_plan": False},
+    "kvp50": {"prefill": "dense", "decode": "dense", "dense_below": 0, "kv_pruning": {"sparsity": 0.5}},
+}
 PASSKEY = 52817
 ENGINE_ARGS = dict(dtype="float32", max_num_seqs=1, gpu_memory_utilization=0.2, enforce_eager=True, seed=0,
                    enable_prefix_caching=False, distributed_executor_backend="uni")
@@ -69,7 +80,7 @@ class Settings:
     def __post_init__(self):
         if "dense" not in self.methods:
             raise ValueError("methods must include dense (vLLM's own backend, the baseline of every ratio)")
-        methods.resolve([m for m in self.methods if m != "default"])
+        methods.resolve([m for m in self.methods if m not in SERVING_CONFIGS])
         if not isinstance(self.output_tokens, int) or self.output_tokens < 2:
             raise ValueError(f"output_tokens must be an int >= 2 (TPOT needs two tokens), got {self.output_tokens!r}")
         too_long = [c for c in self.contexts if c < 16 or c + self.output_tokens + 64 > MAX_POSITIONS]
@@ -98,7 +109,7 @@ def configurations(names: list[str], plan: str | None = None) -> list[dict]:
     skip reason."""
     native = "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
     configs = []
-    for name, candidate in methods.resolve([n for n in names if n != "default"]).items():
+    for name, candidate in methods.resolve([n for n in names if n not in SERVING_CONFIGS]).items():
         config = dict(name=name, pattern=candidate.label)
         if name == "dense":
             config.update(attention_backend=native, additional_config=None, pattern=f"vLLM {native}")
@@ -111,8 +122,11 @@ def configurations(names: list[str], plan: str | None = None) -> list[dict]:
                 config.update(attention_backend="sparse", additional_config={
                     "sparse_attn": {"prefill": spec, "decode": decode, "dense_below": 0}})
         configs.append(config)
-    if "default" in names:  # the backend as a user gets it without options
-        configs.append(dict(name="default", pattern="no options", attention_backend="sparse", additional_config=None))
+    for name, options in SERVING_CONFIGS.items():
+        if name in names:
+            configs.append(dict(name=name, pattern="no options" if options is None else json.dumps(options),
+                                attention_backend="sparse",
+                                additional_config=None if options is None else {"sparse_attn": options}))
     if plan is not None:
         configs.append(dict(name="plan", pattern=f"plan {Path(plan).name}", attention_backend="sparse",
                             additional_config={"sparse_attn": {"plan": plan, "dense_below": 0}}))

@@ -26,7 +26,7 @@ the continuation, not run into other letters or digits (case-insensitive).
   the model where one matches it, SmolLM2's included; ``dense_below`` 1024);
 - ``no_plan``: ``sparse_attn.configure(model, auto_plan=False)``, the content-aware default pattern
   (:func:`sparse_attn.patterns.default_pattern`) on every layer;
-- ``plan``: ``sparse_attn.configure(model, plan=sparse_attn.planner.SMOLLM2_PLAN)``;
+- ``plan``: ``sparse_attn.configure(model, plan=PLAN)``, PLAN the shipped SmolLM2 plan or ``--plan FILE``;
 - ``head_proxy``, ``vertical_slash``, ``a_shape``: the prefill patterns at their settings in :mod:`bench.methods`,
   64-token blocks, ``dense_below`` 0 (as :mod:`bench.accuracy` runs them);
 - ``ds``: dense prefill, Double Sparsity decode (r=16, 1/8 of the context, channels from
@@ -204,8 +204,11 @@ class Reads:
 class Runner:
     """SmolLM2 with each transformers configuration in turn."""
 
-    def __init__(self, model=None, tokenizer=None):
+    def __init__(self, model=None, tokenizer=None, plan: str | None = None):
         from sparse_attn.models import load_smollm2
+        from sparse_attn.planner import SMOLLM2_PLAN
+
+        self.plan = Path(plan) if plan else SMOLLM2_PLAN
 
         if model is None:
             model, tokenizer = load_smollm2()
@@ -222,7 +225,7 @@ class Runner:
         if name == "no_plan":
             return "sparse_attn.configure(model, auto_plan=False): default_pattern(), dense_below 1024"
         if name == "plan":
-            return "sparse_attn.configure(model, plan=SMOLLM2_PLAN)"
+            return f"sparse_attn.configure(model, plan={self.plan.name})"
         if name in PATTERN_CONFIGS:
             return f"{methods.PREFILL_METHODS[name].label}, 64-token blocks, dense_below 0"
         if name in DECODE_CONFIGS:
@@ -243,7 +246,6 @@ class Runner:
 
     def use(self, name: str) -> None:
         import sparse_attn
-        from sparse_attn.planner import SMOLLM2_PLAN
 
         model = self.model
         if name == "dense":
@@ -253,7 +255,7 @@ class Runner:
         elif name == "no_plan":
             sparse_attn.configure(model, auto_plan=False)
         elif name == "plan":
-            sparse_attn.configure(model, plan=SMOLLM2_PLAN)
+            sparse_attn.configure(model, plan=self.plan)
         elif name in PATTERN_CONFIGS:
             sparse_attn.configure(model, methods.PREFILL_METHODS[name].build(), q_block_size=64, kv_block_size=64,
                                   dense_below=0)
@@ -348,17 +350,18 @@ def build_pool(runner: Runner, path: Path, seed: int = POOL_SEED, log=print,
 
 
 # ---------------------------------------------------------------------------------------------------- vLLM
-def vllm_configs(names: list[str]) -> list[dict]:
+def vllm_configs(names: list[str], plan: str | None = None) -> list[dict]:
     from sparse_attn.planner import SMOLLM2_PLAN
 
+    plan = Path(plan) if plan else SMOLLM2_PLAN
     native = "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
     table = {
         "vllm_dense": dict(attention_backend=native, additional_config=None, pattern=f"vLLM {native}"),
         "vllm_default": dict(attention_backend="sparse", additional_config=None, pattern="sparse backend, no options"),
         "vllm_no_plan": dict(attention_backend="sparse", additional_config={"sparse_attn": {"auto_plan": False}},
                              pattern="sparse backend, auto_plan false"),
-        "vllm_plan": dict(attention_backend="sparse", additional_config={"sparse_attn": {"plan": str(SMOLLM2_PLAN)}},
-                          pattern="sparse backend, plan SMOLLM2_PLAN"),
+        "vllm_plan": dict(attention_backend="sparse", additional_config={"sparse_attn": {"plan": str(plan)}},
+                          pattern=f"sparse backend, plan {plan.name}"),
     }
     return [dict(name=n, **table[n]) for n in names]
 
@@ -397,7 +400,7 @@ def _vllm_density(row: dict, phase: str) -> float | None:
 
 
 def run_vllm(names: list[str], cases: list[dict], prompts: dict[str, R.Prompt], tokenizer, out_dir: Path,
-             timeout_s: float, log=print) -> tuple[list[dict], dict]:
+             timeout_s: float, log=print, plan: str | None = None) -> tuple[list[dict], dict]:
     """Each vLLM configuration over the cases in one engine process (bench.vllm_worker): rows, and per
     configuration its status."""
     import tempfile
@@ -414,7 +417,7 @@ def run_vllm(names: list[str], cases: list[dict], prompts: dict[str, R.Prompt], 
     made = [dict(context=c["id"], key=c["answers"][0], prompt=prompts[c["id"]].text, tokens=prompts[c["id"]].tokens)
             for c in cases]
     settings = SimpleNamespace(output_tokens=output_tokens, kvcache_space_gib=1, repeats=1)
-    for config in vllm_configs(names):
+    for config in vllm_configs(names, plan):
         log(f"[{config['name']}] starting the engine over {len(made)} prompts")
         with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
             worker = Path(tmp) / "retrieval_vllm_worker.py"
@@ -510,8 +513,14 @@ class Settings:
     rebuild_pool: bool = False
     seed: int = POOL_SEED
     vllm_timeout_s: float = 7200.0
+    plan: str | None = None  # the plan file of ``plan`` and ``vllm_plan`` (None: the shipped SmolLM2 plan)
 
     def __post_init__(self):
+        if self.plan is not None:
+            from sparse_attn.planner import load_plan
+
+            self.plan = str(Path(self.plan).resolve())
+            load_plan(self.plan)  # a bad file fails here, before any case runs
         unknown = sorted(set(self.configs) - set(HF_CONFIGS) - set(VLLM_CONFIGS))
         if unknown or not self.configs:
             raise ValueError(f"configs: unknown {unknown or 'empty list'}; known: {list(HF_CONFIGS + VLLM_CONFIGS)}")
@@ -520,7 +529,7 @@ class Settings:
 def run(settings: Settings, out_dir: Path | str | None = None, command: str | None = None, model=None, tokenizer=None,
         log=print) -> dict:
     out_dir = Path(out_dir) if out_dir is not None else None
-    runner = Runner(model, tokenizer)
+    runner = Runner(model, tokenizer, settings.plan)
     rows: list[dict] = []
     pool_rows: dict[str, dict] = {}
     if settings.rebuild_pool:
@@ -565,9 +574,9 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
         write()
     if vllm:
         vrows, status = run_vllm(vllm, cases, prompts, runner.tokenizer, out_dir or Path("."),
-                                 settings.vllm_timeout_s, log)
+                                 settings.vllm_timeout_s, log, settings.plan)
         rows += vrows
-        for config in vllm_configs(vllm):
+        for config in vllm_configs(vllm, settings.plan):
             payload["configs"][config["name"]] = dict(setting=config["pattern"], **status[config["name"]])
     write()
     return payload
@@ -610,7 +619,7 @@ def markdown(payload: dict) -> str:
             for case_id in ids:
                 r = rows[(name, case_id)]
                 table.append([name, case_id, r["tokens"], "/".join(f"{d:.0%}" for d in r["depths"]),
-                              ", ".join(r["answers"]), f"`{r['continuation'].strip()[:40]}`",
+                              ", ".join(r["answers"]), f"`{' '.join(r['continuation'].split())[:40]}`",
                               common.pct(r["prefill_density"], 0)])
         lines.append(common.markdown_table(["config", "case", "tokens", "depth", "expected", "answer",
                                             "prefill density"], table))
@@ -630,17 +639,61 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
                         help="run dense over the whole candidate pool first and write the solved cases to --cases")
     parser.add_argument("--seed", type=int, default=POOL_SEED, help="pool seed (with --rebuild-pool)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--plan", help="plan file for the plan and vllm_plan configurations (default: the shipped "
+                                       "SmolLM2 plan)")
     parser.add_argument("--vllm-timeout", type=float, default=7200.0, help="seconds per vLLM engine configuration")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(configs=[c for c in args.configs.split(",") if c], cases=args.cases, limit=args.limit,
                         max_tokens=args.max_tokens, ids=[i for i in (args.ids or "").split(",") if i] or None,
-                        rebuild_pool=args.rebuild_pool, seed=args.seed, vllm_timeout_s=args.vllm_timeout)
+                        rebuild_pool=args.rebuild_pool, seed=args.seed, vllm_timeout_s=args.vllm_timeout,
+                        plan=args.plan)
     return settings, args.out
 
 
+def merge(paths: list[Path | str], out_dir: Path | str, command: str | None = None) -> dict:
+    """One result from runs of the suite split over processes or machines (each a ``retrieval.json`` of other
+    configurations on the same case list): rows and configurations joined, the summary computed again, and every
+    source run's command, commit and settings kept under ``merged_from``."""
+    sources = [common.read_json(Path(p)) for p in paths]
+    if not sources:
+        raise ValueError("merge needs at least one retrieval.json")
+    for path, source in zip(paths, sources):
+        if source.get("benchmark") != NAME:
+            raise ValueError(f"{path}: not a {NAME} result (benchmark {source.get('benchmark')!r})")
+        if source["suite"]["pool"] != sources[0]["suite"]["pool"]:
+            raise ValueError(f"{path}: another case list than {paths[0]}")
+    configs: dict = {}
+    rows: list[dict] = []
+    for path, source in zip(paths, sources):
+        clash = sorted(set(configs) & set(source["configs"]))
+        if clash:
+            raise ValueError(f"{path}: configurations {clash} also in an earlier file")
+        configs.update(source["configs"])
+        rows += source["results"]
+    ids = {r["id"] for r in rows}
+    cases = [c for c in load_cases(sources[0]["settings"]["cases"])["cases"] if c["id"] in ids]
+    payload = {"benchmark": NAME, **common.environment(torch.device("cpu"), command), "model": sources[0]["model"],
+               "settings": dict(sources[0]["settings"], configs=list(configs)), "configs": configs,
+               "suite": dict(sources[0]["suite"], composition=composition(cases)),
+               "merged_from": [{k: s.get(k) for k in ("command", "commit", "timestamp", "device", "settings")}
+                               for s in sources],
+               "results": rows, "summary": summarize(rows, list(configs), cases)}
+    common.write_outputs(Path(out_dir), NAME, payload, markdown(payload))
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:  # python -m bench.retrieval merge --out DIR A/retrieval.json B/retrieval.json ...
+        parser = argparse.ArgumentParser(prog="python -m bench.retrieval merge", description=merge.__doc__)
+        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("results", nargs="+", type=Path)
+        args = parser.parse_args(argv[1:])
+        payload = merge(args.results, args.out, common.command_line(f"bench.{NAME}", argv))
+        print(markdown(payload))
+        return 0
     return common.benchmark_main(sys.modules[__name__], argv)
 
 

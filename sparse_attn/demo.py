@@ -4,8 +4,10 @@ Loads SmolLM2-135M-Instruct on the CPU (the first run de-quantizes the GGUF weig
 hides a 5-digit key in about ``--tokens`` tokens of filler at relative ``--depth`` and asks for it, greedily, with:
 
 - dense attention (transformers' SDPA), the baseline;
-- sparse prefill: head-proxy (ProxyAttn's published defaults) and vertical-slash, which choose blocks from q and k,
-  the planner's per-head plan for this model at 30% density (:data:`sparse_attn.planner.SMOLLM2_PLAN`), and A-shape
+- sparse prefill: the default for models without a plan (head-proxy with ProxyAttn's published defaults and the
+  prompt's last rows read in full) and vertical-slash, which choose blocks from q and k, the planner's per-head plan
+  for this model at 30% density with its Double Sparsity decode (:data:`sparse_attn.planner.SMOLLM2_PLAN`, what
+  ``attn_implementation="sparse"`` runs on this model without options), and A-shape
   (a sink and a local window), static and blind to the key in the middle of the prompt;
 - sparse decode after a dense prefill: Double Sparsity (16 label channels per head, reads 1/8 of the context per
   step; its channels are calibrated first on a licence text, never on the prompt) and KV-cache pruning at 50%.
@@ -26,7 +28,8 @@ import time
 import torch
 
 import sparse_attn
-from sparse_attn import AShape, HeadProxy, VerticalSlash
+from sparse_attn import AShape, VerticalSlash
+from sparse_attn.patterns import default_pattern
 from sparse_attn.decode import DoubleSparsity, DoubleSparsityConfig, KVPruning, KVPruningConfig
 from sparse_attn.integrations.transformers import attention_modules
 from sparse_attn.models.smollm2 import cache_dir, load_smollm2, make_passkey_prompt
@@ -43,9 +46,9 @@ def settings(channels: dict | None):
     rows = [
         ("dense (SDPA)", None, None, "dense"),
         # Without a decode method the decode steps run the prefill pattern on their one query row.
-        ("head-proxy (defaults)", HeadProxy(), None, "head-proxy"),
+        ("no-plan default (head-proxy)", default_pattern(), None, "head-proxy"),
         ("vertical-slash 128 v + 512 s", VerticalSlash(vertical=128, slash=512, last_q=64), None, "vertical-slash"),
-        ("per-head plan, 30% density", load_plan(SMOLLM2_PLAN), None, "the plan's patterns"),
+        ("per-head plan, 30% density", load_plan(SMOLLM2_PLAN), None, "the plan's (Double Sparsity)"),
         ("A-shape 64 sink + 512 local", AShape(sink_tokens=64, local_tokens=512), None, "A-shape"),
     ]
     if channels is not None:

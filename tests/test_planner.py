@@ -10,6 +10,7 @@ import torch
 from sparse_attn import AShape, Dense, HeadProxy, PerHead, VerticalSlash
 from sparse_attn.planner import HeadSetting, ModelShape, Plan, PlanError, load_plan
 from sparse_attn.planner.calibrate import Candidate, Profile, profile_layer
+from sparse_attn.planner.decode import DecodeCandidates
 from sparse_attn.planner.cli import main as cli_main
 from sparse_attn.planner.solver import KernelTimeModel, choose, make_plan
 
@@ -308,7 +309,8 @@ def test_calibrate_a_transformers_model_and_plan(tiny_llama, tmp_path):
     again = Profile.load(tmp_path / "profile.pt")
     assert again.candidates == profile.candidates and torch.equal(again.error, profile.error)
     decode = again.decode
-    assert decode["ds_error"].shape == (2, 4, 4) and decode["prune_error"].shape == (2, 2, 4)
+    settings = len(DecodeCandidates().double_sparsity)
+    assert decode["ds_error"].shape == (2, settings, 4) and decode["prune_error"].shape == (2, 2, 4)
     assert decode["channels"].shape == (2, 2, 16)
     assert bool((decode["ds_recall"] <= 1 + 1e-6).all()) and bool((decode["prune_error"] > 0).all())
     plan = make_plan(again, target_density=0.6, kv_budget=0.5)
@@ -399,11 +401,14 @@ def test_default_candidates_have_content_independent_densities():
         densities.append(profile_layer(q, k, candidates, v, **sizes)["density"])
     assert torch.equal(densities[0], densities[1])
     assert bool((densities[0][1:] < 1).all()) and bool((densities[0][0] == 1).all())
-    # Budgets that are fractions of the context: about the same density at twice the length.
+    # Budgets are fractions of the context over a token floor, with a dense tail of fixed rows: twice the length
+    # never reads a larger share, and the largest fractions (above the floor at both lengths) about the same one.
     q, k, v = (torch.randn(2048, h, 16, generator=g) for h in (4, 2, 2))
     longer = profile_layer(q, k, candidates, v, **sizes)["density"]
-    proxies = [c.pattern == "HeadProxy" for c in candidates]
-    assert torch.allclose(longer[proxies], densities[0][proxies], atol=0.02)
+    proxies = torch.tensor([c.pattern == "HeadProxy" for c in candidates])
+    assert bool((longer[proxies] <= densities[0][proxies] + 1e-6).all())
+    large = torch.tensor([c.pattern == "HeadProxy" and dict(c.params)["max_budget"] >= 0.5 for c in candidates])
+    assert torch.allclose(longer[large], densities[0][large], atol=0.08)
 
 
 def test_time_model_charges_per_head_proxies_and_the_gamma_pass():

@@ -158,11 +158,13 @@ def test_shipped_plan_is_the_measured_one_and_keeps_a_passkey_at_a_third_of_the_
     assert shipped["model"].pop("fingerprint") == model_fingerprint(model)  # what the automatic choice matches
     assert shipped == json.loads(measured.read_text())
     assert plan.q_block_size == plan.kv_block_size == 32 and plan.mean("density") <= 0.3 + 1e-3
-    prompt = make_passkey_prompt(tokenizer, 2048, 0.3, KEY)
+    prompt = make_passkey_prompt(tokenizer, 4096, 0.3, KEY)
     sparse_attn.configure(model, plan=plan, dense_below=0)
     with torch.inference_mode():
         model(tokenizer(prompt, return_tensors="pt")["input_ids"], use_cache=False)
     modules = integration.attention_modules(model).values()
     density = sum(m.sparse_attention.last_density for m in modules) / len(modules)
-    assert 0.2 < density < 0.35  # fraction-of-the-context budgets: about the planned density at 2k tokens too
+    # Fraction-of-the-context budgets: about the planned 0.30 at the calibration length, plus what the fixed token
+    # counts add there (a head keeps at least 256 tokens, the prompt's last 128 rows read everything).
+    assert 0.25 < density < 0.4
     assert str(KEY) in passkey_answer(model, tokenizer, prompt)

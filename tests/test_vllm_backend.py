@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from sparse_attn.ops.reference import attention_reference_varlen
-from sparse_attn.patterns import AShape, Dense, ElasticSpan, HeadProxy, TopKBlocks
+from sparse_attn.patterns import AShape, Dense, ElasticSpan, HeadProxy, TopKBlocks, default_pattern
 from sparse_attn.planner.plan import HeadSetting, ModelShape, Plan, tensor_parallel_heads
 from sparse_attn.vllm.config import (
     SparseAttnConfigError, TopKDecode, options_from_vllm_config, parse_options,
@@ -51,10 +51,10 @@ def test_vllm_is_installed_where_required():
 # ------------------------------------------------------------------------------------------------ options (no vLLM)
 def test_options_defaults_are_content_aware_and_dense_is_one_setting_away():
     options = parse_options({})
-    assert options.prefill == HeadProxy() and options.decode == TopKDecode() and options.dense_below == 2048
+    assert options.prefill == default_pattern() and options.decode == TopKDecode() and options.dense_below == 2048
     assert options.label_width == 0
     prefill, (config, channels) = options.layer_settings(0, num_heads=9)
-    assert prefill == HeadProxy() and channels is None  # exact q.K scores: no channels, no labels
+    assert prefill == default_pattern() and channels is None  # exact q.K scores: no channels, no labels
     assert (config.budget_fraction, config.min_budget, config.sink_tokens, config.recent_tokens) == (1 / 8, 256, 16, 64)
     dense = parse_options({"prefill": "dense", "decode": "dense"})
     assert dense.layer_settings(0, num_heads=9) == (Dense(), Dense())

@@ -85,12 +85,16 @@ class BlockSparseMask:
                 f"keep has {keep.shape[2]} x {keep.shape[3]} blocks, but q_len={q_len}, kv_len={kv_len} with blocks "
                 f"({q_block_size}, {kv_block_size}) need {nq} x {nk}"
             )
-        counts = keep.sum(-1, dtype=torch.int32)
+        slot = keep.cumsum(-1, dtype=torch.int32)  # a kept block's place in its row is the kept blocks up to it
+        counts = slot[..., -1].contiguous() if nk else torch.zeros(keep.shape[:3], dtype=torch.int32)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
-        # A stable sort of "not kept" puts kept block ids first, in ascending order.
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        order = torch.where(torch.arange(width, device=keep.device) < counts.unsqueeze(-1), order, 0)
-        return cls(counts, order.to(torch.int32).contiguous(), q_block_size, kv_block_size, q_len, kv_len, values_checked=True)
+        # Kept block j goes to slot[j] - 1 (so ids ascend); the rest to a spare column past the width, then dropped.
+        slot = torch.where(keep, slot - 1, width).to(torch.int64)
+        ids = torch.arange(nk, dtype=torch.int32, device=keep.device).expand_as(slot)
+        order = torch.zeros(*keep.shape[:3], width + 1, dtype=torch.int32, device=keep.device)
+        order.scatter_(-1, slot, ids)
+        return cls(counts, order[..., :width].contiguous(), q_block_size, kv_block_size, q_len, kv_len,
+                   values_checked=True)
 
     @classmethod
     def full(cls, *, q_len: int, kv_len: int, q_block_size: int, kv_block_size: int, causal: bool = True,

@@ -12,5 +12,7 @@ __all__ = ["Pattern", "PerHead", "SeqContext", "Dense", "AShape", "Strided", "Ve
 
 def default_pattern() -> Pattern:
     """The pattern for heads no plan covers: ProxyAttn's content-aware selection with its published defaults
-    (cumulative mass 0.95, 1 of 4 query rows, at least 2048 tokens per query block), never a static window."""
-    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048)
+    (cumulative mass 0.95, 1 of 4 query rows, at least 2048 tokens per query block), never a static window, and
+    the query blocks of the prompt's last 128 rows read in full (where a prompt asks its question: the rows that
+    decide what the answer retrieves, a small share of the causal area)."""
+    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128)

@@ -15,8 +15,9 @@ Steps, for one sequence:
 
 The gamma rule adapts each head's budget to the text, so the density is not known in advance: on SmolLM2 the same
 setting read 20-50% more blocks on some licence texts than on others. ``max_budget <= min_budget`` fixes the budget
-instead (step 3 is then skipped), which is how plans hold a density budget: a fraction-of-the-context budget has the
-same density on every text and every length. Measured on SmolLM2-135M at 4k tokens, per-head proxies roughly halve
+instead (step 3 is then skipped), and so does ``gamma = 1`` (the whole mass: the maximum budget, at least the
+minimum), which is how plans hold a density budget: a fraction-of-the-context budget has the same density on every
+text and every length, and a token minimum under it keeps short contexts from shrinking a head to a few blocks. Measured on SmolLM2-135M at 4k tokens, per-head proxies roughly halve
 the output error of group proxies at equal density (the three query heads of a group attend differently; the group
 mean blurs them) for three times the scoring work, and mean pooling matches an oracle that knows the exact block
 masses to within a few percent.
@@ -150,7 +151,8 @@ class HeadProxy(Pattern):
         kv_heads_per_group: KV heads merged into one proxy group (1: the GQA groups).
         backend: "triton" to run the scoring kernel, "cpu"/"reference" for PyTorch, None: the best for the device.
         max_budget: most keys a head keeps per query block, like ``min_budget`` (None: no cap; the minimum wins
-            where they cross). At or below ``min_budget`` the budget is fixed and gamma unused.
+            where they cross). At or below ``min_budget``, or with gamma 1, the budget is fixed (the larger of
+            the two) and no mass is computed.
         head_scores: score with every query head's own queries instead of its group's mean query.
         pooling: "max" (ProxyAttn) or "mean" (the block's mass averaged over the sampled rows).
         dense_tail: the query blocks holding the last ``dense_tail`` query rows read every block they can see. A
@@ -272,24 +274,34 @@ class HeadProxy(Pattern):
         floor, cap = self._budget_bounds(seq, num_heads)
         always = torch.zeros(nq, nk, dtype=torch.bool, device=seq.device)
         always[:, 0] = True  # the attention sink: cheap, and losing it costs far more than its share of mass
+        visible = seq.causal_keep() if seq.causal else None
         if seq.causal:
-            scores = scores.masked_fill(~seq.causal_keep(), float("-inf"))
+            scores = scores.masked_fill(~visible, float("-inf"))
             _, last_row = seq.q_block_rows()
             always[torch.arange(nq, device=seq.device), (last_row // seq.kv_block_size).clamp(max=nk - 1)] = True
+        # gamma 1 asks for the whole mass, which the cap bounds: those heads take their cap (at least the floor)
+        # without the masses; so do heads whose cap is at or below their floor.
+        fixed = torch.maximum(cap, floor).where(gamma >= 1.0, floor)
         if mass is not None:  # the gamma rule counts the sink and diagonal blocks first, as step 4 keeps them
-            budget = torch.maximum(torch.minimum(blocks_for_mass(mass, gamma, always[-1]), cap), floor)
-        elif bool((cap <= floor).all()):
-            budget = floor
+            rule = torch.maximum(torch.minimum(blocks_for_mass(mass, gamma, always[-1]), cap), floor)
+            budget = torch.where((gamma >= 1.0) | (cap <= floor), fixed, rule)
+        elif self.fixed_budgets(seq, num_heads):
+            budget = fixed
         else:
             raise ValueError("select: a budget depends on gamma, so it needs the masses "
                              "(estimate(seq, with_mass=True))")
         # The sink and diagonal blocks rank first, so they count within b_h: a fixed budget reads exactly
         # min(b_h, visible) blocks per query block (at least these two), whatever the content.
+        # Each proxy ranks its blocks once (the best max(b_h) of them); head h keeps its proxy's first b_h.
         scores = scores.masked_fill(always, float("inf"))
-        order = scores.argsort(dim=-1, descending=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nk, device=seq.device).expand_as(order))
+        width = max(1, min(nk, int(budget.max())))
+        best = scores.topk(width, dim=-1).indices  # [proxies, nq, width], best first
         group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
-        top = (rank[group_of_head] < budget[:, None, None]) & (scores[group_of_head] > float("-inf"))
+        take = (torch.arange(width, device=seq.device) < budget[:, None, None]).expand(num_heads, nq, width)
+        top = torch.zeros(num_heads, nq, nk, dtype=torch.bool, device=seq.device)
+        top.scatter_(-1, best[group_of_head], take)
+        if visible is not None:  # a budget larger than the visible blocks ranked invisible ones in
+            top &= visible
         if self.dense_tail:
             _, last_row = seq.q_block_rows()  # absolute positions; the tail is [kv_len - dense_tail, kv_len)
             top[:, last_row >= seq.kv_len - self.dense_tail, :] = True  # (causality is applied by build_mask)
@@ -304,10 +316,12 @@ class HeadProxy(Pattern):
         return floor, cap
 
     def fixed_budgets(self, seq: SeqContext, num_heads: int) -> bool:
-        """Whether every head's maximum budget is at or below its minimum on ``seq``: budgets that depend on
-        neither gamma nor the content (the last query block's masses are then not computed)."""
+        """Whether every head's budget is fixed on ``seq``, depending on neither the content nor a gamma below 1:
+        its maximum at or below its minimum, or gamma 1 (the maximum, at least the minimum). The last query
+        block's masses are then not computed."""
         floor, cap = self._budget_bounds(seq, num_heads)
-        return bool((cap <= floor).all())
+        whole = torch.tensor([g >= 1.0 for g in self._per_head("gamma", num_heads)], device=cap.device)
+        return bool(((cap <= floor) | whole).all())
 
     def _per_head(self, name: str, num_heads: int) -> tuple:
         value = getattr(self, name)

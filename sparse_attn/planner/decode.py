@@ -23,7 +23,7 @@ __all__ = ["DecodeCandidates", "heavy_channel_ranking", "profile_decode"]
 class DecodeCandidates:
     """Double Sparsity ``(r, budget_fraction)`` pairs and KV pruning sparsities to profile."""
 
-    double_sparsity: tuple[tuple[int, float], ...] = ((8, 1 / 16), (16, 1 / 16), (8, 1 / 8), (16, 1 / 8))
+    double_sparsity: tuple[tuple[int, float], ...] = ((8, 1 / 16), (16, 1 / 16), (8, 1 / 8), (16, 1 / 8), (16, 1 / 4))
     kv_pruning: tuple[float, ...] = (0.5, 0.7)
 
 
