@@ -652,10 +652,11 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     return settings, args.out
 
 
-def merge(paths: list[Path | str], out_dir: Path | str, command: str | None = None) -> dict:
+def merge(paths: list[Path | str], out_dir: Path | str, command: str | None = None,
+          only: list[str] | None = None) -> dict:
     """One result from runs of the suite split over processes or machines (each a ``retrieval.json`` of other
-    configurations on the same case list): rows and configurations joined, the summary computed again, and every
-    source run's command, commit and settings kept under ``merged_from``."""
+    configurations on the same case list): rows and configurations joined (``only``: just these configurations),
+    the summary computed again, and every source run's command, commit and settings kept under ``merged_from``."""
     sources = [common.read_json(Path(p)) for p in paths]
     if not sources:
         raise ValueError("merge needs at least one retrieval.json")
@@ -667,11 +668,14 @@ def merge(paths: list[Path | str], out_dir: Path | str, command: str | None = No
     configs: dict = {}
     rows: list[dict] = []
     for path, source in zip(paths, sources):
-        clash = sorted(set(configs) & set(source["configs"]))
+        names = [n for n in source["configs"] if only is None or n in only]
+        clash = sorted(set(configs) & set(names))
         if clash:
             raise ValueError(f"{path}: configurations {clash} also in an earlier file")
-        configs.update(source["configs"])
-        rows += source["results"]
+        configs.update({n: source["configs"][n] for n in names})
+        rows += [r for r in source["results"] if r["config"] in names]
+    if not rows:
+        raise ValueError(f"no rows of {only} in {[str(p) for p in paths]}")
     ids = {r["id"] for r in rows}
     cases = [c for c in load_cases(sources[0]["settings"]["cases"])["cases"] if c["id"] in ids]
     payload = {"benchmark": NAME, **common.environment(torch.device("cpu"), command), "model": sources[0]["model"],
@@ -689,9 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["merge"]:  # python -m bench.retrieval merge --out DIR A/retrieval.json B/retrieval.json ...
         parser = argparse.ArgumentParser(prog="python -m bench.retrieval merge", description=merge.__doc__)
         parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--configs", help="comma-separated configurations to keep (default: all)")
         parser.add_argument("results", nargs="+", type=Path)
         args = parser.parse_args(argv[1:])
-        payload = merge(args.results, args.out, common.command_line(f"bench.{NAME}", argv))
+        only = [c for c in args.configs.split(",") if c] if args.configs else None
+        payload = merge(args.results, args.out, common.command_line(f"bench.{NAME}", argv), only)
         print(markdown(payload))
         return 0
     return common.benchmark_main(sys.modules[__name__], argv)

@@ -147,8 +147,10 @@ def block_sparse_attention(
         batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
         cu_q, cu_k = [i * sq for i in range(batch + 1)], [i * skv for i in range(batch + 1)]
         kv_list = [skv] * batch
-        # [B, H, S, D] -> [B*S, H, D]; free for tensors that came from a [B, S, H, D] projection.
-        q_tokens, k_tokens, v_tokens = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
+        if batch == 1:  # [1, H, S, D] as a [S, H, D] view (a cache laid out [B, H, S, D] is not copied): the C++
+            q_tokens, k_tokens, v_tokens = (t[0].transpose(0, 1) for t in (q, k, v))  # kernel reads any strides
+        else:  # [B, H, S, D] -> [B*S, H, D]; free for tensors that came from a [B, S, H, D] projection
+            q_tokens, k_tokens, v_tokens = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
     q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
     checks.check_lengths(q_lens, kv_list, causal)
     batch, num_heads = len(q_lens), q_tokens.shape[1]
@@ -170,6 +172,8 @@ def block_sparse_attention(
             skip_threshold=skip_threshold, checked=True,
         )
     else:
+        if not varlen and batch == 1:  # the other implementations take token-major layouts
+            q_tokens, k_tokens, v_tokens = (t.contiguous() for t in (q_tokens, k_tokens, v_tokens))
         if paged:  # the other implementations read varlen keys: gather them (Triton reads pages in place)
             if name != "triton":
                 k_tokens, v_tokens, cu_k = _gather_pages(k, v, block_table, kv_list)
