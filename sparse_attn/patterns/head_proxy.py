@@ -220,6 +220,10 @@ class HeadProxy(Pattern):
         nq, nk = seq.num_q_blocks, seq.num_kv_blocks
         if nq == 0 or nk == 0:
             return torch.zeros(1, nq, nk, dtype=torch.bool, device=seq.device)
+        if self.dense_tail:
+            _, last_row = seq.q_block_rows()
+            if int(last_row[0]) >= seq.kv_len - self.dense_tail:  # every query block is in the tail (decode rows):
+                return torch.ones(1, nq, nk, dtype=torch.bool, device=seq.device)  # nothing to estimate
         start = time.perf_counter()
         keep, budget = self.select(seq, *self.estimate(seq))
         if seq.device.type == "cuda":
