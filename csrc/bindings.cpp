@@ -29,6 +29,24 @@ void check_size(const at::Tensor& t, const char* name, int64_t axis, int64_t exp
               ", got shape ", shape_of(t));
 }
 
+void write_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& src) {
+  TORCH_CHECK(dst.defined() && dst.dim() == 3, "dst must have rank 3 [slots, heads, width], got shape ",
+              dst.defined() ? shape_of(dst) : "none");
+  check_tensor(slots, "slots", 1, {at::kLong}, dst.device());
+  check_tensor(src, "src", 3, {dst.scalar_type()}, dst.device());
+  TORCH_CHECK(src.size(0) >= slots.size(0) && src.size(1) == dst.size(1) && src.size(2) == dst.size(2),
+              "src must be [T >= ", slots.size(0), ", ", dst.size(1), ", ", dst.size(2), "], got shape ", shape_of(src));
+  TORCH_CHECK(dst.size(2) <= 1 || (dst.stride(2) == 1 && src.stride(2) == 1),
+              "dst and src must have unit stride along their last axis");
+  TORCH_CHECK(dst.is_cpu(), "write_slots runs on CPU tensors, got ", dst.device());
+  const auto s = slots.contiguous();
+  const int64_t* p = s.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.size(0); ++i) {
+    TORCH_CHECK(p[i] < dst.size(0), "slots[", i, "] = ", p[i], " is past the cache's ", dst.size(0), " slots");
+  }
+  write_slots_cpu(dst, s, src);
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_tokens(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
                                                int64_t sink, int64_t recent,
                                                const std::optional<at::Tensor>& budgets) {
@@ -421,6 +439,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("write_slots", &sparse_attn::write_slots,
+        "write_slots(dst [S, H, W], slots int64 [n], src [T >= n, H, W]): dst[slots[i]] = src[i] where slots[i] >= 0",
+        py::arg("dst"), py::arg("slots"), py::arg("src"));
   m.def("topk_tokens", &sparse_attn::topk_tokens,
         "Per (b, h) row: the k (or budgets[b] <= k) highest scores among the first lengths[b] tokens, with the sink "
         "tokens [0, sink) and the recent tokens [len - recent, len) always kept (sink + recent <= k). Returns "

@@ -12,6 +12,10 @@
 
 namespace sparse_attn {
 
+// write_slots(dst [S, H, W], slots int64 [n], src [T >= n, H, W], same dtype; unit stride along W): dst[slots[i]] =
+// src[i] for slots[i] >= 0 (negative slots are padding), in place.
+void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const at::Tensor& src);
+
 // topk_tokens(scores [B, H, L] fp32, lengths int32 [B], k, sink, recent, budgets int32 [B] or none):
 // row (b, h) selects budget = min(budgets[b], k) (without budgets: k) of its first len = lengths[b] tokens: all of
 // them if len <= budget, else the sink tokens [0, sink), the recent tokens [len - recent, len) (sink + recent <= k)

@@ -341,23 +341,31 @@ def _torch_selection(s, cfg, labels, width):
 
 
 @pytest.mark.parametrize("share, reduce", [(True, "max"), (True, "sum"), (False, "max")])
-def test_cpp_decode_select_matches_torch(rng, share, reduce):
+@pytest.mark.parametrize("r, lens, threads", [(4, [3, 40, 150], None), (16, [5, 2100, 4500], 1),
+                                              (16, [5, 2100, 4500], 2)])
+def test_cpp_decode_select_matches_torch(rng, share, reduce, r, lens, threads):
     """The C++ selection (scores read from the pages, top-k in one pass) keeps what PyTorch's label scores and
     top-k keep: sink and recent tokens, rows no longer than the budget, the best others (continuous scores: no
-    ties)."""
+    ties). Long rows on two threads are scored in chunks of tokens in parallel; on one thread item by item."""
     from sparse_attn.ops.extension import decode_select_cpu
 
     gen, seed = rng
-    s = Setup(gen, [3, 40, 150], page_size=8)
-    cfg = DoubleSparsityConfig(r=4, budget=24, min_budget=24, sink_tokens=2, recent_tokens=5, dense_below=0,
+    s = Setup(gen, lens, r=r, page_size=8)
+    budget = 24 if max(lens) < 1000 else 700
+    cfg = DoubleSparsityConfig(r=r, budget=budget, min_budget=24, sink_tokens=2, recent_tokens=5, dense_below=0,
                                share_kv_group=share, group_reduce=reduce)
-    width = cfg.max_token_budget(150)
+    width = cfg.max_token_budget(max(lens))
     want_idx, want_cnt = _torch_selection(s, cfg, s.labels, width)
-    got_idx, got_cnt = decode_select_cpu(s.q, s.labels.labels, s.labels.channels, s.block_table, s.seq_lens,
-                                         cfg.token_budgets(s.seq_lens), width, sink=2, recent=5, per_group=share,
-                                         reduce_max=reduce == "max")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        got_idx, got_cnt = decode_select_cpu(s.q, s.labels.labels, s.labels.channels, s.block_table, s.seq_lens,
+                                             cfg.token_budgets(s.seq_lens), width, sink=2, recent=5, per_group=share,
+                                             reduce_max=reduce == "max")
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(got_cnt, want_cnt), f"seed {seed}"
-    for b in range(3):
+    for b in range(len(lens)):
         for h in range(got_idx.shape[1]):
             n = int(got_cnt[b, h])
             assert got_idx[b, h, :n].tolist() == want_idx[b, h, :n].tolist(), f"seed {seed}, row {b}, {h}"

@@ -13,7 +13,7 @@ from sparse_attn.decode.kv_pruning import KVPruningConfig, compressed_kv_attenti
 from sparse_attn.ops.extension import extension, extension_available, topk_tokens
 from sparse_attn.ops.reference import attention_reference_varlen
 
-OPS = ("topk_tokens", "compressed_decode_attention", "block_sparse_attention_cpu", "pooled_block_scores")
+OPS = ("topk_tokens", "compressed_decode_attention", "block_sparse_attention_cpu", "pooled_block_scores", "write_slots")
 requires_extension = pytest.mark.skipif(
     not extension_available(), reason="sparse_attn._C is not built (pip install --no-build-isolation -e .)"
 )
@@ -37,6 +37,40 @@ def test_missing_extension_error_names_the_fix(monkeypatch):
     monkeypatch.setattr(ext_module, "cuda_extension", lambda: None)
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         ext_module.topk_tokens(torch.randn(1, 1, 4), torch.tensor([4]), 2)
+
+
+# ---------------------------------------------------------------------------------------------- slot writes
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_tokens_cpp_matches_index_put(dtype):
+    """write_tokens on CPU pages runs the C++ op: K and V written into strided views of vLLM's token-major pages
+    (labels after them), padding slots (-1) skipped, extra value rows ignored; same pages as PyTorch's index_put."""
+    from sparse_attn.decode.paged import write_tokens
+
+    torch.manual_seed(0)
+    num_pages, page, hkv, d, r = 5, 4, 3, 8, 2
+    kv = torch.randn(num_pages, hkv, page, 2 * d + r, dtype=dtype).transpose(1, 2)  # [P, page, Hkv, C] view
+    want = kv.clone()
+    slots = torch.tensor([3, -1, 17, 0, 19, -1])
+    k_new, v_new = torch.randn(8, hkv, d, dtype=dtype), torch.randn(8, hkv, d, dtype=dtype)  # 2 rows past the slots
+    write_tokens(kv[..., :d], slots, k_new)
+    write_tokens(kv[..., d : 2 * d], slots, v_new)
+    real = slots >= 0
+    for values, cols in ((k_new, slice(0, d)), (v_new, slice(d, 2 * d))):
+        want[slots[real] // page, slots[real] % page, :, cols] = values[:6][real]
+    assert torch.equal(kv, want)
+
+
+@requires_extension
+def test_write_slots_checks_its_arguments():
+    dst = torch.zeros(8, 2, 4)
+    with pytest.raises(RuntimeError, match=r"slots\[1\] = 8 is past the cache's 8 slots"):
+        extension().write_slots(dst, torch.tensor([0, 8]), torch.zeros(2, 2, 4))
+    with pytest.raises(RuntimeError, match="src must be"):
+        extension().write_slots(dst, torch.tensor([0, 1]), torch.zeros(1, 2, 4))
+    with pytest.raises(RuntimeError, match="src has unsupported dtype"):
+        extension().write_slots(dst, torch.tensor([0]), torch.zeros(1, 2, 4, dtype=torch.float64))
+    assert not dst.any()  # nothing written by a refused call
 
 
 # ---------------------------------------------------------------------------------------------- top-k tokens

@@ -164,7 +164,7 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           to_float(k_head + start * k_stride_t, k_stride_t, n, dim, 1.0f, kt.data());
           keys = kt.data(), ldk = dim;
         }
-        gemm_abt(blas, m, n, dim, qt.data(), dim, keys, ldk, s.data(), tile_keys);
+        gemm_abt(blas, m, n, dim, qt.data(), dim, RowsOf(keys, ldk), s.data(), tile_keys);
         for (int64_t t = 0; t < m; ++t) {
           const int64_t row_pos = pos[(ch.first_block + (t / rows) % blocks) * rows + t % rows];
           if (row_pos < 0) continue;  // an empty slot

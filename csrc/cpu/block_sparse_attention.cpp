@@ -17,7 +17,8 @@
 // place. Keys are consumed as physical runs (consecutive keys in consecutive rows): an fp32 run of at least
 // kInPlaceMinKeys keys is multiplied in place (leading dimension = row stride); shorter runs (scattered small
 // blocks, small pages) and fp16/bf16 keys are copied (and converted) into an fp32 tile of kTileKeys keys, so every
-// product is a tall GEMM whatever the block or page size.
+// product is a tall GEMM whatever the block or page size. Short Q tiles (decode: the heads of one KV group) read every
+// fp32 key and value in place through a pointer per key, so decode reads the cache's bytes once.
 //
 // Threshold skipping (optional): a tile whose scores all lie more than `skip` below their rows' running maxima
 // contributes at most n 2^-skip of each row's mass; its exponentials and its P V product are skipped.
@@ -49,6 +50,8 @@ constexpr int64_t kTileKeys = 256;        // keys per tile: large enough to amor
 constexpr int64_t kInPlaceMinKeys = 128;  // fp32 runs at least this long are multiplied in place
 constexpr int64_t kMinSplitKeys = 512;    // a slice of a split row holds at least this many keys
 constexpr int64_t kItemsPerThread = 4;    // rows are split until there are this many items per thread
+constexpr int64_t kSerialCost = 16384;    // calls with fewer key x row products than this run on one thread
+constexpr int64_t kDirectMaxRows = 8;     // Q tiles of at most this many rows read K and V in place, key by key
 
 struct Problem {
   int64_t batch, q_heads, kv_heads, dim;
@@ -185,13 +188,15 @@ void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks,
 // Per-thread scratch, sized once per call for the tallest Q tile.
 struct Scratch {
   std::vector<float> q, s, acc, k, v, row_max, row_sum;
+  std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
   std::vector<int64_t> key_pos;
   std::vector<uint8_t> key_bits, union_bits;
   std::vector<int32_t> union_blocks;
   int64_t tiles = 0, skipped = 0;
   Scratch(int64_t q_rows, int64_t dim)
       : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        row_max(q_rows), row_sum(q_rows), key_pos(kTileKeys), key_bits(kTileKeys) {}
+        row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys), v_rows(kTileKeys), key_pos(kTileKeys),
+        key_bits(kTileKeys) {}
 };
 
 template <typename T>
@@ -242,10 +247,18 @@ class BlockSparseAttention {
     const Source fresh{p_.has_fresh ? new_k_ + kvh * p_.nk_stride_h : nullptr,
                        p_.has_fresh ? new_v_ + kvh * p_.nv_stride_h : nullptr, p_.nk_stride_t, p_.nv_stride_t, false};
     const int64_t fresh_from = p_.fresh_start(b), fresh_row0 = p_.has_fresh ? p_.cu_q[b] - fresh_from : 0;
-    int64_t gathered = 0;  // keys waiting in the fp32 tile
+    // Short Q tiles (decode: the heads of one KV group, one row each) read fp32 keys and values where they lie,
+    // through one pointer per key: a product of so few rows is bound by the bytes of K and V, which a copy into the
+    // tile would read twice. Taller tiles copy short runs into the tile for the BLAS products.
+    const bool direct = std::is_same_v<T, float> && m <= kDirectMaxRows;
+    int64_t gathered = 0;  // keys waiting in the tile
     auto flush = [&] {
       if (gathered == 0) return;
-      tile(item, g, gathered, w.k.data(), dim, w.v.data(), dim, w);
+      if (direct) {
+        tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w);
+      } else {
+        tile(item, g, gathered, RowsOf(w.k.data(), dim), RowsOf(w.v.data(), dim), w);
+      }
       gathered = 0;
     };
     // Physical runs of the kept keys: logical keys [start, start + len) in rows [row, row + len) of one source,
@@ -256,14 +269,27 @@ class BlockSparseAttention {
     auto consume = [&] {
       if (run_len == 0) return;
       const Source& src = *run_src;
+      if constexpr (std::is_same_v<T, float>) {
+        if (direct && !src.pruned) {
+          for (int64_t off = 0; off < run_len; ++off) {
+            w.k_rows[gathered] = src.k + (run_row + off) * src.k_stride;
+            w.v_rows[gathered] = src.v + (run_row + off) * src.v_stride;
+            w.key_pos[gathered] = run_start + off;
+            w.key_bits[gathered] = run_bits;
+            if (++gathered == kTileKeys) flush();
+          }
+          run_len = 0;
+          return;
+        }
+      }
       if (std::is_same_v<T, float> && !src.pruned && run_len >= kInPlaceMinKeys) {
         flush();  // the in-place tile reuses the position and membership buffers
         for (int64_t off = 0; off < run_len; off += kTileKeys) {
           const int64_t n = std::min(kTileKeys, run_len - off);
           std::iota(w.key_pos.begin(), w.key_pos.begin() + n, run_start + off);
           std::fill(w.key_bits.begin(), w.key_bits.begin() + n, run_bits);
-          tile(item, g, n, reinterpret_cast<const float*>(src.k) + (run_row + off) * src.k_stride, src.k_stride,
-               reinterpret_cast<const float*>(src.v) + (run_row + off) * src.v_stride, src.v_stride, w);
+          tile(item, g, n, RowsOf(reinterpret_cast<const float*>(src.k) + (run_row + off) * src.k_stride, src.k_stride),
+               RowsOf(reinterpret_cast<const float*>(src.v) + (run_row + off) * src.v_stride, src.v_stride), w);
         }
       } else {
         for (int64_t off = 0; off < run_len;) {
@@ -278,6 +304,10 @@ class BlockSparseAttention {
           }
           std::iota(w.key_pos.begin() + gathered, w.key_pos.begin() + gathered + n, run_start + off);
           std::fill(w.key_bits.begin() + gathered, w.key_bits.begin() + gathered + n, run_bits);
+          for (int64_t i = gathered; direct && i < gathered + n; ++i) {  // unpacked slots, read through pointers
+            w.k_rows[i] = w.k.data() + i * dim;
+            w.v_rows[i] = w.v.data() + i * dim;
+          }
           gathered += n;
           off += n;
           if (gathered == kTileKeys) flush();
@@ -314,11 +344,10 @@ class BlockSparseAttention {
  private:
   // One tile of n keys (rows of k/v with leading dimensions ldk/ldv; logical positions in w.key_pos, ascending;
   // the stacked query blocks that keep each key in w.key_bits) for the item's Q tile.
-  void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, const float* k, int64_t ldk, const float* v,
-            int64_t ldv, Scratch& w) const {
+  void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, RowsOf k, RowsOf v, Scratch& w) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
-    gemm_abt(p_.blas, m, n, dim, w.q.data(), dim, k, ldk, s, kTileKeys);
+    gemm_abt(p_.blas, m, n, dim, w.q.data(), dim, k, s, kTileKeys);
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
       const uint8_t bit = uint8_t(1u << i);
@@ -335,7 +364,7 @@ class BlockSparseAttention {
       ++w.skipped;
       return;
     }
-    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, ldv, w.acc.data(), dim);
+    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data(), dim);
   }
 
   // Writes out = acc / l and lse for the rows of query block g of head h, held at row `tile_row` of the Q tile: into
@@ -431,7 +460,7 @@ int64_t union_count(const MaskRow* rows, int64_t span) {
 // small block) stack the following query blocks of the same heads while the union of their rows stays close to
 // what they read alone. When there are fewer items than kItemsPerThread per thread, long rows are split into
 // slices of at least kMinSplitKeys keys (flash-decoding).
-std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num_partials) {
+std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num_partials, bool* serial) {
   const int64_t group = p.q_heads / p.kv_heads;
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < p.batch; ++b) {
@@ -486,10 +515,16 @@ std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num
     }
   }
   *num_partials = 0;
+  int64_t total = 0;
+  for (const WorkItem& item : items) total += item.cost;
+  *serial = threads == 1 || total < kSerialCost;
   const int64_t target = threads * kItemsPerThread;
-  if (threads > 1 && static_cast<int64_t>(items.size()) < target) {
+  if (!*serial && static_cast<int64_t>(items.size()) < target) {
     std::vector<WorkItem> split;
-    const int64_t per_item = (target + items.size() - 1) / items.size();
+    // Pieces per item: enough for `target` items, rounded up so that the threads get equal numbers of pieces.
+    const int64_t n = static_cast<int64_t>(items.size());
+    int64_t per_item = (target + n - 1) / n;
+    while ((n * per_item) % threads != 0) ++per_item;  // ends within `threads` steps
     for (const WorkItem& item : items) {
       const int64_t count = item.slot_end;
       const int64_t by_size = count * p.kv_block / kMinSplitKeys;
@@ -579,9 +614,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
 
   const int64_t threads = at::get_num_threads();
   int64_t num_partials = 0;
-  const std::vector<WorkItem> items = work_items(p, threads, &num_partials);
+  bool serial = false;
+  const std::vector<WorkItem> items = work_items(p, threads, &num_partials, &serial);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
+  const int64_t workers = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
   std::vector<float> partial_out(num_partials * p.q_block * q_heads * dim), partial_lse(num_partials * p.q_block * q_heads);
   std::atomic<int64_t> tiles{0}, skipped{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attention_cpu", [&] {
@@ -592,12 +628,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
                                             lse.data_ptr<float>(), lse.stride(0), partial_out.data(),
                                             partial_lse.data());
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto worker = [&](int64_t, int64_t) {
       Scratch scratch(p.q_block * (q_heads / p.kv_heads) * kMaxSpan, dim);
       for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) op.run(items[i], scratch);
       tiles += scratch.tiles;
       skipped += scratch.skipped;
-    });
+    };
+    if (workers == 1) {
+      worker(0, 1);  // small calls (short decode rows) stay on the calling thread: no parallel region to wake
+    } else {
+      at::parallel_for(0, workers, 1, worker);
+    }
     if (num_partials > 0) {  // slices of one split row have consecutive partial indices
       std::vector<WorkItem> slices;
       for (const WorkItem& item : items) {

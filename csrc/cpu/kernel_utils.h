@@ -50,15 +50,30 @@ inline __attribute__((always_inline)) float exp2_nonpositive(float x) {
   return x < -126.0f ? 0.0f : (x != x ? x : p * scale);
 }
 
-// C[M, N] = A[M, K] B[N, K]^T, row-major with leading dimensions. Four rows of A share each load of a B row.
+// The rows of a B operand: row j at base + j * ld, or at ptrs[j] (keys and values read in place from scattered
+// cache pages, one pointer per key).
+struct RowsOf {
+  const float* base = nullptr;
+  int64_t ld = 0;
+  const float* const* ptrs = nullptr;
+  RowsOf(const float* b, int64_t l) : base(b), ld(l) {}
+  explicit RowsOf(const float* const* p) : ptrs(p) {}
+  const float* operator[](int64_t j) const { return ptrs ? ptrs[j] : base + j * ld; }
+};
+
+// C[M, N] = A[M, K] B[N, K]^T, row-major with leading dimensions. Four rows of A share each load of a B row; a last
+// group of fewer rows repeats its last row (computed, not stored), so decode's 1-3 rows per KV head read B once.
 SPARSE_ATTN_ISA_CLONES
-void gemm_abt_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                    int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    const float *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+void gemm_abt_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; i += 4) {
+    const int64_t live = std::min<int64_t>(4, m - i);
+    const float* a0 = a + i * lda;
+    const float* a1 = live > 1 ? a0 + lda : a0;
+    const float* a2 = live > 2 ? a0 + 2 * lda : a1;
+    const float* a3 = live > 3 ? a0 + 3 * lda : a2;
+    float* ci = c + i * ldc;
     for (int64_t j = 0; j < n; ++j) {
-      const float* bj = b + j * ldb;
+      const float* bj = b[j];
       float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
       for (int64_t e = 0; e < k; ++e) {
@@ -67,36 +82,113 @@ void gemm_abt_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
         d2 += a2[e] * bj[e];
         d3 += a3[e] * bj[e];
       }
-      float* cj = c + i * ldc + j;
-      cj[0] = d0;
-      cj[ldc] = d1;
-      cj[2 * ldc] = d2;
-      cj[3 * ldc] = d3;
+      ci[j] = d0;
+      if (live > 1) ci[ldc + j] = d1;
+      if (live > 2) ci[2 * ldc + j] = d2;
+      if (live > 3) ci[3 * ldc + j] = d3;
     }
   }
-  for (; i < m; ++i) {
-    const float* ai = a + i * lda;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* bj = b + j * ldb;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t e = 0; e < k; ++e) dot += ai[e] * bj[e];
-      c[i * ldc + j] = dot;
+}
+
+// Sum of the 16 lanes of x, as a tree (log2 16 vector steps, not 15 dependent scalar additions).
+inline __attribute__((always_inline)) float lane_sum16(float* x) {
+  for (int w = 8; w > 0; w /= 2) {
+#pragma omp simd
+    for (int l = 0; l < w; ++l) x[l] += x[l + w];
+  }
+  return x[0];
+}
+
+// C[M, N] = A[M, K] B[N, K]^T for short A (M <= 4: decode's heads of one KV group) and K a multiple of 16: each B
+// row is loaded once for all rows, dot products are kept as 16 lanes and summed as trees. Decode reads B (the keys)
+// from scattered pages, so the rows `lookahead` keys ahead are prefetched.
+SPARSE_ATTN_ISA_CLONES
+void gemm_abt_short(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c, int64_t ldc) {
+  constexpr int64_t kLookahead = 8;
+  const float* a0 = a;
+  const float* a1 = m > 1 ? a0 + lda : a0;
+  const float* a2 = m > 2 ? a0 + 2 * lda : a1;
+  const float* a3 = m > 3 ? a0 + 3 * lda : a2;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kLookahead < n) {
+      const char* ahead = reinterpret_cast<const char*>(b[j + kLookahead]);
+      for (int64_t byte = 0; byte < k * 4; byte += 64) __builtin_prefetch(ahead + byte, 0, 3);
+    }
+    const float* bj = b[j];
+    alignas(64) float d0[16] = {}, d1[16] = {}, d2[16] = {}, d3[16] = {};
+    for (int64_t e0 = 0; e0 < k; e0 += 16) {
+#pragma omp simd
+      for (int64_t l = 0; l < 16; ++l) {
+        const float y = bj[e0 + l];
+        d0[l] += a0[e0 + l] * y;
+        d1[l] += a1[e0 + l] * y;
+        d2[l] += a2[e0 + l] * y;
+        d3[l] += a3[e0 + l] * y;
+      }
+    }
+    c[j] = lane_sum16(d0);
+    if (m > 1) c[ldc + j] = lane_sum16(d1);
+    if (m > 2) c[2 * ldc + j] = lane_sum16(d2);
+    if (m > 3) c[3 * ldc + j] = lane_sum16(d3);
+  }
+}
+
+// C[M, N] += A[M, K] B[K, N], row-major with leading dimensions, for short A (M <= 4: decode's heads of one KV
+// group): strips of 64 columns of C stay in registers over the whole K loop, so each B row is loaded once per strip
+// and C is read and written once.
+SPARSE_ATTN_ISA_CLONES
+void gemm_ab_acc_short(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                       int64_t ldc) {
+  constexpr int64_t kStrip = 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kStrip) {
+    const int64_t w = std::min(kStrip, n - j0);
+    float r0[kStrip] = {}, r1[kStrip] = {}, r2[kStrip] = {}, r3[kStrip] = {};
+    for (int64_t p = 0; p < k; ++p) {
+      if (j0 == 0 && p + 8 < k) {  // B rows come from scattered pages in decode: fetch them ahead
+        const char* ahead = reinterpret_cast<const char*>(b[p + 8]);
+        for (int64_t byte = 0; byte < n * 4; byte += 64) __builtin_prefetch(ahead + byte, 0, 3);
+      }
+      const float* bp = b[p] + j0;
+      const float x0 = a[p], x1 = m > 1 ? a[lda + p] : 0.0f, x2 = m > 2 ? a[2 * lda + p] : 0.0f,
+                  x3 = m > 3 ? a[3 * lda + p] : 0.0f;
+      if (w == kStrip) {
+#pragma omp simd
+        for (int64_t j = 0; j < kStrip; ++j) {
+          const float y = bp[j];
+          r0[j] += x0 * y;
+          r1[j] += x1 * y;
+          r2[j] += x2 * y;
+          r3[j] += x3 * y;
+        }
+      } else {
+        for (int64_t j = 0; j < w; ++j) {
+          const float y = bp[j];
+          r0[j] += x0 * y;
+          r1[j] += x1 * y;
+          r2[j] += x2 * y;
+          r3[j] += x3 * y;
+        }
+      }
+    }
+    float* rows[4] = {r0, r1, r2, r3};
+    for (int64_t i = 0; i < m; ++i) {
+      float* ci = c + i * ldc + j0;
+      for (int64_t j = 0; j < w; ++j) ci[j] += rows[i][j];
     }
   }
 }
 
 // C[M, N] += A[M, K] B[K, N], row-major with leading dimensions. Four rows of C share each load of a B row.
 SPARSE_ATTN_ISA_CLONES
-void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                       float* c, int64_t ldc) {
+void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                       int64_t ldc) {
   int64_t i = 0;
   for (; i + 4 <= m; i += 4) {
     float *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
     for (int64_t p = 0; p < k; ++p) {
       const float* ap = a + i * lda + p;
       const float x0 = ap[0], x1 = ap[lda], x2 = ap[2 * lda], x3 = ap[3 * lda];
-      const float* bp = b + p * ldb;
+      const float* bp = b[p];
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float y = bp[j];
@@ -107,35 +199,30 @@ void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
       }
     }
   }
-  for (; i < m; ++i) {
-    float* ci = c + i * ldc;
-    for (int64_t p = 0; p < k; ++p) {
-      const float x = a[i * lda + p];
-      const float* bp = b + p * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
-    }
-  }
+  if (i < m) gemm_ab_acc_short(m - i, n, k, a + i * lda, lda, b, c + i * ldc, ldc);
 }
 
 // Row-major products through column-major sgemm: a row-major [r, c] matrix is its column-major transpose. Products
-// with fewer than 4 rows (decode) are memory-bound and skip the BLAS call overhead.
-void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-              float* c, int64_t ldc) {
-  if (!blas || m < 4) return gemm_abt_loops(m, n, k, a, lda, b, ldb, c, ldc);
+// with fewer than 4 rows (decode) are memory-bound and skip the BLAS call overhead; B rows given by pointers use the
+// loops.
+void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+              int64_t ldc) {
+  if (m <= 4 && k % 16 == 0) return gemm_abt_short(m, n, k, a, lda, b, c, ldc);
+  if (!blas || m < 4 || b.ptrs) return gemm_abt_loops(m, n, k, a, lda, b, c, ldc);
   // C^T [n, m] = B [n, k] A^T [k, m]
-  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
+  const int mi = n, ni = m, ki = k, la = b.ld, lb = lda, lc = ldc;
   const float one = 1.0f, zero = 0.0f;
-  sgemm_("T", "N", &mi, &ni, &ki, &one, b, &la, a, &lb, &zero, c, &lc);
+  sgemm_("T", "N", &mi, &ni, &ki, &one, b.base, &la, a, &lb, &zero, c, &lc);
 }
 
-void gemm_ab_acc(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                 float* c, int64_t ldc) {
-  if (!blas || m < 4) return gemm_ab_acc_loops(m, n, k, a, lda, b, ldb, c, ldc);
+void gemm_ab_acc(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                 int64_t ldc) {
+  if (m <= 4) return gemm_ab_acc_short(m, n, k, a, lda, b, c, ldc);
+  if (!blas || b.ptrs) return gemm_ab_acc_loops(m, n, k, a, lda, b, c, ldc);
   // C^T [n, m] += B^T [n, k] A^T [k, m]
-  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
+  const int mi = n, ni = m, ki = k, la = b.ld, lb = lda, lc = ldc;
   const float one = 1.0f;
-  sgemm_("N", "N", &mi, &ni, &ki, &one, b, &la, a, &lb, &one, c, &lc);
+  sgemm_("N", "N", &mi, &ni, &ki, &one, b.base, &la, a, &lb, &one, c, &lc);
 }
 
 // Causal rule on one tile: query row r (absolute position first_pos + r) sees keys at positions <= its own.

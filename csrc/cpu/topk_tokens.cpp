@@ -1,4 +1,4 @@
-// Top-k token selection on the CPU: one row (b, h) per OpenMP iteration, std::nth_element over the middle tokens.
+// Top-k token selection on the CPU: one row (b, h) per OpenMP iteration, a radix select over the middle tokens.
 // decode_select_cpu scores the tokens first (Double Sparsity labels or exact keys, read from the pages in place).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -16,44 +17,75 @@
 namespace sparse_attn {
 namespace {
 
+// The key of rank `need` (1-based, need >= 1) among keys[0, n), largest first, by a radix select on 11/11/10-bit
+// digits, and how many keys equal to it are taken to make `need` (ties go to the lower index).
+std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_t need) {
+  constexpr int kShifts[3] = {21, 10, 0};
+  constexpr int kBits[3] = {11, 11, 10};
+  uint32_t prefix = 0, prefix_mask = 0;
+  int64_t remaining = need;  // the rank still sought among the keys that match the prefix
+  int64_t hist[1 << 11];
+  for (int d = 0; d < 3; ++d) {
+    const int shift = kShifts[d];
+    const uint32_t bins = 1u << kBits[d], digit_mask = bins - 1;
+    std::fill(hist, hist + bins, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = keys[i];
+      hist[(key >> shift) & digit_mask] += (key & prefix_mask) == prefix;
+    }
+    int64_t above = 0;
+    uint32_t bin = bins - 1;
+    while (above + hist[bin] < remaining) above += hist[bin--];  // stops: the bins hold >= remaining keys
+    prefix |= bin << shift;
+    prefix_mask |= digit_mask << shift;
+    remaining -= above;
+  }
+  return {prefix, remaining};
+}
+
 // Writes the selected token ids of one row, ascending, and returns their count.
 int32_t select_row(const float* scores, int64_t len, int64_t budget, int64_t sink, int64_t recent, int32_t* out,
-                   std::vector<uint64_t>& middle) {
+                   std::vector<uint32_t>& keys) {
   if (len <= budget) {  // everything fits
     std::iota(out, out + len, 0);
     return static_cast<int32_t>(len);
   }
   // Tokens [0, sink_end) and [recent_start, len) are always kept; the rest of the budget goes to the middle tokens
-  // with the highest scores (len > budget leaves more middle tokens than needed).
+  // with the highest scores (len > budget leaves more middle tokens than needed): those whose key lies above the
+  // need-th largest, then the lowest-indexed of those equal to it. One scan in token order writes them ascending.
   const int64_t sink_end = std::min(sink, len);
   const int64_t recent_start = std::max(len - recent, sink_end);
   const int64_t forced = sink_end + (len - recent_start);
   const int64_t need = std::max<int64_t>(budget - forced, 0);
-  // One 64-bit key per token: the score's order above, the complemented index below, so that a larger key ranks
-  // higher and ties go to the lower index; plain integer comparisons then do the selection.
-  middle.resize(recent_start - sink_end);
-  for (int64_t t = sink_end; t < recent_start; ++t) {
-    middle[t - sink_end] = (uint64_t{ordered_key(scores[t])} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(t));
-  }
-  std::nth_element(middle.begin(), middle.begin() + need, middle.end(), std::greater<uint64_t>());
   int32_t* p = out;
   for (int64_t i = 0; i < sink_end; ++i) *p++ = static_cast<int32_t>(i);
-  for (int64_t i = 0; i < need; ++i) p[i] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(middle[i]));
-  std::sort(p, p + need);
-  p += need;
+  if (need > 0) {
+    const int64_t n = recent_start - sink_end;
+    keys.resize(n);
+    for (int64_t i = 0; i < n; ++i) keys[i] = ordered_key(scores[sink_end + i]);
+    auto [threshold, equal] = kth_largest(keys.data(), n, need);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = keys[i];
+      if (key > threshold || (key == threshold && equal-- > 0)) *p++ = static_cast<int32_t>(sink_end + i);
+    }
+  }
   for (int64_t i = recent_start; i < len; ++i) *p++ = static_cast<int32_t>(i);
-  return static_cast<int32_t>(forced + need);
+  return static_cast<int32_t>(p - out);
 }
 
-// Scores of the tokens [0, len) of sequence b for KV head g: per query head of the group, q[channels] . label,
-// reduced over the group (max or sum) or one row per query head. Labels are rows of `labels` (stride per token
-// row, per KV head), r values each; with pruned slots (slot_keep > 0) a row is a packed K slot and the label is the
-// unpacked key (r == D, channels the identity).
-// dots[h] = q_label[h] . x for the group's heads (r channels each).
-SPARSE_ATTN_ISA_CLONES
-void group_dots(const float* q_label, int64_t group, int64_t r, const float* x, float* dots) {
+// dots[h] = q_label[h] . x for the group's heads (r channels each); r a multiple of 16 sums 16 lanes as a tree.
+inline __attribute__((always_inline)) void group_dots(const float* q_label, int64_t group, int64_t r, const float* x, float* dots) {
   for (int64_t h = 0; h < group; ++h) {
     const float* qh = q_label + h * r;
+    if (r % 16 == 0) {
+      alignas(64) float lanes[16] = {};
+      for (int64_t c0 = 0; c0 < r; c0 += 16) {
+#pragma omp simd
+        for (int64_t l = 0; l < 16; ++l) lanes[l] += qh[c0 + l] * x[c0 + l];
+      }
+      dots[h] = lane_sum16(lanes);
+      continue;
+    }
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t c = 0; c < r; ++c) dot += qh[c] * x[c];
@@ -61,40 +93,68 @@ void group_dots(const float* q_label, int64_t group, int64_t r, const float* x, 
   }
 }
 
+// Scores of `n` fp32 labels at rows x, x + stride, ... (one page's run of tokens): out[h * row_stride + i] per query
+// head (rows_out > 1) or reduced over the group into out[i].
+SPARSE_ATTN_ISA_CLONES
+void score_run(const float* q_label, int64_t group, int64_t r, const float* x, int64_t stride, int64_t n,
+               int64_t rows_out, bool reduce_max, float* out, int64_t row_stride) {
+  float dots[256];
+  for (int64_t i = 0; i < n; ++i, x += stride) {
+    group_dots(q_label, group, r, x, dots);
+    if (rows_out > 1) {
+      for (int64_t h = 0; h < group; ++h) out[h * row_stride + i] = dots[h];
+    } else {
+      float reduced = dots[0];
+      for (int64_t h = 1; h < group; ++h) reduced = reduce_max ? std::max(reduced, dots[h]) : reduced + dots[h];
+      out[i] = reduced;
+    }
+  }
+}
+
+// Scores of the tokens [begin, end) of sequence b for KV head g: per query head of the group, q[channels] . label,
+// reduced over the group (max or sum) or one row per query head (row h at out + h * row_stride). Labels are rows of
+// `labels` (stride per token row, per KV head), r values each; with pruned slots (slot_keep > 0) a row is a packed K
+// slot and the label is the unpacked key (r == D, channels the identity).
 template <typename T>
 void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t rows_out, int64_t b, int64_t g,
-                  int64_t len, float* out) {
+                  int64_t begin, int64_t end, float* out, int64_t row_stride) {
   const int64_t r = in.channels.size(1), dim = in.q.size(2), group = in.q.size(1) / in.channels.size(0);
   const T* labels = in.labels.data_ptr<T>() + g * in.labels.stride(1);
   const int64_t stride = in.labels.stride(0), page = in.page_size;
   const int32_t* table = in.block_table.data_ptr<int32_t>() + b * in.block_table.stride(0);
-  const bool reduce_max = in.reduce_max;
+  const int64_t row_bytes = (in.slot_keep > 0 ? 2 * in.slot_keep + (dim + 7) / 8 : r) * int64_t{sizeof(T)};
   float dense[256];  // one label as fp32 (head_dim <= 256, checked)
-  for (int64_t t = 0; t < len; ++t) {
+  // Page by page: the tokens of one page are consecutive rows; the next page's rows are prefetched meanwhile.
+  for (int64_t t = begin; t < end;) {
+    const int64_t page_end = std::min(end, (t / page + 1) * page), n = page_end - t;
     const T* row = labels + (int64_t{table[t / page]} * page + t % page) * stride;
-    const float* x;
-    if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
-      const uint8_t* bits = reinterpret_cast<const uint8_t*>(row + 2 * in.slot_keep);
-      const int64_t bytes = (dim + 7) / 8;
-      unpack_vector(row, [&](int64_t j) {
-        return static_cast<uint16_t>(bits[2 * j] | (2 * j + 1 < bytes ? bits[2 * j + 1] << 8 : 0));
-      }, dim, dense);
-      x = dense;
-    } else if constexpr (std::is_same_v<T, float>) {
-      x = row;
-    } else {
-      for (int64_t c = 0; c < r; ++c) dense[c] = static_cast<float>(row[c]);
-      x = dense;
+    if (page_end < end) {
+      const T* next = labels + int64_t{table[page_end / page]} * page * stride;
+      for (int64_t i = 0; i < std::min(page, end - page_end); ++i) {
+        const char* at = reinterpret_cast<const char*>(next + i * stride);
+        for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(at + byte, 0, 3);
+      }
     }
-    float dots[256];
-    group_dots(q_label, group, r, x, dots);
-    if (rows_out > 1) {
-      for (int64_t h = 0; h < group; ++h) out[h * len + t] = dots[h];
-    } else {
-      float reduced = dots[0];
-      for (int64_t h = 1; h < group; ++h) reduced = reduce_max ? std::max(reduced, dots[h]) : reduced + dots[h];
-      out[t] = reduced;
+    if constexpr (std::is_same_v<T, float>) {
+      if (in.slot_keep == 0) {
+        score_run(q_label, group, r, row, stride, n, rows_out, in.reduce_max, out + t, row_stride);
+        t = page_end;
+        continue;
+      }
     }
+    for (int64_t i = 0; i < n; ++i, row += stride) {  // unpack (pruned keys) or convert (fp16 / bf16) each label
+      if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
+        const uint8_t* bits = reinterpret_cast<const uint8_t*>(row + 2 * in.slot_keep);
+        const int64_t bytes = (dim + 7) / 8;
+        unpack_vector(row, [&](int64_t j) {
+          return static_cast<uint16_t>(bits[2 * j] | (2 * j + 1 < bytes ? bits[2 * j + 1] << 8 : 0));
+        }, dim, dense);
+      } else {
+        for (int64_t c = 0; c < r; ++c) dense[c] = static_cast<float>(row[c]);
+      }
+      score_run(q_label, group, r, dense, 0, 1, rows_out, in.reduce_max, out + t + i, row_stride);
+    }
+    t = page_end;
   }
 }
 
@@ -115,30 +175,71 @@ std::tuple<at::Tensor, at::Tensor> decode_select_cpu(const DecodeSelectInputs& i
   int32_t* cnt = counts.data_ptr<int32_t>();
   const auto q = in.q.to(at::kFloat).contiguous();
   const float* qf = q.data_ptr<float>();
+  // One item per (sequence, KV head). The group's query heads restricted to the label channels, once per item.
+  const int64_t items = batch * kv_heads;
+  std::vector<float> q_labels(items * group * r);
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / kv_heads, g = item % kv_heads;
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = qf + (b * q_heads + g * group + h) * q.size(2);
+      for (int64_t c = 0; c < r; ++c) q_labels[(item * group + h) * r + c] = qh[channels[g * r + c]];
+    }
+  }
+  auto budget_of = [&](int64_t b) { return std::clamp<int64_t>(budgets[b], 0, k); };
+  auto needs_scores = [&](int64_t item) { return lens[item / kv_heads] > budget_of(item / kv_heads); };
+  auto select = [&](int64_t item, const float* scores, int64_t row_stride, std::vector<uint32_t>& keys) {
+    const int64_t b = item / kv_heads, g = item % kv_heads, len = lens[b];
+    const int64_t row0 = b * heads + (in.per_group ? g : g * group);
+    for (int64_t j = 0; j < rows_per_item; ++j) {
+      cnt[row0 + j] = select_row(scores + j * row_stride, len, budget_of(b), sink, recent, idx + (row0 + j) * k, keys);
+    }
+  };
+  const int64_t threads = at::get_num_threads();
+  constexpr int64_t kChunk = 2048;          // tokens scored per task when there are few items
+  constexpr int64_t kSerialTokens = 8192;   // fewer labels than this are scored on one thread
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.labels.scalar_type(), "decode_select_cpu", [&] {
-    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
-      std::vector<float> scores, q_label(group * r);
-      std::vector<uint64_t> middle;
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t b = item / kv_heads, g = item % kv_heads, len = lens[b];
-        const int64_t budget = std::clamp<int64_t>(budgets[b], 0, k);
-        const int64_t row0 = b * heads + (in.per_group ? g : g * group);
-        if (len <= budget) {  // every token fits: no scores needed
-          for (int64_t j = 0; j < rows_per_item; ++j) {
-            std::iota(idx + (row0 + j) * k, idx + (row0 + j) * k + len, 0);
-            cnt[row0 + j] = static_cast<int32_t>(len);
+    if (items >= 4 * threads) {  // many items: each thread scores and selects whole items
+      at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+        std::vector<float> scores;
+        std::vector<uint32_t> keys;
+        for (int64_t item = first; item < last; ++item) {
+          const int64_t len = lens[item / kv_heads];
+          if (!needs_scores(item)) {  // every token fits: no scores needed
+            select(item, nullptr, 0, keys);
+            continue;
           }
-          continue;
+          scores.resize(rows_per_item * len);
+          score_tokens<scalar_t>(in, q_labels.data() + item * group * r, rows_per_item, item / kv_heads,
+                                 item % kv_heads, 0, len, scores.data(), len);
+          select(item, scores.data(), len, keys);
         }
-        for (int64_t h = 0; h < group; ++h) {
-          const float* qh = qf + (b * q_heads + g * group + h) * q.size(2);
-          for (int64_t c = 0; c < r; ++c) q_label[h * r + c] = qh[channels[g * r + c]];
-        }
-        scores.resize(rows_per_item * len);
-        score_tokens<scalar_t>(in, q_label.data(), rows_per_item, b, g, len, scores.data());
-        for (int64_t j = 0; j < rows_per_item; ++j) {
-          cnt[row0 + j] = select_row(scores.data() + j * len, len, budget, sink, recent, idx + (row0 + j) * k, middle);
-        }
+      });
+      return;
+    }
+    // Few items (small batches, long contexts): score chunks of every item in parallel, then select per item.
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, lens[b]);
+    std::vector<float> scores(items * rows_per_item * max_len);
+    std::vector<std::pair<int64_t, int64_t>> tasks;  // (item, first token)
+    for (int64_t item = 0; item < items; ++item) {
+      for (int64_t t = 0; needs_scores(item) && t < lens[item / kv_heads]; t += kChunk) tasks.emplace_back(item, t);
+    }
+    int64_t tokens = 0;  // labels to score; few (short contexts) are scored on the calling thread
+    for (int64_t item = 0; item < items; ++item) tokens += needs_scores(item) ? lens[item / kv_heads] : 0;
+    const int64_t num_tasks = static_cast<int64_t>(tasks.size()), grain = tokens < kSerialTokens ? num_tasks + 1 : 1;
+    at::parallel_for(0, num_tasks, grain, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const auto [item, t] = tasks[i];
+        const int64_t len = lens[item / kv_heads];
+        score_tokens<scalar_t>(in, q_labels.data() + item * group * r, rows_per_item, item / kv_heads,
+                               item % kv_heads, t, std::min(t + kChunk, len),
+                               scores.data() + item * rows_per_item * max_len, max_len);
+      }
+    });
+    at::parallel_for(0, items, tokens < kSerialTokens ? items + 1 : 1, [&](int64_t first, int64_t last) {
+      std::vector<uint32_t> keys;
+      for (int64_t item = first; item < last; ++item) {
+        select(item, scores.data() + item * rows_per_item * max_len, max_len, keys);
       }
     });
   });
@@ -158,13 +259,13 @@ std::tuple<at::Tensor, at::Tensor> topk_tokens_cpu(const at::Tensor& scores, con
   const int32_t* budget = budgets ? budgets->data_ptr<int32_t>() : nullptr;
 #pragma omp parallel
   {
-    std::vector<uint64_t> middle;  // per-thread scratch
+    std::vector<uint32_t> keys;  // per-thread scratch
 #pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < batch * heads; ++row) {
       const int64_t b = row / heads;
       const int64_t row_len = std::clamp<int64_t>(len[b], 0, max_len);
       const int64_t row_budget = budget ? std::clamp<int64_t>(budget[b], 0, k) : k;
-      cnt[row] = select_row(s + row * max_len, row_len, row_budget, sink, recent, idx + row * k, middle);
+      cnt[row] = select_row(s + row * max_len, row_len, row_budget, sink, recent, idx + row * k, keys);
     }
   }
   return {indices, counts};

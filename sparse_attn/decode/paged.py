@@ -67,8 +67,22 @@ def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
         raise ValueError(
             f"values must be [T >= {n}, {', '.join(map(str, cache.shape[2:]))}] to match the cache pages, got {tuple(values.shape)}"
         )
+    if cache.device.type == "cpu" and cache.dim() == 4 and slot_mapping.device.type == "cpu":
+        from ..ops.extension import write_slots_cpu
+
+        flat = _flat_slots(cache)
+        if flat is not None and write_slots_cpu(flat, slot_mapping, values.to(cache.dtype)):
+            return
     page_size = cache.shape[1]
     slots = slot_mapping.long()
     real = slots >= 0
     slots, rows = slots[real], values[:n][real]
     cache[slots // page_size, slots % page_size] = rows.to(cache.dtype)
+
+
+def _flat_slots(cache: torch.Tensor) -> torch.Tensor | None:
+    """``cache [num_pages, page_size, H, W]`` as a ``[num_pages * page_size, H, W]`` view with slot-major rows, or
+    None when the pages cannot be merged without a copy."""
+    if cache.shape[0] > 1 and cache.stride(0) != cache.shape[1] * cache.stride(1):
+        return None
+    return cache.flatten(0, 1)
