@@ -258,6 +258,14 @@ def skipped_payload(name: str, device: torch.device, reason: str, command: str |
             "results": [], **extra}
 
 
+def write_skipped(out_dir: Path, name: str, reason: str, command: str | None, markdown, **extra) -> dict:
+    """Write and return the :func:`skipped_payload` of a CPU benchmark that cannot run here (``markdown`` renders
+    it)."""
+    payload = skipped_payload(name, torch.device("cpu"), reason, command, **extra)
+    write_outputs(out_dir, name, payload, markdown(payload))
+    return payload
+
+
 def skipped_markdown(title: str, payload: dict) -> str:
     """The markdown of a :func:`skipped_payload`: the title, where it ran and why it was skipped."""
     return "\n".join([title, "", environment_line(payload), "", f"Skipped: {payload['reason']}."])

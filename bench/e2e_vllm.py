@@ -211,9 +211,7 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
     out_dir = Path(out_dir)
     reason = vllm_missing()
     if reason is not None:
-        payload = common.skipped_payload(NAME, torch.device("cpu"), reason, command, settings=asdict(settings))
-        common.write_outputs(out_dir, NAME, payload, markdown(payload))
-        return payload
+        return common.write_skipped(out_dir, NAME, reason, command, markdown, settings=asdict(settings))
     deadline = None if settings.time_budget_s is None else time.monotonic() + settings.time_budget_s
     model_dir = model_folder()
     made, warmup = prompts(model_dir, settings)

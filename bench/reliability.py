@@ -558,9 +558,7 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
     out_dir = Path(out_dir)
     reason = vllm_missing()
     if reason is not None:
-        payload = common.skipped_payload(NAME, torch.device("cpu"), reason, command, settings=asdict(settings))
-        common.write_outputs(out_dir, NAME, payload, markdown(payload))
-        return payload
+        return common.write_skipped(out_dir, NAME, reason, command, markdown, settings=asdict(settings))
     start = time.monotonic()
     model_dir = model_folder()
     corpus = Corpus(model_dir)

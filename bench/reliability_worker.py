@@ -25,6 +25,7 @@ RESULT is rewritten after each scenario.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -96,22 +97,23 @@ def preemption_scenario(llm, spec: dict) -> dict:
                 answers_changed=sum(not r["same"] for r in rows), rows=rows)
 
 
+def _vllm_worker():
+    """bench/vllm_worker.py, the file beside this one, loaded by path (this worker runs outside the checkout)."""
+    path = Path(__file__).with_name("vllm_worker.py")
+    spec = importlib.util.spec_from_file_location("bench_vllm_worker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(config_path: str, result_path: str) -> int:
     config = json.loads(Path(config_path).read_text())
     result_file = Path(result_path)
     result = {"status": "starting"}
     write(result_file, result)
-    from vllm import LLM
-
-    kwargs = dict(config["engine_args"])
-    if config.get("attention_backend"):
-        kwargs["attention_backend"] = config["attention_backend"]
-    if config.get("additional_config"):
-        kwargs["additional_config"] = config["additional_config"]
-    start = time.perf_counter()
-    llm = LLM(config["model"], disable_log_stats=False, **kwargs)
+    llm, seconds = _vllm_worker().start_engine(config)
     cache = llm.llm_engine.vllm_config.cache_config
-    result.update(status="running", engine_start_s=time.perf_counter() - start, block_size=cache.block_size,
+    result.update(status="running", engine_start_s=seconds, block_size=cache.block_size,
                   num_gpu_blocks=cache.num_gpu_blocks, prefix_caching=cache.enable_prefix_caching)
     write(result_file, result)
     try:

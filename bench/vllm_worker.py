@@ -79,12 +79,9 @@ def median_row(samples: list[dict]) -> dict:
     return row
 
 
-def main(config_path: str, result_path: str) -> int:
-    config = json.loads(Path(config_path).read_text())
-    result_file = Path(result_path)
-    result = {"status": "starting", "rows": []}
-    write(result_file, result)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config["kvcache_space_gib"]))
+def start_engine(config: dict):
+    """The ``LLM`` of a worker CONFIG (``model``, ``engine_args``, ``attention_backend``, ``additional_config``) with
+    per-request metrics on, and its start-up time in seconds."""
     from vllm import LLM
 
     kwargs = dict(config["engine_args"])
@@ -94,7 +91,17 @@ def main(config_path: str, result_path: str) -> int:
         kwargs["additional_config"] = config["additional_config"]
     start = time.perf_counter()
     llm = LLM(config["model"], disable_log_stats=False, **kwargs)
-    result.update(status="running", engine_start_s=time.perf_counter() - start)
+    return llm, time.perf_counter() - start
+
+
+def main(config_path: str, result_path: str) -> int:
+    config = json.loads(Path(config_path).read_text())
+    result_file = Path(result_path)
+    result = {"status": "starting", "rows": []}
+    write(result_file, result)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config["kvcache_space_gib"]))
+    llm, seconds = start_engine(config)
+    result.update(status="running", engine_start_s=seconds)
     write(result_file, result)
     try:
         measure(llm, config["warmup_prompt"], 4)  # first-call costs stay out of the first measurement

@@ -47,6 +47,30 @@ void write_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& src)
   write_slots_cpu(dst, s, src);
 }
 
+void write_pruned_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v,
+                        int64_t keep) {
+  TORCH_CHECK(dst.defined() && dst.dim() == 3 && dst.is_cpu(), "dst must be a CPU tensor [slots, heads, width]");
+  check_tensor(slots, "slots", 1, {at::kLong}, dst.device());
+  check_tensor(k, "k", 3, {dst.scalar_type()}, dst.device());
+  check_tensor(v, "v", 3, {dst.scalar_type()}, dst.device());
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", shape_of(k), " and ", shape_of(v));
+  const int64_t dim = k.size(2), bitmap_bytes = (dim + 7) / 8, item = dst.element_size();
+  TORCH_CHECK(dim >= 1 && dim <= 256, "k's head_dim must lie in [1, 256], got shape ", shape_of(k));
+  TORCH_CHECK(keep >= 1 && keep < dim, "keep must lie in [1, head_dim - 1], got ", keep);
+  TORCH_CHECK(k.size(0) >= slots.size(0) && k.size(1) == dst.size(1), "k must be [T >= ", slots.size(0), ", ",
+              dst.size(1), ", D], got shape ", shape_of(k));
+  TORCH_CHECK(dst.size(2) == 2 * keep + (2 * bitmap_bytes + item - 1) / item, "dst width ", dst.size(2),
+              " is not the pruned slot of ", keep, " kept values of ", dim);
+  TORCH_CHECK(dst.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "dst, k and v must have unit stride along their last axis");
+  const auto s = slots.contiguous();
+  const int64_t* p = s.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.size(0); ++i) {
+    TORCH_CHECK(p[i] < dst.size(0), "slots[", i, "] = ", p[i], " is past the cache's ", dst.size(0), " slots");
+  }
+  write_pruned_slots_cpu(dst, s, k, v, keep);
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_tokens(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
                                                int64_t sink, int64_t recent,
                                                const std::optional<at::Tensor>& budgets) {
@@ -442,6 +466,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_slots", &sparse_attn::write_slots,
         "write_slots(dst [S, H, W], slots int64 [n], src [T >= n, H, W]): dst[slots[i]] = src[i] where slots[i] >= 0",
         py::arg("dst"), py::arg("slots"), py::arg("src"));
+  m.def("write_pruned_slots", &sparse_attn::write_pruned_slots,
+        "write_pruned_slots(dst [S, H, W], slots int64 [n], k/v [T >= n, H, D], keep): K and V pruned to their keep "
+        "largest magnitudes and packed into slot slots[i] (negative: skipped)",
+        py::arg("dst"), py::arg("slots"), py::arg("k"), py::arg("v"), py::arg("keep"));
   m.def("topk_tokens", &sparse_attn::topk_tokens,
         "Per (b, h) row: the k (or budgets[b] <= k) highest scores among the first lengths[b] tokens, with the sink "
         "tokens [0, sink) and the recent tokens [len - recent, len) always kept (sink + recent <= k). Returns "

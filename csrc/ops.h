@@ -16,6 +16,12 @@ namespace sparse_attn {
 // src[i] for slots[i] >= 0 (negative slots are padding), in place.
 void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const at::Tensor& src);
 
+// write_pruned_slots(dst [S, H, W], slots int64 [n], k/v [T >= n, H, D] in dst's dtype, keep): slot slots[i] of
+// head h gets K's and V's `keep` largest-magnitude values (channel order; ties: the lower channel), then their keep
+// bitmaps (D bits each, bit c % 8 of byte c / 8), zero-padded to W (the layout of PrunedSlotFormat).
+void write_pruned_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v,
+                            int64_t keep);
+
 // topk_tokens(scores [B, H, L] fp32, lengths int32 [B], k, sink, recent, budgets int32 [B] or none):
 // row (b, h) selects budget = min(budgets[b], k) (without budgets: k) of its first len = lengths[b] tokens: all of
 // them if len <= budget, else the sink tokens [0, sink), the recent tokens [len - recent, len) (sink + recent <= k)

@@ -1,5 +1,5 @@
 """Where the tests run: the device, and which op backends can run there (Triton on a GPU or under its interpreter);
-and the float64 oracles shared by several test modules."""
+and the float64 oracles and plan-file helpers shared by several test modules."""
 
 import pytest
 import torch
@@ -23,3 +23,16 @@ def pruned_reference(q, keys, values, scale):
     out, lse = attention_reference_varlen(q.double(), k, v, list(range(q.shape[0] + 1)), cu, None, False, scale,
                                           compute_dtype=torch.float64)
     return out, lse.transpose(0, 1)
+
+
+def set_field(data, path: tuple, value):
+    """``data`` (nested dicts and lists, e.g. a plan file's JSON) with the field at ``path`` set to ``value`` in place
+    (deleted when ``value`` is KeyError); returns ``data``."""
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return data

@@ -36,6 +36,7 @@ from sparse_attn.vllm.config import (
     options_from_vllm_config,
     parse_options,
 )
+from backends import set_field
 
 EXAMPLES = int(os.environ.get("SPARSE_ATTN_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
@@ -73,15 +74,7 @@ def write(tmp_path: pathlib.Path, data=None, *, text: str | None = None, name: s
 
 def changed(path: tuple, value) -> dict:
     """plan_data() with the field at ``path`` set to ``value`` (deleted for KeyError)."""
-    data = plan_data()
-    node = data
-    for key in path[:-1]:
-        node = node[key]
-    if value is KeyError:
-        del node[path[-1]]
-    else:
-        node[path[-1]] = value
-    return data
+    return set_field(plan_data(), path, value)
 
 
 def load_fails(path: pathlib.Path, *fields: str, model=None) -> str:

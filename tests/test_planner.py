@@ -13,6 +13,7 @@ from sparse_attn.planner.calibrate import Candidate, Profile, profile_layer
 from sparse_attn.planner.decode import DecodeCandidates
 from sparse_attn.planner.cli import main as cli_main
 from sparse_attn.planner.solver import KernelTimeModel, choose, make_plan
+from backends import set_field
 
 SHAPE = ModelShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 
@@ -162,17 +163,6 @@ def test_plan_checks_the_model(tmp_path):
         load_plan(tmp_path / "p.json", FakeConfig(heads=8, hidden=128))
 
 
-def corrupt(data, path, value):
-    node = data
-    for key in path[:-1]:
-        node = node[key]
-    if value is KeyError:
-        del node[path[-1]]
-    else:
-        node[path[-1]] = value
-    return data
-
-
 @pytest.mark.parametrize("path,value,message", [
     (("format",), "other", "format"),
     (("version",), 99, "version"),
@@ -194,7 +184,7 @@ def corrupt(data, path, value):
 ])
 def test_plan_schema_errors_name_the_field(tmp_path, path, value, message):
     file = tmp_path / "plan.json"
-    data = corrupt(example_plan().to_dict(), path, value)
+    data = set_field(example_plan().to_dict(), path, value)
     file.write_text(json.dumps(data))
     with pytest.raises(PlanError, match=message):
         load_plan(file)

@@ -267,6 +267,31 @@ def test_pruned_slots_round_trip_keeps_the_top_magnitudes(rng, dtype, head_dim, 
         assert fmt.keep == head_dim and torch.equal(slots, torch.cat([k, v], -1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, sparsity", [(64, 0.5), (100, 0.7), (24, 0.5), (128, 0.99)])
+def test_pruned_slot_write_matches_pack(rng, dtype, head_dim, sparsity):
+    """PrunedSlotFormat.write (one C++ pass on CPU pages, vLLM's strided views) stores exactly the bytes pack()
+    makes, with ties (the lower channel wins), zeros, signed zeros, inf and NaN among the values; padding slots
+    (-1) and extra rows are left alone."""
+    from sparse_attn.ops.extension import extension_available
+
+    if not extension_available("write_pruned_slots"):
+        pytest.skip("sparse_attn._C is not built")
+    gen, seed = rng
+    fmt = PrunedSlotFormat.for_sparsity(head_dim, sparsity, dtype)
+    k = torch.randint(-3, 4, (12, HKV, head_dim), generator=gen).to(dtype)  # many ties
+    v = torch.randn(12, HKV, head_dim, generator=gen).to(dtype)
+    k[0, 0, 3], k[1, 1, 0], k[2, 0, 5], v[3, 1, 7] = float("nan"), float("inf"), -0.0, float("-inf")
+    label = 4  # a label column after the slot, as Double Sparsity pages have: never touched
+    pages = torch.full((4, HKV, 8, fmt.width + label), 7.0, dtype=dtype).transpose(1, 2)
+    want = pages.clone()
+    slots = torch.tensor([5, -1, 30, 0, 17, 9, -1, 31, 12, 2])
+    fmt.write(pages[..., : fmt.width], slots, k, v)
+    write_tokens(want[..., : fmt.width], slots, fmt.pack(k[:10], v[:10]))
+    same = (pages == want) | (pages.isnan() & want.isnan())
+    assert bool(same.all()), f"seed {seed}: {int((~same).sum())} values differ"
+
+
 def test_pruned_slot_sizes():
     fp16 = PrunedSlotFormat.for_sparsity(64, 0.5, torch.float16)
     # 32 + 32 values (128 B) and two 64-bit bitmaps (16 B) against 256 B dense; channel ids would take 192 B.

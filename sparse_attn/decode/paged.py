@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_paged_cache", "split_vllm_kv_cache", "token_slots", "gather_tokens", "write_tokens"]
+from ..ops.extension import write_slots_cpu
+
+__all__ = ["as_paged_cache", "split_vllm_kv_cache", "token_slots", "gather_tokens", "write_tokens", "flat_slots"]
 
 
 def as_paged_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +58,8 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, b, token_idx: 
 def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """Write ``values[i]`` (``[T, *cache.shape[2:]]``) to flat slot ``slot_mapping[i]`` of a paged cache, in place.
 
-    Portable (an index_put, any device, any cache strides). Slots < 0 are padding (vLLM's ``PAD_SLOT_ID``) and are
+    One C++ pass on CPU pages whose slots are rows of one strided view (vLLM's), else an index_put (any device, any
+    cache strides). Slots < 0 are padding (vLLM's ``PAD_SLOT_ID``) and are
     skipped; ``values`` may hold more rows than ``slot_mapping`` (padded batches): only the first ``len(slot_mapping)``
     are written.
     """
@@ -68,9 +71,7 @@ def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
             f"values must be [T >= {n}, {', '.join(map(str, cache.shape[2:]))}] to match the cache pages, got {tuple(values.shape)}"
         )
     if cache.device.type == "cpu" and cache.dim() == 4 and slot_mapping.device.type == "cpu":
-        from ..ops.extension import write_slots_cpu
-
-        flat = _flat_slots(cache)
+        flat = flat_slots(cache)
         if flat is not None and write_slots_cpu(flat, slot_mapping, values.to(cache.dtype)):
             return
     page_size = cache.shape[1]
@@ -80,7 +81,7 @@ def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
     cache[slots // page_size, slots % page_size] = rows.to(cache.dtype)
 
 
-def _flat_slots(cache: torch.Tensor) -> torch.Tensor | None:
+def flat_slots(cache: torch.Tensor) -> torch.Tensor | None:
     """``cache [num_pages, page_size, H, W]`` as a ``[num_pages * page_size, H, W]`` view with slot-major rows, or
     None when the pages cannot be merged without a copy."""
     if cache.shape[0] > 1 and cache.stride(0) != cache.shape[1] * cache.stride(1):

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.extension import write_pruned_slots_cpu
 from .compressed import CACHE_DTYPES, TILE, check_sparsity, compress_tokens, decompress_tokens, keep_count, num_tiles
+from .paged import flat_slots, write_tokens
 
 __all__ = ["PrunedSlotFormat"]
 
@@ -107,6 +109,19 @@ class PrunedSlotFormat:
         raw[..., : self.bitmap_bytes] = self._to_bytes(k_bitmaps)
         raw[..., self.bitmap_bytes : 2 * self.bitmap_bytes] = self._to_bytes(v_bitmaps)
         return torch.cat([k_values, v_values, raw.view(self.dtype)], -1)
+
+    def write(self, pages: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Pack ``k, v [T >= n, Hkv, head_dim]`` into slots ``slot_mapping [n]`` (< 0: skipped) of ``pages
+        [num_pages, page_size, Hkv, width]``: one C++ pass on CPU pages, else :meth:`pack` and a scatter."""
+        n = slot_mapping.shape[0]
+        k, v = k[:n].to(self.dtype), v[:n].to(self.dtype)
+        if self.pruned and pages.device.type == "cpu" and slot_mapping.device.type == "cpu":
+            flat = flat_slots(pages)
+            self._check(k, "k", self.head_dim)
+            if flat is not None and flat.shape[-1] == self.width and write_pruned_slots_cpu(flat, slot_mapping, k, v,
+                                                                                            self.keep):
+                return
+        write_tokens(pages, slot_mapping, self.pack(k, v))
 
     def unpack(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``k, v [..., head_dim]`` (pruned entries 0) from slots ``[..., width]`` (any leading shape)."""

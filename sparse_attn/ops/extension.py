@@ -101,6 +101,18 @@ def write_slots_cpu(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -
     return True
 
 
+def write_pruned_slots_cpu(dst: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: int) -> bool:
+    """Prune ``k, v [T >= n, H, D]`` to their ``keep`` largest magnitudes and pack them into ``dst[slots[i]]``
+    (``[S, H, W]``, the layout of :class:`sparse_attn.decode.PrunedSlotFormat`; ``slots[i] < 0`` skipped), by the
+    C++ op. Returns False, writing nothing, where the op does not apply (no extension, other strides or dtypes)."""
+    ext = cuda_extension()
+    if (ext is None or not hasattr(ext, "write_pruned_slots") or dst.dim() != 3 or k.dim() != 3
+            or not (k.dtype == v.dtype == dst.dtype) or dst.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1):
+        return False
+    ext.write_pruned_slots(dst, slots.long(), k, v, int(keep))
+    return True
+
+
 def topk_tokens(
     scores: torch.Tensor,
     lengths: torch.Tensor,

@@ -356,8 +356,7 @@ class PagedAttentionLayer:
         padding; key/value may be padded past ``slot_mapping``."""
         views, labels = self.page_views(kv_cache)
         if self._slot.pruned:
-            n = slot_mapping.shape[0]
-            write_tokens(views.kv, slot_mapping, self._slot.pack(key[:n], value[:n]))
+            self._slot.write(views.kv, slot_mapping, key, value)
         else:
             write_tokens(views.k, slot_mapping, key)
             write_tokens(views.v, slot_mapping, value)
