@@ -29,6 +29,16 @@ void check_size(const at::Tensor& t, const char* name, int64_t axis, int64_t exp
               ", got shape ", shape_of(t));
 }
 
+// The slots as a contiguous int64 tensor, each below the number of rows of dst (negative slots are padding).
+at::Tensor checked_slots(const at::Tensor& slots, const at::Tensor& dst) {
+  auto s = slots.contiguous();
+  const int64_t* p = s.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.size(0); ++i) {
+    TORCH_CHECK(p[i] < dst.size(0), "slots[", i, "] = ", p[i], " is past the cache's ", dst.size(0), " slots");
+  }
+  return s;
+}
+
 void write_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& src) {
   TORCH_CHECK(dst.defined() && dst.dim() == 3, "dst must have rank 3 [slots, heads, width], got shape ",
               dst.defined() ? shape_of(dst) : "none");
@@ -39,11 +49,7 @@ void write_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& src)
   TORCH_CHECK(dst.size(2) <= 1 || (dst.stride(2) == 1 && src.stride(2) == 1),
               "dst and src must have unit stride along their last axis");
   TORCH_CHECK(dst.is_cpu(), "write_slots runs on CPU tensors, got ", dst.device());
-  const auto s = slots.contiguous();
-  const int64_t* p = s.data_ptr<int64_t>();
-  for (int64_t i = 0; i < s.size(0); ++i) {
-    TORCH_CHECK(p[i] < dst.size(0), "slots[", i, "] = ", p[i], " is past the cache's ", dst.size(0), " slots");
-  }
+  const auto s = checked_slots(slots, dst);
   write_slots_cpu(dst, s, src);
 }
 
@@ -63,11 +69,7 @@ void write_pruned_slots(at::Tensor dst, const at::Tensor& slots, const at::Tenso
               " is not the pruned slot of ", keep, " kept values of ", dim);
   TORCH_CHECK(dst.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
               "dst, k and v must have unit stride along their last axis");
-  const auto s = slots.contiguous();
-  const int64_t* p = s.data_ptr<int64_t>();
-  for (int64_t i = 0; i < s.size(0); ++i) {
-    TORCH_CHECK(p[i] < dst.size(0), "slots[", i, "] = ", p[i], " is past the cache's ", dst.size(0), " slots");
-  }
+  const auto s = checked_slots(slots, dst);
   write_pruned_slots_cpu(dst, s, k, v, keep);
 }
 

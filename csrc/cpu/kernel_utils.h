@@ -151,23 +151,13 @@ void gemm_ab_acc_short(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
       const float* bp = b[p] + j0;
       const float x0 = a[p], x1 = m > 1 ? a[lda + p] : 0.0f, x2 = m > 2 ? a[2 * lda + p] : 0.0f,
                   x3 = m > 3 ? a[3 * lda + p] : 0.0f;
-      if (w == kStrip) {
 #pragma omp simd
-        for (int64_t j = 0; j < kStrip; ++j) {
-          const float y = bp[j];
-          r0[j] += x0 * y;
-          r1[j] += x1 * y;
-          r2[j] += x2 * y;
-          r3[j] += x3 * y;
-        }
-      } else {
-        for (int64_t j = 0; j < w; ++j) {
-          const float y = bp[j];
-          r0[j] += x0 * y;
-          r1[j] += x1 * y;
-          r2[j] += x2 * y;
-          r3[j] += x3 * y;
-        }
+      for (int64_t j = 0; j < w; ++j) {
+        const float y = bp[j];
+        r0[j] += x0 * y;
+        r1[j] += x1 * y;
+        r2[j] += x2 * y;
+        r3[j] += x3 * y;
       }
     }
     float* rows[4] = {r0, r1, r2, r3};
@@ -178,28 +168,13 @@ void gemm_ab_acc_short(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
   }
 }
 
-// C[M, N] += A[M, K] B[K, N], row-major with leading dimensions. Four rows of C share each load of a B row.
-SPARSE_ATTN_ISA_CLONES
+// C[M, N] += A[M, K] B[K, N], row-major with leading dimensions: groups of four rows of C, each through the
+// register strips of gemm_ab_acc_short.
 void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                        int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    float *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
-    for (int64_t p = 0; p < k; ++p) {
-      const float* ap = a + i * lda + p;
-      const float x0 = ap[0], x1 = ap[lda], x2 = ap[2 * lda], x3 = ap[3 * lda];
-      const float* bp = b[p];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const float y = bp[j];
-        c0[j] += x0 * y;
-        c1[j] += x1 * y;
-        c2[j] += x2 * y;
-        c3[j] += x3 * y;
-      }
-    }
+  for (int64_t i = 0; i < m; i += 4) {
+    gemm_ab_acc_short(std::min<int64_t>(4, m - i), n, k, a + i * lda, lda, b, c + i * ldc, ldc);
   }
-  if (i < m) gemm_ab_acc_short(m - i, n, k, a + i * lda, lda, b, c + i * ldc, ldc);
 }
 
 // Row-major products through column-major sgemm: a row-major [r, c] matrix is its column-major transpose. Products
@@ -217,8 +192,7 @@ void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_
 
 void gemm_ab_acc(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                  int64_t ldc) {
-  if (m <= 4) return gemm_ab_acc_short(m, n, k, a, lda, b, c, ldc);
-  if (!blas || b.ptrs) return gemm_ab_acc_loops(m, n, k, a, lda, b, c, ldc);
+  if (!blas || m <= 4 || b.ptrs) return gemm_ab_acc_loops(m, n, k, a, lda, b, c, ldc);
   // C^T [n, m] += B^T [n, k] A^T [k, m]
   const int mi = n, ni = m, ki = k, la = b.ld, lb = lda, lc = ldc;
   const float one = 1.0f;
