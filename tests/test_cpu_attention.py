@@ -351,6 +351,44 @@ def test_pruned_slots_and_fresh_tokens(rng, dtype):
     assert (out.double() - ref_out).abs().max() < TOL[dtype], f"seed {seed}"
 
 
+@pytest.mark.parametrize("dim", [16, 40, 64, 80, 128])
+@pytest.mark.parametrize("hq, hkv", [(3, 3), (9, 3), (8, 2), (16, 2)])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_decode_rows_on_pages(rng, dim, hq, hkv, pruned):
+    """Decode rows (one query per sequence, 1-8 query heads per KV head) read their keys in place from the pages
+    (or unpack pruned slots per tile): every head size, group size and context length (1, a partial page, several
+    tiles of keys) against the float64 reference, dense and with a per-KV-head token selection."""
+    from sparse_attn.decode.pruned_pages import PrunedSlotFormat
+
+    gen, seed = rng
+    kv_lens = [1, 15, 17, 300, 1029]
+    q, k, v, cu_q, cu_k = ragged(gen, [1] * len(kv_lens), kv_lens, hq, hkv, dim, torch.float32)
+    if pruned:
+        fmt = PrunedSlotFormat.for_sparsity(dim, 0.5, torch.float32)
+        slots = fmt.pack(k, v)
+        k_pages, v_pages, table = paged_copy(gen, slots, slots, cu_k, 16)
+        k, v = fmt.unpack(slots)  # what the kernel must attend to
+        extra = dict(slot_keep=fmt.keep)
+    else:
+        k_pages, v_pages, table = paged_copy(gen, k, v, cu_k, 16)
+        extra = {}
+    batch = len(kv_lens)
+    full = BlockSparseMask.full(q_len=1, kv_len=max(kv_lens), q_block_size=1, kv_block_size=64)
+    keep = torch.rand(batch, hkv, 1, max(kv_lens), generator=gen) < 0.3
+    per_group = BlockSparseMask.from_block_bool(keep, q_block_size=1, kv_block_size=1, q_len=1, kv_len=max(kv_lens))
+    per_head = BlockSparseMask.from_block_bool(keep.repeat_interleave(hq // hkv, 1), q_block_size=1,
+                                               kv_block_size=1, q_len=1, kv_len=max(kv_lens))
+    for mask, ref_mask, causal in ((None, full, True), (per_group, per_head, False)):
+        out, lse = cpp_op(q, k_pages, v_pages, cu_q, None, mask, causal, dim ** -0.5, block_table=table,
+                          kv_lens=kv_lens, q_block_size=1, checked=True, **extra)
+        ref_out, ref_lse = attention_reference_varlen(q.double(), k.double(), v.double(), cu_q, cu_k,
+                                                      ref_mask.expand(batch, hq), causal, dim ** -0.5, torch.float64)
+        empty = torch.isneginf(ref_lse)
+        assert torch.equal(torch.isneginf(lse), empty), f"seed {seed}"
+        assert (out.double() - ref_out).abs().max() < TOL[torch.float32], f"seed {seed}, mask {mask is not None}"
+        assert (lse.double() - ref_lse)[~empty].abs().max() < 1e-4, f"seed {seed}"
+
+
 def test_threshold_skipping(rng):
     """skip_threshold=0 is exact; a threshold skips tiles whose every row is far below its running max, and the
     error stays within the mass those tiles could hold (n e^-threshold per row, relative)."""

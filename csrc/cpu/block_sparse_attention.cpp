@@ -18,7 +18,9 @@
 // kInPlaceMinKeys keys is multiplied in place (leading dimension = row stride); shorter runs (scattered small
 // blocks, small pages) and fp16/bf16 keys are copied (and converted) into an fp32 tile of kTileKeys keys, so every
 // product is a tall GEMM whatever the block or page size. Short Q tiles (decode: the heads of one KV group) read every
-// fp32 key and value in place through a pointer per key, so decode reads the cache's bytes once.
+// fp32 key and value in place through a pointer per key, so decode reads the cache's bytes once; on AVX-512 their
+// products take 16 keys at a time (kernel_utils.h: dots16), and pruned fp32 slots are gathered as pointers and
+// unpacked per tile with the slots ahead prefetched.
 //
 // Threshold skipping (optional): a tile whose scores all lie more than `skip` below their rows' running maxima
 // contributes at most n 2^-skip of each row's mass; its exponentials and its P V product are skipped.
@@ -252,9 +254,14 @@ class BlockSparseAttention {
     // tile would read twice. Taller tiles copy short runs into the tile for the BLAS products.
     const bool direct = std::is_same_v<T, float> && m <= kDirectMaxRows;
     int64_t gathered = 0;  // keys waiting in the tile
+    // Pruned fp32 slots of a short Q tile (AVX-512): gathered as slot pointers (k_rows, with v_rows null) and
+    // unpacked when the tile is full, the slots 16 keys ahead prefetched: a page holds few keys, so only the tile's
+    // pointer list sees far enough ahead.
+    const bool unpack_late = direct && cached.pruned && unpack_kv_slot_fast(p_.dim);
     auto flush = [&] {
       if (gathered == 0) return;
       if (direct) {
+        if (unpack_late) unpack_tile(gathered, w);
         tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w);
       } else {
         tile(item, g, gathered, RowsOf(w.k.data(), dim), RowsOf(w.v.data(), dim), w);
@@ -270,10 +277,10 @@ class BlockSparseAttention {
       if (run_len == 0) return;
       const Source& src = *run_src;
       if constexpr (std::is_same_v<T, float>) {
-        if (direct && !src.pruned) {
+        if (direct && (!src.pruned || unpack_late)) {
           for (int64_t off = 0; off < run_len; ++off) {
             w.k_rows[gathered] = src.k + (run_row + off) * src.k_stride;
-            w.v_rows[gathered] = src.v + (run_row + off) * src.v_stride;
+            w.v_rows[gathered] = src.pruned ? nullptr : src.v + (run_row + off) * src.v_stride;
             w.key_pos[gathered] = run_start + off;
             w.key_bits[gathered] = run_bits;
             if (++gathered == kTileKeys) flush();
@@ -342,6 +349,23 @@ class BlockSparseAttention {
   }
 
  private:
+  // Unpacks the tile's pruned slots (keys whose v_rows entry is null; k_rows holds the slot) into the scratch rows.
+  void unpack_tile(int64_t n, Scratch& w) const {
+    constexpr int64_t kLookahead = 16;
+    const int64_t dim = p_.dim, slot_bytes = int64_t{sizeof(T)} * (2 * p_.slot_keep) + 2 * p_.bitmap_bytes;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kLookahead < n && w.v_rows[i + kLookahead] == nullptr) {
+        prefetch_bytes(w.k_rows[i + kLookahead], slot_bytes + 63);  // + 63: a slot may straddle one more line
+      }
+      if (w.v_rows[i] != nullptr) continue;
+      float* k = w.k.data() + i * dim;
+      float* v = w.v.data() + i * dim;
+      unpack_kv_slot(reinterpret_cast<const float*>(w.k_rows[i]), dim, p_.slot_keep, k, v);
+      w.k_rows[i] = k;
+      w.v_rows[i] = v;
+    }
+  }
+
   // One tile of n keys (rows of k/v with leading dimensions ldk/ldv; logical positions in w.key_pos, ascending;
   // the stacked query blocks that keep each key in w.key_bits) for the item's Q tile.
   void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, RowsOf k, RowsOf v, Scratch& w) const {

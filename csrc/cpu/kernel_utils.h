@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -99,6 +100,71 @@ inline __attribute__((always_inline)) float lane_sum16(float* x) {
   return x[0];
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SPARSE_ATTN_AVX512 __attribute__((target("avx512f")))
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+// Dot products of short query rows with 16 rows at once, on AVX-512 (decode's scores against keys or labels).
+//
+// A dot product of 16-lane partial sums needs a horizontal sum per (query row, key); done one at a time that is a
+// chain of shuffles per key. Here four keys' partial-sum vectors x0..x3 are reduced together, then four such results:
+//   sum4:     per 128-bit lane group L: [x0, x1, x2, x3 summed over L's 4 lanes]        (2 unpacks + add, twice)
+//   combine4: from four sum4 results y0..y3 (keys 4i..4i+3 in y_i), lane group i = [y_i summed over groups]
+// so the 16 dot products of a query row cost 15 shuffle-add steps in all, and land as one vector, key j in lane j.
+SPARSE_ATTN_AVX512 inline __m512 sum4(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
+  // Per lane group: [x0_0 + x0_2, x1_0 + x1_2, x0_1 + x0_3, x1_1 + x1_3], and the same for x2, x3.
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(x2, x3), _mm512_unpackhi_ps(x2, x3));
+  const __m512d ad = _mm512_castps_pd(a), bd = _mm512_castps_pd(b);
+  // [a_0, a_1, b_0, b_1] + [a_2, a_3, b_2, b_3] = [x0, x1, x2, x3] summed over the group.
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ad, bd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ad, bd)));
+}
+
+SPARSE_ATTN_AVX512 inline __m512 combine4(__m512 y0, __m512 y1, __m512 y2, __m512 y3) {
+  constexpr int kEven = (2 << 6) | (0 << 4) | (2 << 2) | 0, kOdd = (3 << 6) | (1 << 4) | (3 << 2) | 1;
+  // [y0 groups 0+1, y0 groups 2+3, y1 groups 0+1, y1 groups 2+3], and the same for y2, y3.
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, kEven), _mm512_shuffle_f32x4(y0, y1, kOdd));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y2, y3, kEven), _mm512_shuffle_f32x4(y2, y3, kOdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, kEven), _mm512_shuffle_f32x4(s01, s23, kOdd));
+}
+
+// out[i] lane j = a_i . rows[j] for the M rows a_i = a + i * lda, k channels (a multiple of 16).
+template <int M>
+SPARSE_ATTN_AVX512 inline void dots16(const float* a, int64_t lda, int64_t k, const float* const* rows, __m512* out) {
+  __m512 quad[M][4];
+  for (int g = 0; g < 4; ++g) {
+    const float* r0 = rows[4 * g];
+    const float* r1 = rows[4 * g + 1];
+    const float* r2 = rows[4 * g + 2];
+    const float* r3 = rows[4 * g + 3];
+    __m512 d[M][4];
+    for (int i = 0; i < M; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < k; e += 16) {
+      const __m512 y0 = _mm512_loadu_ps(r0 + e), y1 = _mm512_loadu_ps(r1 + e), y2 = _mm512_loadu_ps(r2 + e),
+                   y3 = _mm512_loadu_ps(r3 + e);
+      for (int i = 0; i < M; ++i) {
+        const __m512 x = _mm512_loadu_ps(a + i * lda + e);
+        d[i][0] = _mm512_fmadd_ps(x, y0, d[i][0]);
+        d[i][1] = _mm512_fmadd_ps(x, y1, d[i][1]);
+        d[i][2] = _mm512_fmadd_ps(x, y2, d[i][2]);
+        d[i][3] = _mm512_fmadd_ps(x, y3, d[i][3]);
+      }
+    }
+    for (int i = 0; i < M; ++i) quad[i][g] = sum4(d[i][0], d[i][1], d[i][2], d[i][3]);
+  }
+  for (int i = 0; i < M; ++i) out[i] = combine4(quad[i][0], quad[i][1], quad[i][2], quad[i][3]);
+}
+
+// Issues prefetches for the `bytes` bytes at p.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* at = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(at + byte, 0, 3);
+}
+#endif
+
 // C[M, N] = A[M, K] B[N, K]^T for short A (M <= 4: decode's heads of one KV group) and K a multiple of 16: each B
 // row is loaded once for all rows, dot products are kept as 16 lanes and summed as trees. Decode reads B (the keys)
 // from scattered pages, so the rows `lookahead` keys ahead are prefetched.
@@ -168,12 +234,118 @@ void gemm_ab_acc_short(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// gemm_abt_short on AVX-512: 16 keys at a time through dots16, their scores stored as one vector per row. The next
+// 16 keys are prefetched meanwhile (decode reads them from scattered pages).
+template <int M>
+SPARSE_ATTN_AVX512 void gemm_abt_short_avx512(int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                                              int64_t ldc) {
+  constexpr int64_t kLookahead = 16;
+  const float* rows[16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t w = std::min<int64_t>(16, n - j0);
+    for (int64_t t = 0; t < 16; ++t) rows[t] = b[j0 + (t < w ? t : 0)];  // lanes past n repeat a key, not stored
+    for (int64_t j = j0 + kLookahead; j < std::min(n, j0 + kLookahead + 16); ++j) prefetch_bytes(b[j], 4 * k);
+    __m512 out[M];
+    dots16<M>(a, lda, k, rows, out);
+    const __mmask16 keep = static_cast<__mmask16>((1u << w) - 1);
+    for (int i = 0; i < M; ++i) _mm512_mask_storeu_ps(c + i * ldc + j0, keep, out[i]);
+  }
+}
+
+// gemm_ab_acc_short on AVX-512: a strip of up to 64 columns of each of the M rows of C stays in registers over the
+// whole K loop (one broadcast of A per row and key, one load of the B row's strip per key).
+template <int M>
+SPARSE_ATTN_AVX512 void gemm_ab_acc_short_avx512(int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                                                 int64_t ldc) {
+  constexpr int64_t kLookahead = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t w = std::min<int64_t>(64, n - j0), vecs = (w + 15) / 16;
+    __mmask16 lanes[4];
+    for (int64_t v = 0; v < 4; ++v) {
+      const int64_t live = std::clamp<int64_t>(w - 16 * v, 0, 16);
+      lanes[v] = static_cast<__mmask16>((1u << live) - 1);
+    }
+    __m512 acc[M][4];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    if (vecs == 4 && lanes[3] == 0xFFFF) {
+      for (int64_t p = 0; p < k; ++p) {
+        if (j0 == 0 && p + kLookahead < k) prefetch_bytes(b[p + kLookahead], 4 * n);
+        const float* bp = b[p] + j0;
+        const __m512 y0 = _mm512_loadu_ps(bp), y1 = _mm512_loadu_ps(bp + 16), y2 = _mm512_loadu_ps(bp + 32),
+                     y3 = _mm512_loadu_ps(bp + 48);
+        for (int i = 0; i < M; ++i) {
+          const __m512 x = _mm512_set1_ps(a[i * lda + p]);
+          acc[i][0] = _mm512_fmadd_ps(x, y0, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(x, y1, acc[i][1]);
+          acc[i][2] = _mm512_fmadd_ps(x, y2, acc[i][2]);
+          acc[i][3] = _mm512_fmadd_ps(x, y3, acc[i][3]);
+        }
+      }
+    } else {  // a partial strip: masked loads (lanes past the row are neither read nor written)
+      for (int64_t p = 0; p < k; ++p) {
+        if (j0 == 0 && p + kLookahead < k) prefetch_bytes(b[p + kLookahead], 4 * n);
+        const float* bp = b[p] + j0;
+        __m512 y[4];
+        for (int64_t v = 0; v < 4; ++v) y[v] = _mm512_maskz_loadu_ps(lanes[v], bp + 16 * v);
+        for (int i = 0; i < M; ++i) {
+          const __m512 x = _mm512_set1_ps(a[i * lda + p]);
+          for (int64_t v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(x, y[v], acc[i][v]);
+        }
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      float* ci = c + i * ldc + j0;
+      for (int64_t v = 0; v < vecs; ++v) {
+        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes[v], ci + 16 * v), acc[i][v]);
+        _mm512_mask_storeu_ps(ci + 16 * v, lanes[v], sum);
+      }
+    }
+  }
+}
+
+// The AVX-512 short products for m in [1, 4] rows; false when they do not apply (no AVX-512, or k not a multiple
+// of 16 for the scores).
+inline bool gemm_abt_short_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                                int64_t ldc) {
+  if (m < 1 || m > 4 || k % 16 != 0 || !has_avx512()) return false;
+  switch (m) {
+    case 1: gemm_abt_short_avx512<1>(n, k, a, lda, b, c, ldc); break;
+    case 2: gemm_abt_short_avx512<2>(n, k, a, lda, b, c, ldc); break;
+    case 3: gemm_abt_short_avx512<3>(n, k, a, lda, b, c, ldc); break;
+    default: gemm_abt_short_avx512<4>(n, k, a, lda, b, c, ldc); break;
+  }
+  return true;
+}
+
+inline bool gemm_ab_acc_short_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                                   int64_t ldc) {
+  if (m < 1 || m > 4 || !has_avx512()) return false;
+  switch (m) {
+    case 1: gemm_ab_acc_short_avx512<1>(n, k, a, lda, b, c, ldc); break;
+    case 2: gemm_ab_acc_short_avx512<2>(n, k, a, lda, b, c, ldc); break;
+    case 3: gemm_ab_acc_short_avx512<3>(n, k, a, lda, b, c, ldc); break;
+    default: gemm_ab_acc_short_avx512<4>(n, k, a, lda, b, c, ldc); break;
+  }
+  return true;
+}
+#else
+inline bool gemm_abt_short_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
+  return false;
+}
+inline bool gemm_ab_acc_short_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
+  return false;
+}
+#endif
+
 // C[M, N] += A[M, K] B[K, N], row-major with leading dimensions: groups of four rows of C, each through the
 // register strips of gemm_ab_acc_short.
 void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                        int64_t ldc) {
   for (int64_t i = 0; i < m; i += 4) {
-    gemm_ab_acc_short(std::min<int64_t>(4, m - i), n, k, a + i * lda, lda, b, c + i * ldc, ldc);
+    const int64_t rows = std::min<int64_t>(4, m - i);
+    if (gemm_ab_acc_short_fast(rows, n, k, a + i * lda, lda, b, c + i * ldc, ldc)) continue;
+    gemm_ab_acc_short(rows, n, k, a + i * lda, lda, b, c + i * ldc, ldc);
   }
 }
 
@@ -182,7 +354,10 @@ void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
 // loops.
 void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
               int64_t ldc) {
-  if (m <= 4 && k % 16 == 0) return gemm_abt_short(m, n, k, a, lda, b, c, ldc);
+  if (m <= 4 && k % 16 == 0) {
+    if (!gemm_abt_short_fast(m, n, k, a, lda, b, c, ldc)) gemm_abt_short(m, n, k, a, lda, b, c, ldc);
+    return;
+  }
   if (!blas || m < 4 || b.ptrs) return gemm_abt_loops(m, n, k, a, lda, b, c, ldc);
   // C^T [n, m] = B [n, k] A^T [k, m]
   const int mi = n, ni = m, ki = k, la = b.ld, lb = lda, lc = ldc;
@@ -275,15 +450,48 @@ bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row
 // the number of values read. fp32 values on AVX-512 machines use the expand-load instruction (one per 16 channels);
 // otherwise a loop over the set bits.
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) inline int64_t expand16_avx512(const float* values, uint16_t mask, float* out) {
+SPARSE_ATTN_AVX512 inline int64_t expand16_avx512(const float* values, uint16_t mask, float* out) {
   _mm512_storeu_ps(out, _mm512_maskz_expandloadu_ps(mask, values));
   return __builtin_popcount(mask);
 }
-inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
+
+// One pruned fp32 slot [K's `keep` values | V's | K's bitmap | V's] (head size a multiple of 16, so each 16-channel
+// keep mask is two whole bitmap bytes) into dense K and V rows of `dim` values, 16 channels per expand-load.
+SPARSE_ATTN_AVX512 inline void unpack_kv_slot_avx512(const float* slot, int64_t dim, int64_t keep, float* k_dst,
+                                                     float* v_dst) {
+  const int64_t bitmap_bytes = dim / 8;
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep);
+  const float* k = slot;
+  const float* v = slot + keep;
+  for (int64_t j = 0; j < dim / 16; ++j) {
+    uint16_t k_mask, v_mask;
+    std::memcpy(&k_mask, bits + 2 * j, 2);
+    std::memcpy(&v_mask, bits + bitmap_bytes + 2 * j, 2);
+    _mm512_storeu_ps(k_dst + 16 * j, _mm512_maskz_expandloadu_ps(k_mask, k));
+    _mm512_storeu_ps(v_dst + 16 * j, _mm512_maskz_expandloadu_ps(v_mask, v));
+    k += __builtin_popcount(k_mask);
+    v += __builtin_popcount(v_mask);
+  }
 }
 #endif
+
+// Whether unpack_kv_slot runs on this machine for heads of `dim` channels.
+inline bool unpack_kv_slot_fast(int64_t dim) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return dim % 16 == 0 && has_avx512();
+#else
+  (void)dim;
+  return false;
+#endif
+}
+
+inline void unpack_kv_slot(const float* slot, int64_t dim, int64_t keep, float* k_dst, float* v_dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unpack_kv_slot_avx512(slot, dim, keep, k_dst, v_dst);
+#else
+  (void)slot, (void)dim, (void)keep, (void)k_dst, (void)v_dst;
+#endif
+}
 
 template <typename T, typename Bits>
 int64_t unpack_vector(const T* values, Bits&& next_bits, int64_t dim, float* out) {
