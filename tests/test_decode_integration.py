@@ -83,6 +83,25 @@ def test_pruning_changes_decode_and_matches_pruned_cache():
     assert not torch.allclose(got, reference(q, k, v), atol=1e-3)
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("group_reduce", ["max", "sum"])
+def test_double_sparsity_kernels_match_the_reference_path(bits, group_reduce):
+    """The C++ step (label write into the sequences' pages, one selection pass, one attention pass) selects and
+    attends like the PyTorch scoring and the float64 oracle, across a label cache that grows while decoding."""
+    q, k, v = qkv(2, 90, 90, seed=5)
+    method = ds(budget=12, label_bits=bits, group_reduce=group_reduce)
+    fast = SparseAttention(decode=method, dense_below=0)
+    slow = SparseAttention(decode=method, dense_below=0, backend="reference")
+    got, want = decode_steps(fast, k, v, 40, q), decode_steps(slow, k, v, 40, q)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    labels = fast.decode_state.labels
+    assert labels.page_size >= 90 and fast.last_density == pytest.approx(12 / 90)
+    if bits == 16:  # page b holds sequence b's labels: its keys' heavy channels, token by token
+        want_labels = k.transpose(1, 2).gather(3, channels().expand(2, 90, -1, -1))
+        torch.testing.assert_close(labels.labels[:, :90], want_labels, atol=0, rtol=0)
+    assert not torch.allclose(got, dense_rows(q, k, v, 40), atol=1e-3)  # really sparse
+
+
 @pytest.mark.parametrize("method", [ds(budget=12), KVPruning(KVPruningConfig(sparsity=0.5, recent_tokens=4, compress_every=8))],
                          ids=["double_sparsity", "pruning"])
 def test_state_resets_on_new_prompt(method):

@@ -50,9 +50,10 @@ namespace {
 
 constexpr int64_t kTileKeys = 256;        // keys per tile: large enough to amortize a GEMM call, small for L2
 constexpr int64_t kInPlaceMinKeys = 128;  // fp32 runs at least this long are multiplied in place
-constexpr int64_t kMinSplitKeys = 512;    // a slice of a split row holds at least this many keys
+constexpr int64_t kMinSplitKeys = 256;    // a slice of a split row holds at least this many keys
 constexpr int64_t kItemsPerThread = 4;    // rows are split until there are this many items per thread
-constexpr int64_t kSerialCost = 16384;    // calls with fewer key x row products than this run on one thread
+constexpr int64_t kSerialCost = 16384;    // calls with fewer key x row products than this run on one thread,
+constexpr int64_t kSerialKeys = 1024;     // unless they read at least this many key rows (decode: memory-bound)
 constexpr int64_t kDirectMaxRows = 8;     // Q tiles of at most this many rows read K and V in place, key by key
 
 struct Problem {
@@ -65,6 +66,7 @@ struct Problem {
   const int32_t* cu_k;
   const int32_t* block_table;
   int64_t table_stride, page_size;
+  int64_t max_rows;  // rows of the largest query block that exists: min(q_block, longest q_len)
   // Pruned slots (slot_keep > 0): a row of k is [K's slot_keep values | V's | K's keep bitmap | V's] (v unused).
   int64_t slot_keep, bitmap_bytes;
   // Fresh keys (has_fresh): positions kv_len - q_len + i (the step's own tokens) read row cu_q[b] + i of new_k/new_v.
@@ -455,7 +457,7 @@ class BlockSparseAttention {
 
  private:
   int64_t slot(const WorkItem& item, int64_t local) const {
-    return int64_t{item.partial} * p_.q_block * p_.q_heads + local;
+    return int64_t{item.partial} * p_.max_rows * p_.q_heads + local;
   }
 
   Problem p_;
@@ -539,9 +541,12 @@ std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num
     }
   }
   *num_partials = 0;
-  int64_t total = 0;
-  for (const WorkItem& item : items) total += item.cost;
-  *serial = threads == 1 || total < kSerialCost;
+  int64_t total = 0, keys = 0;
+  for (const WorkItem& item : items) {
+    total += item.cost;
+    keys += int64_t{item.slot_end} * p.kv_block;
+  }
+  *serial = threads == 1 || (total < kSerialCost && keys < kSerialKeys);
   const int64_t target = threads * kItemsPerThread;
   if (!*serial && static_cast<int64_t>(items.size()) < target) {
     std::vector<WorkItem> split;
@@ -630,6 +635,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
   }
   p.q_block = in.q_block_size;
   p.kv_block = in.kv_block_size;
+  p.max_rows = 0;
+  for (int64_t b = 0; b < p.batch; ++b) p.max_rows = std::max<int64_t>(p.max_rows, p.cu_q[b + 1] - p.cu_q[b]);
+  p.max_rows = std::min(p.max_rows, p.q_block);
   p.causal = in.causal;
   p.scale = static_cast<float>(in.scale);
   p.skip = in.skip_threshold > 0 ? static_cast<float>(in.skip_threshold * kLog2e)
@@ -642,7 +650,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
   const std::vector<WorkItem> items = work_items(p, threads, &num_partials, &serial);
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t workers = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
-  std::vector<float> partial_out(num_partials * p.q_block * q_heads * dim), partial_lse(num_partials * p.q_block * q_heads);
+  // Buffers are sized by the rows that exist (a group's heads times the stacked query blocks for the Q tile), so
+  // a decode call with large query blocks does not clear megabytes it never touches.
+  std::vector<float> partial_out(num_partials * p.max_rows * q_heads * dim), partial_lse(num_partials * p.max_rows * q_heads);
+  const int64_t tile_rows = p.max_rows * (q_heads / p.kv_heads) * kMaxSpan;
   std::atomic<int64_t> tiles{0}, skipped{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attention_cpu", [&] {
     const scalar_t* new_k = p.has_fresh ? in.new_k.data_ptr<scalar_t>() : nullptr;
@@ -653,7 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
                                             partial_lse.data());
     std::atomic<int64_t> next{0};
     auto worker = [&](int64_t, int64_t) {
-      Scratch scratch(p.q_block * (q_heads / p.kv_heads) * kMaxSpan, dim);
+      Scratch scratch(tile_rows, dim);
       for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) op.run(items[i], scratch);
       tiles += scratch.tiles;
       skipped += scratch.skipped;

@@ -97,7 +97,7 @@ void decode(const CompressedDecodeInputs& in, at::Tensor& out, at::Tensor& lse) 
             to_float(v_rec + r, dim, 1, dim, 1.0f, vt.data() + j * dim);
           }
         }
-        gemm_abt_loops(group, n, dim, qf.data(), dim, RowsOf(kt.data(), dim), s.data(), kTileTokens);
+        gemm_abt(false, group, n, dim, qf.data(), dim, RowsOf(kt.data(), dim), s.data(), kTileTokens);
         softmax_update(s.data(), kTileTokens, group, n, row_max.data(), row_sum.data(), acc.data(), dim);
         gemm_ab_acc_loops(group, dim, n, s.data(), kTileTokens, RowsOf(vt.data(), dim), acc.data(), dim);
       }

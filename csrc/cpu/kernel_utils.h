@@ -354,8 +354,13 @@ void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
 // loops.
 void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
               int64_t ldc) {
-  if (m <= 4 && k % 16 == 0) {
-    if (!gemm_abt_short_fast(m, n, k, a, lda, b, c, ldc)) gemm_abt_short(m, n, k, a, lda, b, c, ldc);
+  if (k % 16 == 0 && (m <= 4 || !blas || b.ptrs)) {  // groups of four rows, 16 keys at a time
+    for (int64_t i = 0; i < m; i += 4) {
+      const int64_t rows = std::min<int64_t>(4, m - i);
+      if (!gemm_abt_short_fast(rows, n, k, a + i * lda, lda, b, c + i * ldc, ldc)) {
+        gemm_abt_short(rows, n, k, a + i * lda, lda, b, c + i * ldc, ldc);
+      }
+    }
     return;
   }
   if (!blas || m < 4 || b.ptrs) return gemm_abt_loops(m, n, k, a, lda, b, c, ldc);

@@ -210,11 +210,13 @@ def compress_kv(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, k_ke
     )
 
 
-def check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale) -> float:
+def check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale, *, check_values: bool = True) -> float:
     """Check a compressed-cache decode call; raise ValueError naming the bad argument. Returns the scale.
 
-    Values (lengths, offsets) are read only for CPU tensors: on a GPU that would synchronise every step.
+    Values (lengths, offsets) are read only for CPU tensors (on a GPU that would synchronise every step), and only
+    with ``check_values`` (callers that built them, e.g. :class:`CompressedKVCache`, skip it).
     """
+    check_values = check_values and q.device.type == "cpu"
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in CACHE_DTYPES:
         raise ValueError(f"q must be a [B, Hq, D] tensor of dtype {CACHE_DTYPES}, got "
                          f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
@@ -223,7 +225,7 @@ def check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale
     batch, q_heads, dim = q.shape
     if compressed.device != q.device:
         raise ValueError(f"compressed is on {compressed.device} but q is on {q.device}")
-    compressed.validate(check_values=q.device.type == "cpu")
+    compressed.validate(check_values=check_values)
     if compressed.batch != batch or compressed.head_dim != dim:
         raise ValueError(f"compressed holds batch {compressed.batch}, head_dim {compressed.head_dim}; "
                          f"q has {batch}, {dim}")
@@ -245,7 +247,7 @@ def check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale
         raise ValueError(f"recent_lengths must be an integer tensor [B={batch}], got {getattr(rec, 'shape', rec)}")
     if rec.device != q.device:
         raise ValueError(f"recent_lengths is on {rec.device} but q is on {q.device}")
-    if q.device.type == "cpu" and batch and not 0 <= int(rec.min()) <= int(rec.max()) <= k_recent.shape[2]:
+    if check_values and batch and not 0 <= int(rec.min()) <= int(rec.max()) <= k_recent.shape[2]:
         raise ValueError(f"recent_lengths must lie in [0, {k_recent.shape[2]}] (the window of k_recent)")
     return check_scale(scale, dim)
 
@@ -259,6 +261,7 @@ def compressed_decode_attention(
     *,
     scale: float | None = None,
     max_context: int | None = None,
+    checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q [B, Hq, D]`` over each sequence's compressed tokens followed by its dense recent
     window (``k_recent/v_recent [B, Hkv, W, D]``, ``recent_lengths [B]``), on the compressed tiles, by the compiled
@@ -266,10 +269,12 @@ def compressed_decode_attention(
 
     Returns ``out [B, Hq, D]`` (q's dtype) and ``lse`` fp32 ``[B, Hq]`` (-inf and out 0 for an empty context).
     ``max_context`` (>= every context length; GPU only) sizes the split grid without reading the lengths.
+    ``checked=True``: the caller ran :func:`check_decode_inputs` (and passes its scale).
     """
     from ..ops.extension import _int_arg, check_device, extension
 
-    scale = check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale)
+    if not checked:
+        scale = check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale)
     check_device("q", q)
     max_context = _int_arg("max_context", 0 if max_context is None else max_context, 0)
     c = compressed
@@ -362,6 +367,7 @@ class CompressedKVCache:
                 buf[:, :, :old] = getattr(self, name)
             setattr(self, name, buf)
         self.capacity = capacity
+        self._offsets = None
 
     def _compress(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k/v [Hkv, n, D]`` to sequence b's compressed tokens."""
@@ -373,16 +379,25 @@ class CompressedKVCache:
         self.comp_lengths[b] = start + n
 
     def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = self.recent_lengths[b]
-        k_win = torch.cat([self.k_recent[b, :, :n], k.to(self.dtype)], 1)
-        v_win = torch.cat([self.v_recent[b, :, :n], v.to(self.dtype)], 1)
-        recent, total = self.config.recent_tokens, k_win.shape[1]
-        if total >= recent + self.config.compress_every:  # every token that leaves the window, in one batch
+        n, t = self.recent_lengths[b], k.shape[1]
+        recent, window = self.config.recent_tokens, self.k_recent.shape[2]
+        in_place = n + t <= window
+        if in_place:  # the new tokens fit the window: written in place
+            self.k_recent[b, :, n:n + t] = k
+            self.v_recent[b, :, n:n + t] = v
+            k_win, v_win, total = self.k_recent[b], self.v_recent[b], n + t
+        else:  # a long append (a prompt): the window and the new tokens together
+            k_win = torch.cat([self.k_recent[b, :, :n], k.to(self.dtype)], 1)
+            v_win = torch.cat([self.v_recent[b, :, :n], v.to(self.dtype)], 1)
+            total = k_win.shape[1]
+        if total >= window:  # every token that leaves the window, in one batch; the newest `recent` stay dense
             self._compress(b, k_win[:, : total - recent], v_win[:, : total - recent])
-            k_win, v_win = k_win[:, total - recent:], v_win[:, total - recent:]
-        self.k_recent[b, :, : k_win.shape[1]] = k_win
-        self.v_recent[b, :, : v_win.shape[1]] = v_win
-        self.recent_lengths[b] = k_win.shape[1]
+            k_keep, v_keep = k_win[:, total - recent:total].clone(), v_win[:, total - recent:total].clone()
+            self.k_recent[b, :, :recent], self.v_recent[b, :, :recent] = k_keep, v_keep
+            total = recent
+        elif not in_place:
+            self.k_recent[b, :, :total], self.v_recent[b, :, :total] = k_win, v_win
+        self.recent_lengths[b] = total
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seq: int | None = None) -> None:
         """Append ``k/v [Hkv, T, D]`` to sequence ``seq`` (may be omitted when batch_size is 1), or
@@ -418,11 +433,13 @@ class CompressedKVCache:
 
     def compressed(self) -> CompressedKV:
         """The compressed tokens as a :class:`CompressedKV` (views of the storage, no copy)."""
-        heads, cap = self.num_kv_heads, self.capacity
-        offsets = (torch.arange(self.batch_size * heads, dtype=torch.int64, device=self.device) * cap).view(-1, heads)
+        heads = self.num_kv_heads
+        if self._offsets is None:  # slot of (sequence, head)'s first token: one region of `capacity` slots each
+            slots = torch.arange(self.batch_size * heads, dtype=torch.int64, device=self.device) * self.capacity
+            self._offsets = slots.view(-1, heads)
         lengths = torch.tensor(self.comp_lengths, dtype=torch.int32, device=self.device)
         return CompressedKV(self.k_bitmaps.view(-1), self.k_values.view(-1), self.v_bitmaps.view(-1),
-                            self.v_values.view(-1), offsets, lengths, self.head_dim, self.k_keep, self.v_keep)
+                            self.v_values.view(-1), self._offsets, lengths, self.head_dim, self.k_keep, self.v_keep)
 
     def recent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The dense window: k/v ``[B, Hkv, W, D]`` and recent_lengths int32 ``[B]``."""

@@ -80,14 +80,16 @@ def compressed_kv_attention(
     backend: str | None = None,
     return_lse: bool = False,
     max_context: int | None = None,
+    check_values: bool = True,
 ):
     """Decode attention of ``q [B, Hq, D]`` (one query per sequence) over each sequence's compressed tokens followed
     by its dense recent tokens (``k_recent/v_recent [B, Hkv, W, D]``, ``recent_lengths [B]``).
 
     Returns ``out [B, Hq, D]`` in q's dtype and, with ``return_lse``, the fp32 log-sum-exp ``[B, Hq]`` (-inf and
     out 0 for an empty context), which merges exactly with other partial results (``merge_attention_states``).
+    ``check_values=False`` skips the checks that read the offsets and lengths (for callers that built them).
     """
-    scale = check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale)
+    scale = check_decode_inputs(q, compressed, k_recent, v_recent, recent_lengths, scale, check_values=check_values)
     name = resolve_backend(backend, q.device, cuda_op=OP, has_triton=False)
     if name == "reference":
         k, v, cu_k = context_tokens(compressed, k_recent, v_recent, recent_lengths)
@@ -95,7 +97,7 @@ def compressed_kv_attention(
         out, lse = out.to(q.dtype), lse.transpose(0, 1)
     elif name == "cuda" or (q.device.type == "cpu" and extension_available(OP)):
         out, lse = compressed_decode_attention_ext(q, compressed, k_recent, v_recent, recent_lengths, scale=scale,
-                                                   max_context=max_context)
+                                                   max_context=max_context, checked=True)
     else:
         out, lse = compressed_decode_attention_torch(q, compressed, k_recent, v_recent, recent_lengths, scale)
     return (out, lse) if return_lse else out
@@ -107,5 +109,7 @@ def pruned_decode_attention(q: torch.Tensor, cache: CompressedKVCache, *, scale:
     if not isinstance(cache, CompressedKVCache):
         raise ValueError(f"cache must be a CompressedKVCache, got {type(cache).__name__}")
     k_recent, v_recent, recent_lengths = cache.recent()
+    # The cache wrote its offsets and lengths itself: only the structure is checked.
     return compressed_kv_attention(q, cache.compressed(), k_recent, v_recent, recent_lengths, scale=scale,
-                                   backend=backend, return_lse=return_lse, max_context=max(cache.lengths, default=0))
+                                   backend=backend, return_lse=return_lse, max_context=max(cache.lengths, default=0),
+                                   check_values=False)

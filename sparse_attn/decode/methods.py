@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import BlockSparseMask
+from ..ops.attention import resolve_backend
+from ..ops.extension import block_sparse_attention_cpu as block_sparse_attention_cpp
+from ..ops.extension import cpu_kernel_available, decode_select_cpu, extension_available
 from .attention import sparse_decode_attention
 from .double_sparsity import DoubleSparsityConfig, LabelCache, select_tokens
 from .kv_pruning import KVPruningConfig, pruned_decode_attention
-from .paged import as_paged_cache
 
 __all__ = ["DecodeMethod", "DoubleSparsity", "KVPruning", "DecodeState"]
 
@@ -138,6 +141,7 @@ class DoubleSparsityState(DecodeState):
         super().__init__()
         self.method = method
         self.labels: LabelCache | None = None
+        self._step: _StepTensors | None = None
 
     def reset(self) -> None:
         super().reset()
@@ -153,6 +157,10 @@ class DoubleSparsityState(DecodeState):
             self.labels = LabelCache.from_config(self.method.config, self.method.channels, batch, capacity,
                                                  dtype=k.dtype, device=k.device)
             start = 0
+        if self.labels.bits == 16:  # unquantized: the heavy channels of the new keys, copied into page b in place
+            new = k[:, :, start:].transpose(1, 2)  # [B, n, Hkv, D]
+            self.labels.labels[:, start:context] = new.gather(3, self.labels.channels.expand(*new.shape[:2], -1, -1))
+            return
         new = k[:, :, start:].transpose(1, 2).reshape(-1, k.shape[1], head_dim)  # [B * n, Hkv, D], token-major
         pages = torch.arange(batch, device=k.device)[:, None]  # sequence b owns page b
         slots = pages * self.labels.page_size + torch.arange(start, context, device=k.device)
@@ -160,16 +168,57 @@ class DoubleSparsityState(DecodeState):
 
     def attend(self, q, k, v, scale, backend):
         batch, context = q.shape[0], k.shape[2]
-        k_pages, block_table = as_paged_cache(k)
-        v_pages, _ = as_paged_cache(v)
+        k_pages, v_pages = k.transpose(1, 2), v.transpose(1, 2)  # the contiguous cache as one page per sequence
+        config = self.method.config
+        if (q.device.type == "cpu" and self.labels.bits == 16 and cpu_kernel_available()
+                and extension_available("decode_select") and resolve_backend(backend, q.device) == "cpu"):
+            # Every row holds `context` tokens, so the step's sizes are host numbers: one C++ selection pass over the
+            # labels and one attention pass over the selected tokens, with no per-layer tensor bookkeeping between.
+            step = self._step_tensors(batch, context, q.device)
+            selection = None
+            if context >= config.dense_below:
+                indices, counts = decode_select_cpu(
+                    q, self.labels.labels, self.labels.channels, step.block_table, step.seq_lens, step.budgets,
+                    config.max_token_budget(context), sink=config.sink_tokens, recent=config.recent_tokens,
+                    per_group=config.share_kv_group, reduce_max=config.group_reduce == "max")
+                selection = BlockSparseMask.from_token_indices(indices, counts, kv_len=context)
+            self.last_read = 1.0 if selection is None else min(1.0, config.token_budget(context) / max(context, 1))
+            out, lse = block_sparse_attention_cpp(
+                q, k_pages, v_pages, step.cu_seqlens_q, None, selection, False, scale, block_table=step.block_table,
+                kv_lens=step.seq_lens, q_block_size=1, checked=True)
+            return out, lse.transpose(0, 1)
+        block_table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
         seq_lens = torch.full((batch,), context, dtype=torch.int32, device=q.device)
         # The tables and lengths are built here, so their values need no checks (each would cost small tensor ops
         # per layer per token).
-        selection = select_tokens(q, self.labels, None, block_table, seq_lens, self.method.config,
-                                  max_seq_len=context, backend=backend, check_values=False)
+        selection = select_tokens(q, self.labels, None, block_table, seq_lens, config, max_seq_len=context,
+                                  backend=backend, check_values=False)
         self.last_read = 1.0 if selection is None else float(selection.kv_num_blocks.float().mean()) / context
         return sparse_decode_attention(q, k_pages, v_pages, block_table, seq_lens, selection, scale=scale,
                                        backend=backend, check_values=False)
+
+    def _step_tensors(self, batch: int, context: int, device) -> "_StepTensors":
+        """The decode step's tables for ``batch`` rows of ``context`` tokens (page b of sequence b), rebuilt only
+        when the batch changes; the lengths and budgets are refilled in place each step."""
+        step = self._step
+        if step is None or step.batch != batch or step.block_table.device != device:
+            step = self._step = _StepTensors(batch, device)
+        if step.context != context:
+            step.context = context
+            step.seq_lens.fill_(context)
+            step.budgets.fill_(self.method.config.token_budget(context))
+        return step
+
+
+class _StepTensors:
+    """Block table, cu_seqlens, lengths and budgets of a decode step over contiguous per-sequence pages."""
+
+    def __init__(self, batch: int, device):
+        self.batch, self.context = batch, -1
+        self.block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+        self.cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.budgets = torch.zeros(batch, dtype=torch.int32, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- KV pruning

@@ -145,7 +145,14 @@ def topk_tokens(
 
 
 def _int32(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return values.to(torch.int32) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int32)
+    return values.to(torch.int32) if isinstance(values, torch.Tensor) else _int32_of(tuple(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _int32_of(values: tuple[int, ...]) -> torch.Tensor:
+    """Host lengths as an int32 tensor, shared by the calls that pass the same ones (every layer of a step; the
+    kernels only read it)."""
+    return torch.tensor(values, dtype=torch.int32)
 
 
 def block_sparse_attention_cpu(
