@@ -18,26 +18,41 @@ namespace sparse_attn {
 namespace {
 
 // The key of rank `need` (1-based, need >= 1) among keys[0, n), largest first, by a radix select on 11/11/10-bit
-// digits, and how many keys equal to it are taken to make `need` (ties go to the lower index).
+// digits, and how many keys equal to it are taken to make `need` (ties go to the lower index). The first digit is
+// counted over all keys; the keys in its chosen bin (a small fraction) are copied out and the two lower digits are
+// counted over them only.
 std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_t need) {
+  thread_local std::vector<uint32_t> candidates;
   constexpr int kShifts[3] = {21, 10, 0};
   constexpr int kBits[3] = {11, 11, 10};
-  uint32_t prefix = 0, prefix_mask = 0;
-  int64_t remaining = need;  // the rank still sought among the keys that match the prefix
   int64_t hist[1 << 11];
-  for (int d = 0; d < 3; ++d) {
+  int64_t remaining = need;  // the rank still sought among the keys that match the prefix
+  std::fill(hist, hist + (1 << 11), 0);
+  for (int64_t i = 0; i < n; ++i) ++hist[keys[i] >> 21];
+  int64_t above = 0;
+  uint32_t bin = (1u << 11) - 1;
+  while (above + hist[bin] < remaining) above += hist[bin--];  // stops: the bins hold >= remaining keys
+  uint32_t prefix = bin << 21;
+  remaining -= above;
+  candidates.resize(hist[bin] + 1);  // + 1: the branch-free copy below writes one past the last candidate
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    candidates[m] = keys[i];
+    m += (keys[i] >> 21) == bin;
+  }
+  for (int d = 1; d < 3; ++d) {
     const int shift = kShifts[d];
     const uint32_t bins = 1u << kBits[d], digit_mask = bins - 1;
+    const uint32_t high_mask = ~((1u << (shift + kBits[d])) - 1);  // the digits already fixed
     std::fill(hist, hist + bins, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = keys[i];
-      hist[(key >> shift) & digit_mask] += (key & prefix_mask) == prefix;
+    for (int64_t i = 0; i < m; ++i) {
+      const uint32_t key = candidates[i];
+      hist[(key >> shift) & digit_mask] += (key & high_mask) == prefix;
     }
-    int64_t above = 0;
-    uint32_t bin = bins - 1;
-    while (above + hist[bin] < remaining) above += hist[bin--];  // stops: the bins hold >= remaining keys
+    above = 0;
+    bin = bins - 1;
+    while (above + hist[bin] < remaining) above += hist[bin--];
     prefix |= bin << shift;
-    prefix_mask |= digit_mask << shift;
     remaining -= above;
   }
   return {prefix, remaining};
