@@ -325,20 +325,24 @@ def test_per_kv_group_selection(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_pruned_slots_and_fresh_tokens(rng, dtype):
+@pytest.mark.parametrize("decode", [False, True])
+def test_pruned_slots_and_fresh_tokens(rng, dtype, decode):
     """KV-pruned page slots are unpacked inside the kernel, and the step's own tokens (new_k/new_v) replace their
-    pruned copies: the result equals attention over the unpacked context with the new tokens exact."""
+    pruned copies: the result equals attention over the unpacked context with the new tokens exact (prefill rows,
+    and decode rows, which read every KV head of a key in one pass)."""
     from sparse_attn.decode.pruned_pages import PrunedSlotFormat
 
     gen, seed = rng
-    q_lens, kv_lens, hkv, dim = [30, 1], [120, 75], 2, 64
+    q_lens, kv_lens, hkv, dim = ([30, 1], [120, 75], 2, 64) if not decode else ([1, 1, 1], [700, 33, 1], 2, 64)
     q, k, v, cu_q, cu_k = ragged(gen, q_lens, kv_lens, 4, hkv, dim, dtype)
     fmt = PrunedSlotFormat.for_sparsity(dim, 0.5, dtype)
     slots = fmt.pack(k, v)  # [Tk, Hkv, width]
     pages, _, table = paged_copy(gen, slots, slots, cu_k, 16)
     new_k = torch.cat([k[cu_k[b + 1] - n : cu_k[b + 1]] for b, n in enumerate(q_lens)])
     new_v = torch.cat([v[cu_k[b + 1] - n : cu_k[b + 1]] for b, n in enumerate(q_lens)])
-    mask = random_mask(gen, 2, 4, 30, 120, 16, 16, 0.7)
+    mask = random_mask(gen, len(q_lens), 4, max(q_lens), max(kv_lens), 16, 16, 0.7)
+    if decode:  # one selection for every head
+        mask = BlockSparseMask(mask.kv_num_blocks[:, :1], mask.kv_indices[:, :1], 16, 16, max(q_lens), max(kv_lens))
     out, lse = cpp_op(q, pages, pages, cu_q, None, mask, True, 0.125, block_table=table, kv_lens=kv_lens,
                       slot_keep=fmt.keep, new_k=new_k, new_v=new_v, checked=True)
     k_ctx, v_ctx = fmt.unpack(slots)
@@ -346,7 +350,8 @@ def test_pruned_slots_and_fresh_tokens(rng, dtype):
         k_ctx[cu_k[b + 1] - n : cu_k[b + 1]] = k[cu_k[b + 1] - n : cu_k[b + 1]]
         v_ctx[cu_k[b + 1] - n : cu_k[b + 1]] = v[cu_k[b + 1] - n : cu_k[b + 1]]
     check_against_reference(q, k_ctx, v_ctx, cu_q, cu_k, mask, True, 0.125, seed)
-    ref_out = attention_reference_varlen(q.double(), k_ctx.double(), v_ctx.double(), cu_q, cu_k, mask.expand(2, 4),
+    ref_out = attention_reference_varlen(q.double(), k_ctx.double(), v_ctx.double(), cu_q, cu_k,
+                                         mask.expand(len(q_lens), 4),
                                          True, 0.125, torch.float64)[0]
     assert (out.double() - ref_out).abs().max() < TOL[dtype], f"seed {seed}"
 
@@ -371,6 +376,7 @@ def test_decode_rows_on_pages(rng, dim, hq, hkv, pruned):
         extra = dict(slot_keep=fmt.keep)
     else:
         k_pages, v_pages, table = paged_copy(gen, k, v, cu_k, 16)
+        k_pages, v_pages = torch.cat([k_pages, v_pages], -1).split(dim, -1)  # vLLM's rows: K and V of each head
         extra = {}
     batch = len(kv_lens)
     full = BlockSparseMask.full(q_len=1, kv_len=max(kv_lens), q_block_size=1, kv_block_size=64)
@@ -378,7 +384,9 @@ def test_decode_rows_on_pages(rng, dim, hq, hkv, pruned):
     per_group = BlockSparseMask.from_block_bool(keep, q_block_size=1, kv_block_size=1, q_len=1, kv_len=max(kv_lens))
     per_head = BlockSparseMask.from_block_bool(keep.repeat_interleave(hq // hkv, 1), q_block_size=1,
                                                kv_block_size=1, q_len=1, kv_len=max(kv_lens))
-    for mask, ref_mask, causal in ((None, full, True), (per_group, per_head, False)):
+    shared = BlockSparseMask.from_block_bool(keep[:, :1], q_block_size=1, kv_block_size=1, q_len=1,
+                                             kv_len=max(kv_lens))  # one selection for every head
+    for mask, ref_mask, causal in ((None, full, True), (per_group, per_head, False), (shared, shared, False)):
         out, lse = cpp_op(q, k_pages, v_pages, cu_q, None, mask, causal, dim ** -0.5, block_table=table,
                           kv_lens=kv_lens, q_block_size=1, checked=True, **extra)
         ref_out, ref_lse = attention_reference_varlen(q.double(), k.double(), v.double(), cu_q, cu_k,

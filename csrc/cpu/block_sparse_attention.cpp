@@ -83,6 +83,9 @@ struct Problem {
   float scale;
   float skip;  // threshold skipping in log2 units (+inf: off)
   bool blas;   // products through sgemm_ (else the vectorized loops)
+  // Decode over token-major rows (the KV heads of a key side by side, as in vLLM's pages) with one mask row for
+  // every head: one item reads all KV heads of its keys, tile by tile, so memory streams whole rows.
+  bool all_kv_heads;
 
   bool dense() const { return num_blocks == nullptr; }
 
@@ -163,6 +166,7 @@ struct WorkItem {
   int32_t seq, q_block, span, head0, heads;
   int32_t slot_begin, slot_end;
   int32_t partial;
+  int32_t kv_count;  // KV groups the item covers (all of them with Problem::all_kv_heads, else 1): `heads` each
 };
 
 constexpr int64_t kMaxSpan = 4;           // query blocks stacked into one tile at most
@@ -193,13 +197,17 @@ void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks,
 struct Scratch {
   std::vector<float> q, s, acc, k, v, row_max, row_sum;
   std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
+  std::vector<const float*> k_first, v_first;  // ... of the item's first KV head, and the strides to the others
+  std::vector<int64_t> k_head_stride, v_head_stride;
   std::vector<int64_t> key_pos;
   std::vector<uint8_t> key_bits, union_bits;
   std::vector<int32_t> union_blocks;
   int64_t tiles = 0, skipped = 0;
+  float sink = 0.0f;  // the loads of touch_lines land here
   Scratch(int64_t q_rows, int64_t dim)
       : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys), v_rows(kTileKeys), key_pos(kTileKeys),
+        row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys), v_rows(kTileKeys), k_first(kTileKeys),
+        v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
         key_bits(kTileKeys) {}
 };
 
@@ -212,19 +220,22 @@ class BlockSparseAttention {
         partial_out_(partial_out), partial_lse_(partial_lse) {}
 
   void run(const WorkItem& item, Scratch& w) const {
-    const int64_t b = item.seq, kvh = item.head0 / (p_.q_heads / p_.kv_heads), dim = p_.dim;
+    const int64_t group = p_.q_heads / p_.kv_heads;
+    const int64_t b = item.seq, kvh = item.head0 / group, dim = p_.dim, kv_count = item.kv_count;
     const int64_t span = item.span;
     BlockGeometry g[kMaxSpan];
     for (int64_t i = 0; i < span; ++i) g[i] = geometry(p_, b, item.q_block + i);
     const int64_t rows = g[0].rows, key_end = g[span - 1].key_end;  // stacked blocks are full: equal rows
-    const int64_t m = item.heads * span * rows;  // Q tile: [head][query block][row]
+    const int64_t m = item.heads * span * rows;  // Q tile of one KV group: [head][query block][row]
 
-    std::fill(w.row_max.begin(), w.row_max.begin() + m, kNegInf);
-    std::fill(w.row_sum.begin(), w.row_sum.begin() + m, 0.0f);
-    std::fill(w.acc.begin(), w.acc.begin() + m * dim, 0.0f);
-    for (int64_t j = 0; j < item.heads; ++j) {
-      to_float(q_ + g[0].q_start * p_.q_stride_t + (item.head0 + j) * p_.q_stride_h, p_.q_stride_t, span * rows, dim,
-               p_.scale * kLog2e, w.q.data() + j * span * rows * dim);
+    std::fill(w.row_max.begin(), w.row_max.begin() + kv_count * m, kNegInf);
+    std::fill(w.row_sum.begin(), w.row_sum.begin() + kv_count * m, 0.0f);
+    std::fill(w.acc.begin(), w.acc.begin() + kv_count * m * dim, 0.0f);
+    for (int64_t c = 0; c < kv_count; ++c) {  // KV group c's rows follow group c - 1's
+      for (int64_t j = 0; j < item.heads; ++j) {
+        to_float(q_ + g[0].q_start * p_.q_stride_t + (item.head0 + c * group + j) * p_.q_stride_h, p_.q_stride_t,
+                 span * rows, dim, p_.scale * kLog2e, w.q.data() + (c * m + j * span * rows) * dim);
+      }
     }
 
     // The blocks to read: one mask row, or the union of the stacked rows with their membership bits.
@@ -245,11 +256,13 @@ class BlockSparseAttention {
       const T* v;
       int64_t k_stride, v_stride;
       bool pruned;
+      int64_t k_head_stride, v_head_stride;
     };
     const Source cached{k_ + kvh * p_.k_stride_h, v_ + kvh * p_.v_stride_h, p_.k_stride_t, p_.v_stride_t,
-                        p_.slot_keep > 0};
+                        p_.slot_keep > 0, p_.k_stride_h, p_.v_stride_h};
     const Source fresh{p_.has_fresh ? new_k_ + kvh * p_.nk_stride_h : nullptr,
-                       p_.has_fresh ? new_v_ + kvh * p_.nv_stride_h : nullptr, p_.nk_stride_t, p_.nv_stride_t, false};
+                       p_.has_fresh ? new_v_ + kvh * p_.nv_stride_h : nullptr, p_.nk_stride_t, p_.nv_stride_t, false,
+                       p_.nk_stride_h, p_.nv_stride_h};
     const int64_t fresh_from = p_.fresh_start(b), fresh_row0 = p_.has_fresh ? p_.cu_q[b] - fresh_from : 0;
     // Short Q tiles (decode: the heads of one KV group, one row each) read fp32 keys and values where they lie,
     // through one pointer per key: a product of so few rows is bound by the bytes of K and V, which a copy into the
@@ -260,13 +273,29 @@ class BlockSparseAttention {
     // unpacked when the tile is full, the slots 16 keys ahead prefetched: a page holds few keys, so only the tile's
     // pointer list sees far enough ahead.
     const bool unpack_late = direct && cached.pruned && unpack_kv_slot_fast(p_.dim);
+    const int64_t tile_keys = kTileKeys;
     auto flush = [&] {
       if (gathered == 0) return;
-      if (direct) {
+      if (direct && kv_count > 1) {  // the tile's keys for every KV group in turn: the same rows, other columns
+        std::copy(w.k_rows.begin(), w.k_rows.begin() + gathered, w.k_first.begin());
+        std::copy(w.v_rows.begin(), w.v_rows.begin() + gathered, w.v_first.begin());
+        // Every KV group reads other columns of the same rows, one strided pass each: the rows are first read
+        // once as a sequential stream (one load per cache line), which the hardware prefetchers follow, so those
+        // passes find them in L2.
+        for (int64_t i = 0; i < gathered; ++i) w.sink += touch_lines(w.k_first[i], kv_count * w.k_head_stride[i]);
+        for (int64_t c = 0; c < kv_count; ++c) {
+          for (int64_t i = 0; i < gathered; ++i) {
+            w.k_rows[i] = w.k_first[i] + c * w.k_head_stride[i];
+            w.v_rows[i] = w.v_first[i] == nullptr ? nullptr : w.v_first[i] + c * w.v_head_stride[i];
+          }
+          if (unpack_late) unpack_tile(gathered, w);
+          tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w, c * m);
+        }
+      } else if (direct) {
         if (unpack_late) unpack_tile(gathered, w);
-        tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w);
+        tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w, 0);
       } else {
-        tile(item, g, gathered, RowsOf(w.k.data(), dim), RowsOf(w.v.data(), dim), w);
+        tile(item, g, gathered, RowsOf(w.k.data(), dim), RowsOf(w.v.data(), dim), w, 0);
       }
       gathered = 0;
     };
@@ -283,9 +312,11 @@ class BlockSparseAttention {
           for (int64_t off = 0; off < run_len; ++off) {
             w.k_rows[gathered] = src.k + (run_row + off) * src.k_stride;
             w.v_rows[gathered] = src.pruned ? nullptr : src.v + (run_row + off) * src.v_stride;
+            w.k_head_stride[gathered] = src.k_head_stride;
+            w.v_head_stride[gathered] = src.v_head_stride;
             w.key_pos[gathered] = run_start + off;
             w.key_bits[gathered] = run_bits;
-            if (++gathered == kTileKeys) flush();
+            if (++gathered == tile_keys) flush();
           }
           run_len = 0;
           return;
@@ -298,7 +329,7 @@ class BlockSparseAttention {
           std::iota(w.key_pos.begin(), w.key_pos.begin() + n, run_start + off);
           std::fill(w.key_bits.begin(), w.key_bits.begin() + n, run_bits);
           tile(item, g, n, RowsOf(reinterpret_cast<const float*>(src.k) + (run_row + off) * src.k_stride, src.k_stride),
-               RowsOf(reinterpret_cast<const float*>(src.v) + (run_row + off) * src.v_stride, src.v_stride), w);
+               RowsOf(reinterpret_cast<const float*>(src.v) + (run_row + off) * src.v_stride, src.v_stride), w, 0);
         }
       } else {
         for (int64_t off = 0; off < run_len;) {
@@ -345,8 +376,10 @@ class BlockSparseAttention {
     }
     consume();
     flush();
-    for (int64_t j = 0; j < item.heads; ++j) {
-      for (int64_t i = 0; i < span; ++i) finish(item, g[i], item.head0 + j, (j * span + i) * rows, w);
+    for (int64_t c = 0; c < kv_count; ++c) {
+      for (int64_t j = 0; j < item.heads; ++j) {
+        for (int64_t i = 0; i < span; ++i) finish(item, g[i], item.head0 + c * group + j, c * m + (j * span + i) * rows, w);
+      }
     }
   }
 
@@ -370,10 +403,12 @@ class BlockSparseAttention {
 
   // One tile of n keys (rows of k/v with leading dimensions ldk/ldv; logical positions in w.key_pos, ascending;
   // the stacked query blocks that keep each key in w.key_bits) for the item's Q tile.
-  void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, RowsOf k, RowsOf v, Scratch& w) const {
+  // The Q tile and its softmax state start at row `row0` of the scratch (the item's KV group).
+  void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, RowsOf k, RowsOf v, Scratch& w,
+            int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
-    gemm_abt(p_.blas, m, n, dim, w.q.data(), dim, k, s, kTileKeys);
+    gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys);
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
       const uint8_t bit = uint8_t(1u << i);
@@ -386,11 +421,12 @@ class BlockSparseAttention {
       }
     }
     ++w.tiles;
-    if (!softmax_update(s, kTileKeys, m, n, w.row_max.data(), w.row_sum.data(), w.acc.data(), dim, p_.skip)) {
+    if (!softmax_update(s, kTileKeys, m, n, w.row_max.data() + row0, w.row_sum.data() + row0,
+                        w.acc.data() + row0 * dim, dim, p_.skip)) {
       ++w.skipped;
       return;
     }
-    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data(), dim);
+    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim);
   }
 
   // Writes out = acc / l and lse for the rows of query block g of head h, held at row `tile_row` of the Q tile: into
@@ -423,7 +459,7 @@ class BlockSparseAttention {
     const BlockGeometry g = geometry(p_, item.seq, item.q_block);
     const int64_t dim = p_.dim;
     std::vector<float> acc(dim);
-    for (int64_t j = 0; j < item.heads; ++j) {
+    for (int64_t j = 0; j < item.heads * item.kv_count; ++j) {  // an item's heads are consecutive
       for (int64_t r = 0; r < g.rows; ++r) {
         const int64_t local = j * g.rows + r;
         float top = kNegInf;
@@ -493,6 +529,15 @@ std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num
     const int64_t q_len = p.cu_q[b + 1] - p.cu_q[b];
     const int64_t nq = (q_len + p.q_block - 1) / p.q_block;
     const int64_t full = q_len / p.q_block;  // query blocks of q_block rows (only those are stacked)
+    if (p.all_kv_heads) {  // one item per query block for every head (they share one mask row)
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t rows = std::min(p.q_block, q_len - i * p.q_block), count = mask_row(p, b, 0, i).count;
+        items.push_back({(count * p.kv_block + 1) * rows * p.q_heads, static_cast<int32_t>(b), static_cast<int32_t>(i),
+                         1, 0, static_cast<int32_t>(group), 0, static_cast<int32_t>(count), -1,
+                         static_cast<int32_t>(p.kv_heads)});
+      }
+      continue;
+    }
     for (int64_t gq = 0; gq < p.kv_heads; ++gq) {
       const int64_t h0 = gq * group;
       for (int64_t i = 0; i < nq;) {
@@ -534,7 +579,7 @@ std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num
           }
           items.push_back({(count * p.kv_block + 1) * rows * heads * span, static_cast<int32_t>(b),
                            static_cast<int32_t>(i), static_cast<int32_t>(span), static_cast<int32_t>(h),
-                           static_cast<int32_t>(heads), 0, static_cast<int32_t>(count), -1});
+                           static_cast<int32_t>(heads), 0, static_cast<int32_t>(count), -1, 1});
         }
         i += span;
       }
@@ -638,6 +683,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
   p.max_rows = 0;
   for (int64_t b = 0; b < p.batch; ++b) p.max_rows = std::max<int64_t>(p.max_rows, p.cu_q[b + 1] - p.cu_q[b]);
   p.max_rows = std::min(p.max_rows, p.q_block);
+  // Items over all KV heads: short Q tiles read in place (fp32; pruned slots unpacked per tile), one mask row for
+  // every head, and rows holding the KV heads of a key side by side (a head's stride below a key's).
+  const int64_t group = q_heads / p.kv_heads;
+  p.all_kv_heads = q.scalar_type() == at::kFloat && p.kv_heads > 1 && p.max_rows * group <= kDirectMaxRows &&
+                   (in.kv_num_blocks.defined() ? in.kv_num_blocks.size(1) == 1 : true) &&
+                   p.k_stride_h < p.k_stride_t && (p.slot_keep == 0 || unpack_kv_slot_fast(dim));
   p.causal = in.causal;
   p.scale = static_cast<float>(in.scale);
   p.skip = in.skip_threshold > 0 ? static_cast<float>(in.skip_threshold * kLog2e)
@@ -650,10 +701,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
   const std::vector<WorkItem> items = work_items(p, threads, &num_partials, &serial);
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t workers = serial ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
-  // Buffers are sized by the rows that exist (a group's heads times the stacked query blocks for the Q tile), so
-  // a decode call with large query blocks does not clear megabytes it never touches.
+  // Buffers are sized by the rows that exist (a group's heads times the stacked query blocks for the Q tile, or
+  // every head's rows for items over all KV heads), so a decode call with large query blocks does not clear
+  // megabytes it never touches.
   std::vector<float> partial_out(num_partials * p.max_rows * q_heads * dim), partial_lse(num_partials * p.max_rows * q_heads);
-  const int64_t tile_rows = p.max_rows * (q_heads / p.kv_heads) * kMaxSpan;
+  const int64_t tile_rows = p.max_rows * std::max(q_heads / p.kv_heads * kMaxSpan, p.all_kv_heads ? q_heads : 0);
   std::atomic<int64_t> tiles{0}, skipped{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attention_cpu", [&] {
     const scalar_t* new_k = p.has_fresh ? in.new_k.data_ptr<scalar_t>() : nullptr;

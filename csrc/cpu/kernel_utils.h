@@ -165,6 +165,14 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
 }
 #endif
 
+// Loads one float of every 64-byte line of the n floats at p and returns their sum: brings a run of memory through
+// the caches as one sequential stream, which the hardware prefetchers follow at full bandwidth.
+inline float touch_lines(const float* p, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t e = 0; e < n; e += 16) sum += p[e];
+  return sum;
+}
+
 // C[M, N] = A[M, K] B[N, K]^T for short A (M <= 4: decode's heads of one KV group) and K a multiple of 16: each B
 // row is loaded once for all rows, dot products are kept as 16 lanes and summed as trees. Decode reads B (the keys)
 // from scattered pages, so the rows `lookahead` keys ahead are prefetched.
