@@ -3,7 +3,7 @@ token and output tokens/s, vLLM's own attention backend and ours (dense setting 
 
     python -m bench.e2e_vllm --out DIR [--contexts 1024,4096] [--output-tokens 32]
                              [--methods dense,dense_kernel,head_proxy,vertical_slash,a_shape] [--depth 0.5]
-                             [--repeats 1] [--timeout 1200] [--plan PLAN.json]
+                             [--repeats 1] [--timeout 1200] [--plan PLAN.json] [--batch 1]
 
 writes ``DIR/e2e_vllm.json``, ``DIR/e2e_vllm.md`` and each engine's log under ``DIR/e2e_vllm_logs/``.
 
@@ -11,7 +11,10 @@ Each configuration runs in its own process (:mod:`bench.vllm_worker`, one engine
 freed when it exits) with the offline ``LLM`` API: greedy, batch 1, prefix caching off (every prompt is prefilled
 in full), one scheduler step per prompt (``max_num_batched_tokens`` >= the prompt). The prompts are passkey prompts
 (:func:`sparse_attn.models.make_passkey_prompt`, key at ``--depth``), so the greedy outputs also say whether each
-configuration still finds the key. Configurations (:mod:`bench.methods`):
+configuration still finds the key. ``--batch N`` serves N prompts of each length together (each with its own key; the
+engine runs up to N sequences, so their decode steps are batched): TTFT and TPOT are the medians over the requests
+and output tokens/s is the batch's output tokens over the wall time of the whole generate. Configurations
+(:mod:`bench.methods`):
 
 - ``dense``: vLLM's own backend (CPU_ATTN on a CPU, FLASH_ATTN on a GPU), the baseline of every ratio;
 - ``dense_kernel``: our ``sparse`` backend with the dense pattern for prefill and decode;
@@ -76,6 +79,7 @@ class Settings:
     repeats: int = 1
     time_budget_s: float | None = None
     plan: str | None = None
+    batch: int = 1
 
     def __post_init__(self):
         if "dense" not in self.methods:
@@ -91,6 +95,8 @@ class Settings:
             raise ValueError(f"depth must lie in [0, 1], got {self.depth}")
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not 1 <= self.batch <= 64:
+            raise ValueError(f"batch must be an int in [1, 64], got {self.batch!r}")
         if self.plan is not None:
             from sparse_attn.planner import load_plan
 
@@ -148,9 +154,12 @@ def prompts(model_dir: str, s: Settings) -> tuple[list[dict], str]:
     from sparse_attn.models.smollm2 import make_passkey_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    made = [dict(context=c, key=PASSKEY, prompt=make_passkey_prompt(tokenizer, c, s.depth, PASSKEY)) for c in s.contexts]
-    for p in made:
-        p["tokens"] = len(tokenizer(p["prompt"])["input_ids"])
+    made = []
+    for c in s.contexts:  # the batch's prompts differ only in their keys
+        keys = [PASSKEY + i for i in range(s.batch)]
+        batch = [make_passkey_prompt(tokenizer, c, s.depth, key) for key in keys]
+        made.append(dict(context=c, key=PASSKEY, prompt=batch[0], keys=keys, prompts=batch,
+                         tokens=max(len(tokenizer(p)["input_ids"]) for p in batch)))
     warmup = make_passkey_prompt(tokenizer, 64, 0.5, 11111)
     return made, warmup
 
@@ -161,9 +170,11 @@ def run_config(config: dict, model_dir: str, made: list[dict], warmup: str, s: S
     max_len = min(MAX_POSITIONS, max(p["tokens"] for p in made) + s.output_tokens + 64)
     worker_config = dict(name=config["name"], model=model_dir, attention_backend=config["attention_backend"],
                          additional_config=config["additional_config"], kvcache_space_gib=s.kvcache_space_gib,
-                         engine_args=dict(ENGINE_ARGS, max_model_len=max_len, max_num_batched_tokens=max_len),
+                         engine_args=dict(ENGINE_ARGS, max_model_len=max_len, max_num_batched_tokens=max_len,
+                                          max_num_seqs=s.batch),
                          output_tokens=s.output_tokens, repeats=s.repeats, warmup_prompt=warmup,
-                         prompts=[dict(context=p["context"], key=p["key"], prompt=p["prompt"]) for p in made])
+                         prompts=[dict(context=p["context"], key=p["key"], prompt=p["prompt"], keys=p["keys"],
+                                       prompts=p["prompts"]) for p in made])
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{config['name']}.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(s.kvcache_space_gib))
@@ -253,9 +264,14 @@ def markdown(payload: dict) -> str:
     s = payload["settings"]
     notes: list[str] = []
     lines = [title, "", common.environment_line(payload) + f" · vLLM {payload['versions'].get('vllm')}", "",
-             f"Offline `LLM` API, one engine process per configuration, batch 1, greedy, {s['output_tokens']} output "
-             f"tokens, prefix caching off, median of {s.get('repeats', 1)} run(s) per prompt; passkey prompts (key {s['passkey']} at depth {s['depth']:.0%}). "
-             "Ratios: dense (vLLM's own backend) time / this time, same run; `same` = greedy tokens identical to "
+             f"Offline `LLM` API, one engine process per configuration, batch {s.get('batch', 1)}, greedy, "
+             f"{s['output_tokens']} output tokens, prefix caching off, median of {s.get('repeats', 1)} run(s) per "
+             f"prompt; passkey prompts (key {s['passkey']} at depth {s['depth']:.0%}"
+             + (f"; the batch's prompts hold keys {s['passkey']}..{s['passkey'] + s['batch'] - 1}" if s.get("batch", 1) > 1
+                else "") + "). "
+             + ("TTFT and TPOT: medians over the batch's requests; output tok/s: the batch's output tokens over the "
+                "wall time of its generate. " if s.get("batch", 1) > 1 else "")
+             + "Ratios: dense (vLLM's own backend) time / this time, same run; `same` = greedy tokens identical to "
              "dense.", ""]
     table = []
     for r in payload["results"]:
@@ -268,7 +284,7 @@ def markdown(payload: dict) -> str:
                       f"{common.fmt(r['ttft_s'] * 1e3)} ms", prefill._ratio(vs.get("ttft_speedup")),
                       f"{common.fmt(r['tpot_s'] * 1e3)} ms" if r.get("tpot_s") else "–",
                       prefill._ratio(vs.get("tpot_speedup")), common.fmt(r.get("output_tokens_per_s")),
-                      "yes" if r.get("retrieved") else "no",
+                      _found(r),
                       "–" if not vs else ("yes" if vs.get("same_tokens") else "no")])
     lines.append(common.markdown_table(["method", "setting", "context (prompt tokens)", "TTFT", "TTFT vs dense",
                                         "TPOT", "TPOT vs dense", "output tok/s", "key found", "same"], table))
@@ -284,6 +300,13 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def _found(row: dict) -> str:
+    found = row.get("retrieved")
+    if isinstance(found, list):  # a batch: keys found of the batch's
+        return f"{sum(found)}/{len(found)}"
+    return "yes" if found else "no"
+
+
 def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e_vllm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -296,11 +319,12 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--repeats", type=int, default=1, help="runs per prompt; times are their medians")
     parser.add_argument("--time-budget", type=float, help="seconds; configurations after it are recorded as skipped")
     parser.add_argument("--plan", help="also run this planner plan (e.g. sparse_attn.planner.SMOLLM2_PLAN's file)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts served together per context")
     args = parser.parse_args(argv)
     settings = Settings(contexts=common.parse_list(args.contexts), output_tokens=args.output_tokens,
                         methods=[m for m in args.methods.split(",") if m], depth=args.depth, timeout_s=args.timeout,
                         kvcache_space_gib=args.kvcache_space, repeats=args.repeats, time_budget_s=args.time_budget,
-                        plan=args.plan)
+                        plan=args.plan, batch=args.batch)
     return settings, args.out
 
 

@@ -79,3 +79,29 @@ def test_one_real_engine_run(tmp_path):
     assert json.loads((tmp_path / "e2e_vllm.json").read_text())["results"][0]["ttft_s"] == result["ttft_s"]
     assert report.render(payload) == (tmp_path / "e2e_vllm.md").read_text().strip()
     assert plots.plot_e2e_vllm(payload, tmp_path / "e2e_vllm.png") is None  # nothing but the baseline to plot
+
+
+def test_batch_rows_render_keys_found_of_the_batch():
+    rows = [dict(row("dense", 1024, 0.5, 0.02, [[1, 2], [3, 4]], 8.0), retrieved=[True, True]),
+            dict(row("default", 1024, 0.4, 0.01, [[1, 2], [3, 5]], 12.0), retrieved=[True, False])]
+    e2e_vllm.ratios(rows)
+    assert rows[1]["vs_dense"]["tokens_per_s_ratio"] == 1.5 and not rows[1]["vs_dense"]["same_tokens"]
+    payload = {"benchmark": "e2e_vllm", "status": "ok", "device": {"name": "cpu"}, "commit": {"sha": "abc"},
+               "versions": {"torch": "x", "sparse_attn": "y", "vllm": "0.32.0"}, "timestamp": "t",
+               "settings": dict(output_tokens=2, passkey=7, depth=0.5, batch=2), "configs": [], "results": rows}
+    table = report.render(payload)
+    assert "batch 2" in table and "keys 7..8" in table and "| 1/2 | no |" in table
+    with pytest.raises(ValueError, match="batch"):
+        e2e_vllm.Settings(batch=0)
+
+
+@pytest.mark.skipif(not HAS_VLLM and not REQUIRE_VLLM, reason="vLLM is not installed")
+def test_a_real_batch_is_served_together(tmp_path):
+    settings = e2e_vllm.Settings(contexts=[200], output_tokens=6, methods=["dense"], batch=3, timeout_s=300)
+    payload = e2e_vllm.run(settings, tmp_path)
+    (result,) = payload["results"]
+    assert result["status"] == "ok", payload["configs"]
+    assert len(result["token_ids"]) == 3 and all(len(t) == 6 for t in result["token_ids"])
+    assert result["output_tokens"] == 18 and result["retrieved"] == [True, True, True], result["text"]
+    assert result["ttft_s"] > 0 and result["tpot_s"] > 0
+    assert result["output_tokens_per_s"] == pytest.approx(18 / result["generate_s"])
