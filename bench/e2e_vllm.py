@@ -231,6 +231,8 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
                "settings": dict(asdict(settings), engine_args=ENGINE_ARGS, model="SmolLM2-135M-Instruct",
                                 prompt_tokens={p["context"]: p["tokens"] for p in made}, passkey=PASSKEY),
                "configs": configs}
+    if settings.batch > 1:  # its own README table beside the batch-1 one
+        payload["table"] = f"{NAME}_batch{settings.batch}"
     rows = []
     for config in common.progress(configs, desc="e2e-vllm", unit="engine"):
         measured: dict[int, dict] = {}

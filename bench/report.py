@@ -34,12 +34,13 @@ def render(payload: dict) -> str:
 
 
 def render_dir(results_dir: Path | str) -> dict[str, str]:
-    """``{benchmark name: markdown}`` for every result file in ``results_dir`` (files of other kinds are skipped)."""
+    """``{table name: markdown}`` for every result file in ``results_dir`` (files of other kinds are skipped); the
+    table name is the payload's ``table``, else its benchmark name."""
     tables = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         payload = common.read_json(path)
-        if payload.get("benchmark") in RENDERERS:
-            tables[payload["benchmark"]] = render(payload)
+        if payload.get("benchmark") in RENDERERS:  # a result may name its own table (e.g. one benchmark, two batches)
+            tables[payload.get("table") or payload["benchmark"]] = render(payload)
     return tables
 
 

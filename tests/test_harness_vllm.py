@@ -105,3 +105,4 @@ def test_a_real_batch_is_served_together(tmp_path):
     assert result["output_tokens"] == 18 and result["retrieved"] == [True, True, True], result["text"]
     assert result["ttft_s"] > 0 and result["tpot_s"] > 0
     assert result["output_tokens_per_s"] == pytest.approx(18 / result["generate_s"])
+    assert payload["table"] == "e2e_vllm_batch3" and "batch 3" in report.render_dir(tmp_path)["e2e_vllm_batch3"]
