@@ -271,8 +271,9 @@ def markdown(payload: dict) -> str:
              f"prompt; passkey prompts (key {s['passkey']} at depth {s['depth']:.0%}"
              + (f"; the batch's prompts hold keys {s['passkey']}..{s['passkey'] + s['batch'] - 1}" if s.get("batch", 1) > 1
                 else "") + "). "
-             + ("TTFT and TPOT: medians over the batch's requests; output tok/s: the batch's output tokens over the "
-                "wall time of its generate. " if s.get("batch", 1) > 1 else "")
+             + ("TTFT and TPOT: medians over the batch's requests, which share the engine's steps (a request's TPOT "
+                "includes the steps that prefill the others); output tok/s: the batch's output tokens over the wall "
+                "time of its generate. " if s.get("batch", 1) > 1 else "")
              + "Ratios: dense (vLLM's own backend) time / this time, same run; `same` = greedy tokens identical to "
              "dense.", ""]
     table = []
