@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "../ops.h"
+#include "kernel_utils.h"
 
 namespace sparse_attn {
 
@@ -34,31 +35,72 @@ void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const at::Tensor&
 
 namespace {
 
+// The keep-th largest of key[0, dim) (1 <= keep <= dim): the largest t with at least `keep` keys >= t, built bit by
+// bit from the top.
+#if defined(__x86_64__) && defined(__GNUC__)
+// kth_largest_key for dim a multiple of 16 (at most 256) on AVX-512: each pass is one compare and popcount per 16 keys.
+SPARSE_ATTN_AVX512 uint32_t kth_largest_key_avx512(const uint32_t* key, int64_t dim, int64_t keep) {
+  __m512i keys[16];
+  const int64_t n = dim / 16;
+  for (int64_t j = 0; j < n; ++j) keys[j] = _mm512_loadu_si512(key + 16 * j);
+  uint32_t threshold = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t candidate = threshold | (1u << bit);
+    const __m512i c = _mm512_set1_epi32(static_cast<int>(candidate));
+    int64_t at_least = 0;
+    for (int64_t j = 0; j < n; ++j) at_least += __builtin_popcount(_mm512_cmpge_epu32_mask(keys[j], c));
+    if (at_least >= keep) threshold = candidate;
+  }
+  return threshold;
+}
+#endif
+
+SPARSE_ATTN_ISA_CLONES
+uint32_t kth_largest_key(const uint32_t* key, int64_t dim, int64_t keep) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (dim % 16 == 0 && dim <= 256 && has_avx512()) return kth_largest_key_avx512(key, dim, keep);
+#endif
+  uint32_t threshold = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t candidate = threshold | (1u << bit);
+    int32_t at_least = 0;
+    for (int64_t c = 0; c < dim; ++c) at_least += key[c] >= candidate;
+    if (at_least >= keep) threshold = candidate;
+  }
+  return threshold;
+}
+
 // Prunes one vector x[0, dim) to its `keep` largest magnitudes (ties: the lower channel; NaN ranks above every
 // number, as in a descending torch.sort) and writes the kept values in channel order to `values` and the keep
-// bitmap (bit c % 8 of byte c / 8) to `bits`.
+// bitmap (bit c % 8 of byte c / 8) to `bits`. Magnitudes compare as their IEEE bits (monotonic for |x| >= 0; NaN as
+// the largest key). The keep-th largest key is built bit by bit from the top (the largest t with at least `keep`
+// keys >= t: 32 counting passes, which vectorize), then one pass in channel order takes the keys above it and as many
+// equal to it as fill `keep`.
 template <typename T>
 void prune_vector(const T* x, int64_t dim, int64_t keep, T* values, uint8_t* bits) {
-  int32_t order[256];
-  float mag[256];
+  uint32_t key[256];
   for (int64_t c = 0; c < dim; ++c) {
     const float a = std::fabs(static_cast<float>(x[c]));
-    mag[c] = a != a ? std::numeric_limits<float>::infinity() : a;
-    order[c] = static_cast<int32_t>(c);
+    uint32_t k;
+    std::memcpy(&k, &a, sizeof(k));
+    key[c] = a != a ? std::numeric_limits<uint32_t>::max() : k;
   }
-  auto before = [&](int32_t i, int32_t j) {  // the kept order: NaN, then larger |x|, then the lower channel
-    const bool ni = x[i] != x[i], nj = x[j] != x[j];
-    if (ni != nj) return ni;
-    return mag[i] != mag[j] ? mag[i] > mag[j] : i < j;
-  };
-  if (keep < dim) std::nth_element(order, order + keep, order + dim, before);
-  bool kept[256] = {};
-  for (int64_t i = 0; i < keep; ++i) kept[order[i]] = true;
+  uint32_t threshold = 0;
+  int64_t ties = dim;  // keys equal to the threshold still to take
+  if (keep < dim) {
+    threshold = kth_largest_key(key, dim, keep);
+    int64_t above = 0;
+    for (int64_t c = 0; c < dim; ++c) above += key[c] > threshold;
+    ties = keep - above;
+  }
   std::memset(bits, 0, (dim + 7) / 8);
-  for (int64_t c = 0, w = 0; c < dim; ++c) {
-    if (!kept[c]) continue;
-    values[w++] = x[c];
-    bits[c / 8] |= uint8_t(1u << (c % 8));
+  for (int64_t c = 0, w = 0; c < dim; ++c) {  // branch-free: about half the channels are taken, in no pattern
+    const bool above = key[c] > threshold, equal = key[c] == threshold && ties > 0;
+    const bool take = above || equal;
+    ties -= equal;
+    values[std::min<int64_t>(w, keep - 1)] = take ? x[c] : values[std::min<int64_t>(w, keep - 1)];
+    w += take;
+    bits[c / 8] |= uint8_t(uint32_t{take} << (c % 8));
   }
 }
 
