@@ -273,7 +273,6 @@ class BlockSparseAttention {
     // unpacked when the tile is full, the slots 16 keys ahead prefetched: a page holds few keys, so only the tile's
     // pointer list sees far enough ahead.
     const bool unpack_late = direct && cached.pruned && unpack_kv_slot_fast(p_.dim);
-    const int64_t tile_keys = kTileKeys;
     auto flush = [&] {
       if (gathered == 0) return;
       if (direct && kv_count > 1) {  // the tile's keys for every KV group in turn: the same rows, other columns
@@ -316,7 +315,7 @@ class BlockSparseAttention {
             w.v_head_stride[gathered] = src.v_head_stride;
             w.key_pos[gathered] = run_start + off;
             w.key_bits[gathered] = run_bits;
-            if (++gathered == tile_keys) flush();
+            if (++gathered == kTileKeys) flush();
           }
           run_len = 0;
           return;

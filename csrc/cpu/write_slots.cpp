@@ -35,8 +35,6 @@ void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const at::Tensor&
 
 namespace {
 
-// The keep-th largest of key[0, dim) (1 <= keep <= dim): the largest t with at least `keep` keys >= t, built bit by
-// bit from the top.
 #if defined(__x86_64__) && defined(__GNUC__)
 // kth_largest_key for dim a multiple of 16 (at most 256) on AVX-512: each pass is one compare and popcount per 16 keys.
 SPARSE_ATTN_AVX512 uint32_t kth_largest_key_avx512(const uint32_t* key, int64_t dim, int64_t keep) {
@@ -55,6 +53,8 @@ SPARSE_ATTN_AVX512 uint32_t kth_largest_key_avx512(const uint32_t* key, int64_t 
 }
 #endif
 
+// The keep-th largest of key[0, dim) (1 <= keep <= dim): the largest t with at least `keep` keys >= t, built bit by
+// bit from the top.
 SPARSE_ATTN_ISA_CLONES
 uint32_t kth_largest_key(const uint32_t* key, int64_t dim, int64_t keep) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -73,9 +73,8 @@ uint32_t kth_largest_key(const uint32_t* key, int64_t dim, int64_t keep) {
 // Prunes one vector x[0, dim) to its `keep` largest magnitudes (ties: the lower channel; NaN ranks above every
 // number, as in a descending torch.sort) and writes the kept values in channel order to `values` and the keep
 // bitmap (bit c % 8 of byte c / 8) to `bits`. Magnitudes compare as their IEEE bits (monotonic for |x| >= 0; NaN as
-// the largest key). The keep-th largest key is built bit by bit from the top (the largest t with at least `keep`
-// keys >= t: 32 counting passes, which vectorize), then one pass in channel order takes the keys above it and as many
-// equal to it as fill `keep`.
+// the largest key): after kth_largest_key, one pass in channel order takes the keys above the keep-th largest and as
+// many equal to it as fill `keep`.
 template <typename T>
 void prune_vector(const T* x, int64_t dim, int64_t keep, T* values, uint8_t* bits) {
   uint32_t key[256];
@@ -94,13 +93,10 @@ void prune_vector(const T* x, int64_t dim, int64_t keep, T* values, uint8_t* bit
     ties = keep - above;
   }
   std::memset(bits, 0, (dim + 7) / 8);
-  for (int64_t c = 0, w = 0; c < dim; ++c) {  // branch-free: about half the channels are taken, in no pattern
-    const bool above = key[c] > threshold, equal = key[c] == threshold && ties > 0;
-    const bool take = above || equal;
-    ties -= equal;
-    values[std::min<int64_t>(w, keep - 1)] = take ? x[c] : values[std::min<int64_t>(w, keep - 1)];
-    w += take;
-    bits[c / 8] |= uint8_t(uint32_t{take} << (c % 8));
+  for (int64_t c = 0, w = 0; c < dim; ++c) {
+    if (key[c] < threshold || (key[c] == threshold && ties-- <= 0)) continue;
+    values[w++] = x[c];
+    bits[c / 8] |= uint8_t(1u << (c % 8));
   }
 }
 

@@ -42,8 +42,8 @@ from .attention import check_block_table
 from .paged import write_tokens
 
 __all__ = [
-    "DoubleSparsityConfig", "LabelCache", "calibrate_heavy_channels", "select_tokens", "label_scores",
-    "topk_token_indices", "quantize_labels", "dequantize_labels",
+    "DoubleSparsityConfig", "LabelCache", "calibrate_heavy_channels", "select_tokens", "select_tokens_cpu",
+    "label_scores", "topk_token_indices", "quantize_labels", "dequantize_labels",
 ]
 
 LABEL_BITS = (16, 8, 4)
@@ -396,11 +396,21 @@ def select_tokens(
     width = config.max_token_budget(max_seq_len)
     if (q.device.type == "cpu" and label_cache.bits == 16 and resolve_backend(backend, q.device) == "cpu"
             and extension.extension_available("decode_select")):  # scores and top-k in one pass over the pages
-        indices, counts = extension.decode_select_cpu(
-            q, label_cache.labels, label_cache.channels, block_table, seq_lens, budgets, width,
-            sink=config.sink_tokens, recent=config.recent_tokens, per_group=config.share_kv_group,
-            reduce_max=config.group_reduce == "max")
-        return BlockSparseMask.from_token_indices(indices, counts, kv_len=max_seq_len)
+        return select_tokens_cpu(q, label_cache.labels, label_cache.channels, block_table, seq_lens, budgets, width,
+                                 config, max_seq_len)
     scores = label_scores(q, label_cache, block_table, seq_lens, max_seq_len, config, backend=backend)
     indices, counts = topk_token_indices(scores, budgets, width)
     return BlockSparseMask.from_token_indices(indices, counts, kv_len=max_seq_len)
+
+
+def select_tokens_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, budgets: torch.Tensor, width: int, config: DoubleSparsityConfig,
+                      kv_len: int, *, slot_keep: int = 0) -> BlockSparseMask:
+    """:func:`select_tokens`'s C++ CPU pass (``sparse_attn._C.decode_select``) on inputs the caller checked or built:
+    unquantized labels ``[num_pages, page_size, Hkv, r]`` read in place (or pruned K slots with ``slot_keep`` > 0,
+    unpacked), ``budgets [B]`` tokens kept per row (<= ``width``). Returns the selection over ``kv_len`` keys."""
+    indices, counts = extension.decode_select_cpu(
+        q, labels, channels, block_table, seq_lens, budgets, width, sink=config.sink_tokens,
+        recent=config.recent_tokens, per_group=config.share_kv_group, reduce_max=config.group_reduce == "max",
+        slot_keep=slot_keep)
+    return BlockSparseMask.from_token_indices(indices, counts, kv_len=kv_len)

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import BlockSparseMask
 from ..ops.attention import resolve_backend
 from ..ops.extension import block_sparse_attention_cpu as block_sparse_attention_cpp
-from ..ops.extension import cpu_kernel_available, decode_select_cpu, extension_available
+from ..ops.extension import cpu_kernel_available, extension_available
 from .attention import sparse_decode_attention
-from .double_sparsity import DoubleSparsityConfig, LabelCache, select_tokens
+from .double_sparsity import DoubleSparsityConfig, LabelCache, select_tokens, select_tokens_cpu
 from .kv_pruning import KVPruningConfig, pruned_decode_attention
 
 __all__ = ["DecodeMethod", "DoubleSparsity", "KVPruning", "DecodeState"]
@@ -177,11 +176,9 @@ class DoubleSparsityState(DecodeState):
             step = self._step_tensors(batch, context, q.device)
             selection = None
             if context >= config.dense_below:
-                indices, counts = decode_select_cpu(
-                    q, self.labels.labels, self.labels.channels, step.block_table, step.seq_lens, step.budgets,
-                    config.max_token_budget(context), sink=config.sink_tokens, recent=config.recent_tokens,
-                    per_group=config.share_kv_group, reduce_max=config.group_reduce == "max")
-                selection = BlockSparseMask.from_token_indices(indices, counts, kv_len=context)
+                selection = select_tokens_cpu(q, self.labels.labels, self.labels.channels, step.block_table,
+                                              step.seq_lens, step.budgets, config.max_token_budget(context), config,
+                                              context)
             self.last_read = 1.0 if selection is None else min(1.0, config.token_budget(context) / max(context, 1))
             out, lse = block_sparse_attention_cpp(
                 q, k_pages, v_pages, step.cu_seqlens_q, None, selection, False, scale, block_table=step.block_table,

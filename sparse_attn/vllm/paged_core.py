@@ -38,13 +38,14 @@ from typing import Sequence
 import torch
 
 from ..decode import DoubleSparsityConfig, LabelCache, select_tokens, sparse_decode_attention, write_tokens
+from ..decode.double_sparsity import select_tokens_cpu
 from ..decode.compressed import check_sparsity
 from ..decode.pruned_pages import PrunedSlotFormat
 from ..masks import BlockSparseMask, causal_block_bounds
 from ..ops import block_sparse_attention
 from ..ops.attention import cuda_op_available
 from ..ops.extension import block_sparse_attention_cpu as block_sparse_attention_cpp
-from ..ops.extension import cpu_kernel_available, decode_select_cpu
+from ..ops.extension import cpu_kernel_available
 from ..patterns import Dense, Pattern
 from .config import SparseAttnOptions
 
@@ -455,11 +456,8 @@ class PagedAttentionLayer:
                 source, channels, keep = labels.labels, labels.channels, 0
             else:  # exact scores over the pruned keys
                 source, channels, keep = views.kv, self._all_channels(q.device), self._slot.keep
-            indices, counts = decode_select_cpu(
-                q, source, channels, block_table, seq_lens, budgets, width, sink=config.sink_tokens,
-                recent=config.recent_tokens, per_group=config.share_kv_group, reduce_max=config.group_reduce == "max",
-                slot_keep=keep)
-            selection = BlockSparseMask.from_token_indices(indices, counts, kv_len=max_len)
+            selection = select_tokens_cpu(q, source, channels, block_table, seq_lens, budgets, width, config, max_len,
+                                          slot_keep=keep)
         self._count_decode(group, selection)
         new_k, new_v = self._fresh(group, fresh)
         k, v = (views.kv, views.kv) if self._slot.pruned else (views.k, views.v)
