@@ -511,7 +511,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "positions instead of the cache. Queries are the last q_len positions of each context. skip_threshold > 0 skips key tiles "
         "whose scores all lie that far (natural log) below their rows' running maxima. Returns (out [Tq, Hq, D] in "
         "q's dtype, lse fp32 [Hq, Tq]; 0 and -inf for rows that read no key; stats int64 [tiles, skipped tiles]). "
-        "use_blas=False runs the products as vectorized loops instead of torch's BLAS sgemm.",
+        "use_blas=False runs the products as portable vectorized loops instead of the AVX-512 register tiles and "
+        "torch's BLAS sgemm.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k") = py::none(),
         py::arg("kv_lens") = py::none(), py::arg("block_table") = py::none(), py::arg("page_size") = 0,
         py::arg("kv_num_blocks") = py::none(), py::arg("kv_indices") = py::none(), py::arg("q_block_size") = 1,

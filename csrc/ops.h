@@ -74,7 +74,7 @@ struct BlockSparseAttentionInputs {
   bool causal = true;
   double scale = 1.0;
   double skip_threshold = 0.0;  // > 0: skip tiles whose scores all lie this far (natural log) below the row maxima
-  bool use_blas = true;  // false: the vectorized loops even where torch carries a BLAS (tests, benchmarks)
+  bool use_blas = true;  // false: the portable vectorized loops even where torch carries a BLAS or the CPU AVX-512 (tests)
 };
 
 // Returns (out [Tq, Hq, D] in q's dtype, lse fp32 [Hq, Tq] natural log; out 0 and lse -inf for rows with no key;

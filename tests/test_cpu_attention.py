@@ -136,8 +136,23 @@ def test_broadcast_mask_strided_inputs_and_large_logits(rng):
         assert (out.double() - ref_out).abs().max() <= 4 * torch_err + 1e-6, f"seed {seed}: worse than the PyTorch op"
 
 
+@pytest.mark.parametrize("dim", [16, 48, 64, 80, 128])
+@pytest.mark.parametrize("hq, hkv, block", [(5, 1, 16), (9, 3, 64), (2, 2, 32)])
+def test_tall_tiles_head_dims(rng, dim, hq, hkv, block):
+    """Prefill tiles of 5 to 192 rows (register tiles of 12 and 6 rows leave every remainder), tiles of keys that
+    are not a multiple of 16, head dims with one to eight vectors per row and one (80) that is not a multiple of
+    16 (the BLAS or loop path)."""
+    gen, seed = rng
+    q, k, v, cu_q, cu_k = ragged(gen, [131, 7], [300, 45], hq, hkv, dim, torch.float32)
+    dense = Dense().build_mask(q_lens=[131, 7], kv_lens=[300, 45], num_heads=1, q_block_size=block,
+                               kv_block_size=block)
+    check_against_reference(q, k, v, cu_q, cu_k, dense, True, dim ** -0.5, seed)
+    mask = random_mask(gen, 2, hq, 131, 300, block, block, 0.5)
+    check_against_reference(q, k, v, cu_q, cu_k, mask, True, dim ** -0.5, seed)
+
+
 def test_loops_match_blas(rng):
-    """The vectorized loops (the path without a BLAS in torch) agree with the sgemm path."""
+    """The portable vectorized loops (the path without a BLAS in torch or AVX-512) agree with the default path."""
     gen, seed = rng
     q, k, v, cu_q, cu_k = ragged(gen, [100, 37], [260, 37], 6, 3, 48, torch.float32)
     for block in (16, 64):

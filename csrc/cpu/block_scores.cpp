@@ -106,6 +106,7 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   const int64_t kv_len = in.k.size(0), kv_heads = in.k.size(1), bk = in.kv_block_size;
   const int64_t nk = out.size(2), per_kv = proxies / kv_heads;
   const int64_t tile_keys = std::max(kTileKeys, bk) / bk * bk;
+  const int64_t tile_cols = (tile_keys + 15) / 16 * 16;  // score rows: room for the tall products' 16-key vectors
   const int64_t chunk_blocks = std::max<int64_t>(1, kTileRows / (per_kv * rows));
   const float mul = static_cast<float>(in.scale) * kLog2e;
   const T* qp = q.data_ptr<T>();
@@ -139,7 +140,8 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
-    std::vector<float> qt(max_rows * dim), s(max_rows * tile_keys), kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
+    std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
+    std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
     std::vector<float> bmax(max_rows * nk), bsum(max_rows * nk), ref(max_rows), weight(nk);
     for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
       const Chunk& ch = chunks[c];
@@ -164,7 +166,9 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           to_float(k_head + start * k_stride_t, k_stride_t, n, dim, 1.0f, kt.data());
           keys = kt.data(), ldk = dim;
         }
-        gemm_abt(blas, m, n, dim, qt.data(), dim, RowsOf(keys, ldk), s.data(), tile_keys);
+        if (!gemm_abt_tall_fast(m, n, dim, qt.data(), dim, RowsOf(keys, ldk), s.data(), tile_cols, bt.data())) {
+          gemm_abt(blas, m, n, dim, qt.data(), dim, RowsOf(keys, ldk), s.data(), tile_cols);
+        }
         for (int64_t t = 0; t < m; ++t) {
           const int64_t row_pos = pos[(ch.first_block + (t / rows) % blocks) * rows + t % rows];
           if (row_pos < 0) continue;  // an empty slot
@@ -172,9 +176,9 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           if (visible <= 0) continue;
           const int64_t jb = start / bk;
           if (in.mean) {
-            block_stats_mean(s.data() + t * tile_keys, visible, bk, &ref[t], &bmax[t * nk + jb], &bsum[t * nk + jb]);
+            block_stats_mean(s.data() + t * tile_cols, visible, bk, &ref[t], &bmax[t * nk + jb], &bsum[t * nk + jb]);
           } else {
-            block_stats_max(s.data() + t * tile_keys, visible, bk, &bmax[t * nk + jb], &bsum[t * nk + jb]);
+            block_stats_max(s.data() + t * tile_cols, visible, bk, &bmax[t * nk + jb], &bsum[t * nk + jb]);
           }
         }
       }

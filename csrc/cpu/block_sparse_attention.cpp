@@ -83,6 +83,7 @@ struct Problem {
   float scale;
   float skip;  // threshold skipping in log2 units (+inf: off)
   bool blas;   // products through sgemm_ (else the vectorized loops)
+  bool tall;   // tall products through the AVX-512 register tiles where the CPU has them (before sgemm_)
   // Decode over token-major rows (the KV heads of a key side by side, as in vLLM's pages) with one mask row for
   // every head: one item reads all KV heads of its keys, tile by tile, so memory streams whole rows.
   bool all_kv_heads;
@@ -195,7 +196,7 @@ void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks,
 
 // Per-thread scratch, sized once per call for the tallest Q tile.
 struct Scratch {
-  std::vector<float> q, s, acc, k, v, row_max, row_sum;
+  std::vector<float> q, s, acc, k, v, kt, row_max, row_sum;  // kt: a tile's keys transposed (tall products)
   std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
   std::vector<const float*> k_first, v_first;  // ... of the item's first KV head, and the strides to the others
   std::vector<int64_t> k_head_stride, v_head_stride;
@@ -206,7 +207,7 @@ struct Scratch {
   float sink = 0.0f;  // the loads of touch_lines land here
   Scratch(int64_t q_rows, int64_t dim)
       : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys), v_rows(kTileKeys), k_first(kTileKeys),
+        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys), v_rows(kTileKeys), k_first(kTileKeys),
         v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
         key_bits(kTileKeys) {}
 };
@@ -266,8 +267,10 @@ class BlockSparseAttention {
     const int64_t fresh_from = p_.fresh_start(b), fresh_row0 = p_.has_fresh ? p_.cu_q[b] - fresh_from : 0;
     // Short Q tiles (decode: the heads of one KV group, one row each) read fp32 keys and values where they lie,
     // through one pointer per key: a product of so few rows is bound by the bytes of K and V, which a copy into the
-    // tile would read twice. Taller tiles copy short runs into the tile for the BLAS products.
-    const bool direct = std::is_same_v<T, float> && m <= kDirectMaxRows;
+    // tile would read twice. So do tall tiles whose products run on the AVX-512 register tiles (they take rows
+    // through pointers: scattered small blocks are not copied); for the BLAS products, short runs are copied into
+    // the tile.
+    const bool direct = std::is_same_v<T, float> && (m <= kDirectMaxRows || (p_.tall && tall_products_fast(dim)));
     int64_t gathered = 0;  // keys waiting in the tile
     // Pruned fp32 slots of a short Q tile (AVX-512): gathered as slot pointers (k_rows, with v_rows null) and
     // unpacked when the tile is full, the slots 16 keys ahead prefetched: a page holds few keys, so only the tile's
@@ -407,7 +410,9 @@ class BlockSparseAttention {
             int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
-    gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys);
+    if (!(p_.tall && gemm_abt_tall_fast(m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, w.kt.data()))) {
+      gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys);
+    }
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
       const uint8_t bit = uint8_t(1u << i);
@@ -425,7 +430,9 @@ class BlockSparseAttention {
       ++w.skipped;
       return;
     }
-    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim);
+    if (!(p_.tall && gemm_ab_acc_tall_fast(m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim))) {
+      gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim);
+    }
   }
 
   // Writes out = acc / l and lse for the rows of query block g of head h, held at row `tile_row` of the Q tile: into
@@ -693,6 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
   p.skip = in.skip_threshold > 0 ? static_cast<float>(in.skip_threshold * kLog2e)
                                   : std::numeric_limits<float>::infinity();
   p.blas = in.use_blas && sgemm_ != nullptr;
+  p.tall = in.use_blas;
 
   const int64_t threads = at::get_num_threads();
   int64_t num_partials = 0;

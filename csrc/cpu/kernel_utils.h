@@ -337,7 +337,149 @@ inline bool gemm_ab_acc_short_fast(int64_t m, int64_t n, int64_t k, const float*
   }
   return true;
 }
+
+// Tall products (prefill: a Q tile of many rows against a tile of keys), on AVX-512, without a BLAS call.
+//
+// Scores S = A B^T: the tile's keys B [n, k] are first transposed into Bt [k, n16] (n rounded up to 16, zero
+// columns past n; 16 x 16 blocks transposed in registers), then each register tile of R rows x 32 keys keeps its
+// 2R accumulators over the whole k loop: per e, two loads of Bt's row e and R broadcasts of A[r, e].
+// Values P V: the rows of C stay in registers in strips of 64 columns (gemm_ab_acc_short_avx512 with M = 6).
+
+// r[i] becomes column i of the 16 x 16 matrix whose rows were r[0..15]: unpack pairs of rows, then pairs of
+// pairs, then 128-bit lanes twice (each stage halves the distance between the elements a column needs).
+SPARSE_ATTN_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);  // per lane L: r0[4L], r1[4L], r0[4L+1], r1[4L+1]
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + c]: per lane L, column 4L + c of rows 4g..4g+3
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    // rows 0-7: lanes (0, 2) and (1, 3) of u[c], u[4 + c]; rows 8-15 likewise from u[8 + c], u[12 + c]
+    t[c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
+// bt[e * ldt + j] = b[j][e] for j < n, e < k (k a multiple of 16); columns [n, round_up(n, 16)) are zero.
+SPARSE_ATTN_AVX512 inline void transpose_rows(int64_t n, int64_t k, RowsOf b, float* bt, int64_t ldt) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t live = std::min<int64_t>(16, n - j0);
+    for (int64_t e0 = 0; e0 < k; e0 += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) r[i] = i < live ? _mm512_loadu_ps(b[j0 + i] + e0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(bt + (e0 + i) * ldt + j0, r[i]);
+    }
+  }
+}
+
+// C[R, n16] = A[R, k] Bt[k, n16] for one group of R rows (n16 a multiple of 16).
+template <int R>
+SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, int64_t lda, const float* bt,
+                                       int64_t ldt, float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n16; j0 += 32) {
+    if (j0 + 32 <= n16) {
+      __m512 acc[R][2];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < k; ++e) {
+        const __m512 y0 = _mm512_loadu_ps(bt + e * ldt + j0), y1 = _mm512_loadu_ps(bt + e * ldt + j0 + 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 x = _mm512_set1_ps(a[r * lda + e]);
+          acc[r][0] = _mm512_fmadd_ps(x, y0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(x, y1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm512_storeu_ps(c + r * ldc + j0, acc[r][0]);
+        _mm512_storeu_ps(c + r * ldc + j0 + 16, acc[r][1]);
+      }
+    } else {  // the last 16 columns
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < k; ++e) {
+        const __m512 y = _mm512_loadu_ps(bt + e * ldt + j0);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + e]), y, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(c + r * ldc + j0, acc[r]);
+    }
+  }
+}
+
+// Whether the tall products below run for rows of k values (AVX-512, k a multiple of 16).
+inline bool tall_products_fast(int64_t k) { return k % 16 == 0 && has_avx512(); }
+
+// C[m, n] = A[m, k] B[n, k]^T for m > 4 rows; `bt` holds k * round_up(n, 16) floats of scratch, and C's rows have
+// room for round_up(n, 16) columns (those past n get zeros). False when it does not apply (no AVX-512, k not a
+// multiple of 16, m <= 4).
+inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                               int64_t ldc, float* bt) {
+  if (m <= 4 || !tall_products_fast(k)) return false;
+  const int64_t n16 = (n + 15) / 16 * 16;
+  transpose_rows(n, k, b, bt, n16);
+  constexpr int64_t kRows = 12;  // 24 accumulators of the 32 vector registers
+  for (int64_t i = 0; i < m; i += kRows) {
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    switch (std::min(kRows, m - i)) {
+      case 1: gemm_a_bt_rows<1>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 2: gemm_a_bt_rows<2>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 3: gemm_a_bt_rows<3>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 4: gemm_a_bt_rows<4>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 5: gemm_a_bt_rows<5>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 6: gemm_a_bt_rows<6>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 7: gemm_a_bt_rows<7>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 8: gemm_a_bt_rows<8>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 9: gemm_a_bt_rows<9>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 10: gemm_a_bt_rows<10>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      case 11: gemm_a_bt_rows<11>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+      default: gemm_a_bt_rows<12>(n16, k, ai, lda, bt, n16, ci, ldc); break;
+    }
+  }
+  return true;
+}
+
+// C[m, n] += A[m, k] B[k, n] for m > 4 rows: groups of six rows (24 accumulators per 64 columns).
+inline bool gemm_ab_acc_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                                  int64_t ldc) {
+  if (m <= 4 || !has_avx512()) return false;
+  for (int64_t i = 0; i < m; i += 6) {
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    switch (std::min<int64_t>(6, m - i)) {
+      case 1: gemm_ab_acc_short_avx512<1>(n, k, ai, lda, b, ci, ldc); break;
+      case 2: gemm_ab_acc_short_avx512<2>(n, k, ai, lda, b, ci, ldc); break;
+      case 3: gemm_ab_acc_short_avx512<3>(n, k, ai, lda, b, ci, ldc); break;
+      case 4: gemm_ab_acc_short_avx512<4>(n, k, ai, lda, b, ci, ldc); break;
+      case 5: gemm_ab_acc_short_avx512<5>(n, k, ai, lda, b, ci, ldc); break;
+      default: gemm_ab_acc_short_avx512<6>(n, k, ai, lda, b, ci, ldc); break;
+    }
+  }
+  return true;
+}
 #else
+inline bool tall_products_fast(int64_t) { return false; }
+inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, float*) {
+  return false;
+}
+inline bool gemm_ab_acc_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
+  return false;
+}
 inline bool gemm_abt_short_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
   return false;
 }
