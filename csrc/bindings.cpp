@@ -424,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::
 }
 
 at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                               int64_t kv_block_size, double scale, bool causal, bool mean) {
+                               int64_t kv_block_size, double scale, bool causal, bool mean, bool exact) {
   TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
   const auto dev = q.device();
   check_tensor(q, "q", 4, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
@@ -452,6 +452,7 @@ at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const a
   in.scale = scale;
   in.causal = causal;
   in.mean = mean;
+  in.exact = exact;
   return pooled_block_scores_cpu(in);
 }
 
@@ -498,9 +499,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Softmax probabilities of sampled query rows q [P, nq, R, D] (positions pos int32 [nq, R], -1 empty) over "
         "the keys k [Tk, Hk, D] they see, pooled per (proxy head, query block, KV block) without materializing the "
         "scores: the max probability in the block (mean=False) or the block's mass averaged over the rows "
-        "(mean=True). Returns fp32 [P, nq, ceil(Tk / kv_block_size)].",
+        "(mean=True). Returns fp32 [P, nq, ceil(Tk / kv_block_size)]. exact=False scores bf16-rounded q and k "
+        "(fp32 sums) where the CPU has AVX512-BF16 and the head dim is a multiple of 32.",
         py::arg("q"), py::arg("k"), py::arg("pos"), py::arg("kv_block_size"), py::arg("scale"), py::arg("causal"),
-        py::arg("mean"));
+        py::arg("mean"), py::arg("exact") = false);
   m.def("block_sparse_attention_cpu", &sparse_attn::block_sparse_attention,
         "Block-sparse attention on CPU tensors: q [Tq, Hq, D] with cu_seqlens_q int32 [B + 1]; keys k/v "
         "[rows, Hkv, D] either varlen (cu_seqlens_k int32 [B + 1]) or paged (block_table int32 [B, max_pages], "

@@ -106,6 +106,7 @@ struct PooledBlockScoresInputs {
   double scale = 1.0;
   bool causal = true;
   bool mean = false;  // false: max of the probabilities over the block; true: the block's mass, averaged over rows
+  bool exact = false;  // false: scores of bf16-rounded q and k where the CPU has AVX512-BF16 (fp32 sums)
 };
 
 // Returns fp32 [P, nq, ceil(Tk / kv_block_size)].

@@ -8,6 +8,7 @@ import torch
 from sparse_attn import AShape, ElasticSpan, HeadProxy, SparseAttention, VerticalSlash
 from sparse_attn.masks import causal_block_bounds
 from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
+from sparse_attn.ops.extension import extension_available, pooled_block_scores_cpu
 from sparse_attn.patterns import SeqContext
 from sparse_attn.patterns.head_proxy import blocks_for_mass, pooled_block_probs, strided_rows
 
@@ -56,6 +57,34 @@ def test_pooled_probs_match_definition(heads, kv_heads, kv_len, bk, causal, mean
     q, k, pos = random_case(heads, kv_heads, 3, 5, 8, kv_len)
     got = pooled_block_probs(q.double(), k.double(), pos, bk, 0.4, causal, mean, backend="cpu")
     assert torch.allclose(got, pooled_definition(q, k, pos, bk, 0.4, causal, mean), atol=1e-12)
+
+
+def _cpu_has_bf16_products() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not extension_available("pooled_block_scores"), reason="sparse_attn._C is not built")
+@pytest.mark.parametrize("dim", [32, 48, 64])
+@pytest.mark.parametrize("mean", [True, False])
+def test_cpu_pooled_scores_exact_and_rounded(dim, mean):
+    """The C++ scoring against the float64 definition: exactly on the fp32 inputs (exact=True), and by default on
+    the inputs rounded to bf16 where that path runs (head dims that are multiples of 32, AVX512-BF16 CPUs). Tiles of
+    288 rows against 700 keys (two full key tiles and a partial one), empty rows, causal."""
+    q, k, pos = random_case(3, 1, 12, 8, dim, 700, seed=dim)
+    pos[:, -1] = torch.randint(600, 700, (12,))  # rows that see most of the keys
+    exact = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, exact=True)
+    assert torch.allclose(exact.double(), pooled_definition(q, k, pos, 32, 0.3, True, mean), atol=2e-6)
+    rounded = dim % 32 == 0 and _cpu_has_bf16_products()
+    mul = torch.tensor(0.3 * 1.4426950408889634, dtype=torch.float32)  # the kernel rounds q pre-scaled to log2 units
+    inputs = ((q * mul).bfloat16().double() / mul.double(), k.bfloat16().double()) if rounded else (q, k)
+    default = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean)
+    assert torch.allclose(default.double(), pooled_definition(*inputs, pos, 32, 0.3, True, mean), atol=2e-6)
+    if rounded:  # the rounding is visible: the default is not the exact result
+        assert not torch.allclose(default, exact, atol=1e-7, rtol=0)
 
 
 @needs_triton

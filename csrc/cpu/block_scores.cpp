@@ -141,6 +141,7 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
     std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
+    std::vector<uint32_t> q_pairs(in.exact ? 0 : max_rows * dim / 2), bt_pairs(in.exact ? 0 : tile_cols * dim / 2);
     std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
     std::vector<float> bmax(max_rows * nk), bsum(max_rows * nk), ref(max_rows), weight(nk);
     for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
@@ -166,8 +167,11 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           to_float(k_head + start * k_stride_t, k_stride_t, n, dim, 1.0f, kt.data());
           keys = kt.data(), ldk = dim;
         }
-        if (!gemm_abt_tall_fast(m, n, dim, qt.data(), dim, RowsOf(keys, ldk), s.data(), tile_cols, bt.data())) {
-          gemm_abt(blas, m, n, dim, qt.data(), dim, RowsOf(keys, ldk), s.data(), tile_cols);
+        const RowsOf key_rows(keys, ldk);
+        if (!(!in.exact && gemm_abt_tall_bf16(m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols,
+                                              q_pairs.data(), bt_pairs.data())) &&
+            !gemm_abt_tall_fast(m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols, bt.data())) {
+          gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols);
         }
         for (int64_t t = 0; t < m; ++t) {
           const int64_t row_pos = pos[(ch.first_block + (t / rows) % blocks) * rows + t % rows];

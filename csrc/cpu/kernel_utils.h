@@ -472,8 +472,100 @@ inline bool gemm_ab_acc_tall_fast(int64_t m, int64_t n, int64_t k, const float* 
   }
   return true;
 }
+
+// Scores from bf16-rounded rows (block estimation, where an estimate needs no more): the products of two bf16
+// values are exact in fp32 and the sums stay fp32, so the scores are those of the rounded q and k. AVX512-BF16
+// takes 32 value pairs per instruction (vdpbf16ps: lane i += a[2i] b[2i] + a[2i+1] b[2i+1]), twice the fp32
+// products. Rows are packed as pairs of channels in 32-bit words; the keys' words are transposed like the floats of
+// the fp32 scores: Bt2[e2, j] holds channels 2 e2 and 2 e2 + 1 of key j.
+#define SPARSE_ATTN_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+inline bool has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+// 32 floats (k values from `at`) as 16 words of bf16 pairs, rounded to nearest even.
+SPARSE_ATTN_AVX512_BF16 inline __m512 bf16_pairs(const float* at) {
+  return reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(at + 16), _mm512_loadu_ps(at)));
+}
+
+template <int R>
+SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const uint32_t* a2, int64_t lda2,
+                                                 const uint32_t* bt2, int64_t ldt, float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n16; j0 += 32) {
+    const bool two = j0 + 32 <= n16;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t e2 = 0; e2 < k2; ++e2) {
+      const uint32_t* row = bt2 + e2 * ldt + j0;
+      const __m512bh y0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row));
+      const __m512bh y1 = two ? reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + 16)) : y0;
+      for (int r = 0; r < R; ++r) {
+        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a2[r * lda2 + e2])));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, y0);
+        if (two) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, y1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(c + r * ldc + j0, acc[r][0]);
+      if (two) _mm512_storeu_ps(c + r * ldc + j0 + 16, acc[r][1]);
+    }
+  }
+}
+
+// C[m, n] = A[m, k] B[n, k]^T from bf16-rounded A and B, for m > 4 rows and k a multiple of 32; scratch `a2` of
+// m * k / 2 words and `bt2` of k / 2 * round_up(n, 16) words; C's rows have room for round_up(n, 16) columns.
+// False when it does not apply (no AVX512-BF16, k, m).
+SPARSE_ATTN_AVX512_BF16 void gemm_abt_tall_bf16_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                                       RowsOf b, float* c, int64_t ldc, uint32_t* a2, uint32_t* bt2) {
+  const int64_t k2 = k / 2, n16 = (n + 15) / 16 * 16;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t e = 0; e < k; e += 32) {
+      _mm512_storeu_ps(reinterpret_cast<float*>(a2 + i * k2 + e / 2), bf16_pairs(a + i * lda + e));
+    }
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t live = std::min<int64_t>(16, n - j0);
+    for (int64_t e0 = 0; e0 < k; e0 += 32) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) r[i] = i < live ? bf16_pairs(b[j0 + i] + e0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(bt2 + (e0 / 2 + i) * n16 + j0), r[i]);
+    }
+  }
+  constexpr int64_t kRows = 12;
+  for (int64_t i = 0; i < m; i += kRows) {
+    const uint32_t* ai = a2 + i * k2;
+    float* ci = c + i * ldc;
+    switch (std::min(kRows, m - i)) {
+      case 1: gemm_a_bt_rows_bf16<1>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 2: gemm_a_bt_rows_bf16<2>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 3: gemm_a_bt_rows_bf16<3>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 4: gemm_a_bt_rows_bf16<4>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 5: gemm_a_bt_rows_bf16<5>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 6: gemm_a_bt_rows_bf16<6>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 7: gemm_a_bt_rows_bf16<7>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 8: gemm_a_bt_rows_bf16<8>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 9: gemm_a_bt_rows_bf16<9>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 10: gemm_a_bt_rows_bf16<10>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      case 11: gemm_a_bt_rows_bf16<11>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+      default: gemm_a_bt_rows_bf16<12>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
+    }
+  }
+}
+
+inline bool gemm_abt_tall_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                               int64_t ldc, uint32_t* a2, uint32_t* bt2) {
+  if (m <= 4 || k % 32 != 0 || !has_avx512_bf16()) return false;
+  gemm_abt_tall_bf16_avx512(m, n, k, a, lda, b, c, ldc, a2, bt2);
+  return true;
+}
 #else
 inline bool tall_products_fast(int64_t) { return false; }
+inline bool gemm_abt_tall_bf16(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, uint32_t*,
+                               uint32_t*) {
+  return false;
+}
 inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, float*) {
   return false;
 }
