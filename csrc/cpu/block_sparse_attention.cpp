@@ -14,20 +14,21 @@
 //
 // Keys are addressed either in a varlen layout (key t of sequence b is row cu_k[b] + t) or in pages (row
 // block_table[b, t / page_size] * page_size + t % page_size of the page tensor), so a paged KV cache is read in
-// place. Keys are consumed as physical runs (consecutive keys in consecutive rows): an fp32 run of at least
-// kInPlaceMinKeys keys is multiplied in place (leading dimension = row stride); shorter runs (scattered small
-// blocks, small pages) and fp16/bf16 keys are copied (and converted) into an fp32 tile of kTileKeys keys, so every
-// product is a tall GEMM whatever the block or page size. Short Q tiles (decode: the heads of one KV group) read every
-// fp32 key and value in place through a pointer per key, so decode reads the cache's bytes once; on AVX-512 their
-// products take 16 keys at a time (kernel_utils.h: dots16), and pruned fp32 slots are gathered as pointers and
-// unpacked per tile with the slots ahead prefetched.
+// place. Keys are consumed as physical runs (consecutive keys in consecutive rows). For the BLAS products an fp32
+// run of at least kInPlaceMinKeys keys is multiplied in place (leading dimension = row stride); shorter runs
+// (scattered small blocks, small pages) and fp16/bf16 keys are copied (and converted) into an fp32 tile of kTileKeys
+// keys, so every product is a tall GEMM whatever the block or page size. Short Q tiles (decode: the heads of one KV
+// group) read every fp32 key and value in place through a pointer per key, so decode reads the cache's bytes once;
+// on AVX-512 their products take 16 keys at a time (kernel_utils.h: dots16), and pruned fp32 slots are gathered as
+// pointers and unpacked per tile with the slots ahead prefetched.
 //
 // Threshold skipping (optional): a tile whose scores all lie more than `skip` below their rows' running maxima
 // contributes at most n 2^-skip of each row's mass; its exponentials and its P V product are skipped.
 //
-// The two products per tile run through the BLAS sgemm that torch's CPU library carries (MKL on x86, resolved as a
-// weak symbol: the same routine torch's own CPU flash attention reaches through at::native::cpublas::gemm, which an
-// extension cannot link) and otherwise through vectorized loops. Softmax and accumulation are fp32. Each output
+// On AVX-512 the two products per tile run on register tiles (kernel_utils.h: gemm_abt_tall_fast, whose keys come
+// through pointers, so fp32 keys are never copied into the tile); elsewhere through the BLAS sgemm that torch's CPU
+// library carries (MKL on x86, resolved as a weak symbol: the same routine torch's own CPU flash attention reaches
+// through at::native::cpublas::gemm, which an extension cannot link) and otherwise through vectorized loops. Softmax and accumulation are fp32. Each output
 // row is computed by one thread in a fixed order, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
