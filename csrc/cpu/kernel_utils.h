@@ -424,6 +424,30 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, i
 // Whether the tall products below run for rows of k values (AVX-512, k a multiple of 16).
 inline bool tall_products_fast(int64_t k) { return k % 16 == 0 && has_avx512(); }
 
+// Calls f(std::integral_constant<int, R>{}, i) for the groups of R = min(12, m - i) rows at i = 0, 12, ...: the
+// register tiles of 12 rows (24 accumulators of the 32 vector registers) and the remainder, with R known at compile
+// time.
+template <typename F>
+inline void for_row_groups(int64_t m, F&& f) {
+  using std::integral_constant;
+  for (int64_t i = 0; i < m; i += 12) {
+    switch (std::min<int64_t>(12, m - i)) {
+      case 1: f(integral_constant<int, 1>{}, i); break;
+      case 2: f(integral_constant<int, 2>{}, i); break;
+      case 3: f(integral_constant<int, 3>{}, i); break;
+      case 4: f(integral_constant<int, 4>{}, i); break;
+      case 5: f(integral_constant<int, 5>{}, i); break;
+      case 6: f(integral_constant<int, 6>{}, i); break;
+      case 7: f(integral_constant<int, 7>{}, i); break;
+      case 8: f(integral_constant<int, 8>{}, i); break;
+      case 9: f(integral_constant<int, 9>{}, i); break;
+      case 10: f(integral_constant<int, 10>{}, i); break;
+      case 11: f(integral_constant<int, 11>{}, i); break;
+      default: f(integral_constant<int, 12>{}, i); break;
+    }
+  }
+}
+
 // C[m, n] = A[m, k] B[n, k]^T for m > 4 rows; `bt` holds k * round_up(n, 16) floats of scratch, and C's rows have
 // room for round_up(n, 16) columns (those past n get zeros). False when it does not apply (no AVX-512, k not a
 // multiple of 16, m <= 4).
@@ -432,25 +456,9 @@ inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, 
   if (m <= 4 || !tall_products_fast(k)) return false;
   const int64_t n16 = (n + 15) / 16 * 16;
   transpose_rows(n, k, b, bt, n16);
-  constexpr int64_t kRows = 12;  // 24 accumulators of the 32 vector registers
-  for (int64_t i = 0; i < m; i += kRows) {
-    const float* ai = a + i * lda;
-    float* ci = c + i * ldc;
-    switch (std::min(kRows, m - i)) {
-      case 1: gemm_a_bt_rows<1>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 2: gemm_a_bt_rows<2>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 3: gemm_a_bt_rows<3>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 4: gemm_a_bt_rows<4>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 5: gemm_a_bt_rows<5>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 6: gemm_a_bt_rows<6>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 7: gemm_a_bt_rows<7>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 8: gemm_a_bt_rows<8>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 9: gemm_a_bt_rows<9>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 10: gemm_a_bt_rows<10>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      case 11: gemm_a_bt_rows<11>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-      default: gemm_a_bt_rows<12>(n16, k, ai, lda, bt, n16, ci, ldc); break;
-    }
-  }
+  for_row_groups(m, [&](auto rows, int64_t i) {
+    gemm_a_bt_rows<decltype(rows)::value>(n16, k, a + i * lda, lda, bt, n16, c + i * ldc, ldc);
+  });
   return true;
 }
 
@@ -533,25 +541,9 @@ SPARSE_ATTN_AVX512_BF16 void gemm_abt_tall_bf16_avx512(int64_t m, int64_t n, int
       for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(bt2 + (e0 / 2 + i) * n16 + j0), r[i]);
     }
   }
-  constexpr int64_t kRows = 12;
-  for (int64_t i = 0; i < m; i += kRows) {
-    const uint32_t* ai = a2 + i * k2;
-    float* ci = c + i * ldc;
-    switch (std::min(kRows, m - i)) {
-      case 1: gemm_a_bt_rows_bf16<1>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 2: gemm_a_bt_rows_bf16<2>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 3: gemm_a_bt_rows_bf16<3>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 4: gemm_a_bt_rows_bf16<4>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 5: gemm_a_bt_rows_bf16<5>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 6: gemm_a_bt_rows_bf16<6>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 7: gemm_a_bt_rows_bf16<7>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 8: gemm_a_bt_rows_bf16<8>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 9: gemm_a_bt_rows_bf16<9>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 10: gemm_a_bt_rows_bf16<10>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      case 11: gemm_a_bt_rows_bf16<11>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-      default: gemm_a_bt_rows_bf16<12>(n16, k2, ai, k2, bt2, n16, ci, ldc); break;
-    }
-  }
+  for_row_groups(m, [&](auto rows, int64_t i) {
+    gemm_a_bt_rows_bf16<decltype(rows)::value>(n16, k2, a2 + i * k2, k2, bt2, n16, c + i * ldc, ldc);
+  });
 }
 
 inline bool gemm_abt_tall_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
