@@ -73,8 +73,9 @@ def _cpu_has_bf16_products() -> bool:
 def test_cpu_pooled_scores_exact_and_rounded(dim, mean):
     """The C++ scoring against the float64 definition: exactly on the fp32 inputs (exact=True), and by default on
     the inputs rounded to bf16 where that path runs (head dims that are multiples of 32, AVX512-BF16 CPUs). Tiles of
-    288 rows against 700 keys (two full key tiles and a partial one), empty rows, causal."""
-    q, k, pos = random_case(3, 1, 12, 8, dim, 700, seed=dim)
+    243 and 81 rows (register tiles of 12 rows and remainders) against 700 keys (two full key tiles and a partial
+    one), empty rows, causal."""
+    q, k, pos = random_case(3, 1, 12, 9, dim, 700, seed=dim)
     pos[:, -1] = torch.randint(600, 700, (12,))  # rows that see most of the keys
     exact = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, exact=True)
     assert torch.allclose(exact.double(), pooled_definition(q, k, pos, 32, 0.3, True, mean), atol=2e-6)
