@@ -141,7 +141,9 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
     std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
-    std::vector<uint32_t> q_pairs(in.exact ? 0 : max_rows * dim / 2), bt_pairs(in.exact ? 0 : tile_cols * dim / 2);
+    const int64_t pair_words = in.exact ? 0 : dim / 2;  // bf16 scores: rows as words of channel pairs
+    std::vector<uint32_t> q_pairs(max_rows * pair_words), k_pairs(tile_keys * pair_words),
+        kt_pairs(tile_cols * pair_words);
     std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
     std::vector<float> bmax(max_rows * nk), bsum(max_rows * nk), ref(max_rows), weight(nk);
     for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
@@ -168,10 +170,9 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           keys = kt.data(), ldk = dim;
         }
         const RowsOf key_rows(keys, ldk);
-        if (!(!in.exact && gemm_abt_tall_bf16(m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols,
-                                              q_pairs.data(), bt_pairs.data())) &&
-            !gemm_abt_tall_fast(m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols, bt.data())) {
-          gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols);
+        if (in.exact || !gemm_abt_tall_bf16(m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols,
+                                            q_pairs.data(), k_pairs.data(), kt_pairs.data())) {
+          gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols, bt.data());
         }
         for (int64_t t = 0; t < m; ++t) {
           const int64_t row_pos = pos[(ch.first_block + (t / rows) % blocks) * rows + t % rows];

@@ -28,8 +28,9 @@
 // On AVX-512 the two products per tile run on register tiles (kernel_utils.h: gemm_abt_tall_fast, whose keys come
 // through pointers, so fp32 keys are never copied into the tile); elsewhere through the BLAS sgemm that torch's CPU
 // library carries (MKL on x86, resolved as a weak symbol: the same routine torch's own CPU flash attention reaches
-// through at::native::cpublas::gemm, which an extension cannot link) and otherwise through vectorized loops. Softmax and accumulation are fp32. Each output
-// row is computed by one thread in a fixed order, so results do not depend on the thread count.
+// through at::native::cpublas::gemm, which an extension cannot link) and otherwise through vectorized loops.
+// Softmax and accumulation are fp32. Each output row is computed by one thread in a fixed order, so results do not
+// depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -208,8 +209,8 @@ struct Scratch {
   float sink = 0.0f;  // the loads of touch_lines land here
   Scratch(int64_t q_rows, int64_t dim)
       : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys), v_rows(kTileKeys), k_first(kTileKeys),
-        v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
+        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys),
+        v_rows(kTileKeys), k_first(kTileKeys), v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
         key_bits(kTileKeys) {}
 };
 
@@ -411,9 +412,7 @@ class BlockSparseAttention {
             int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
-    if (!(p_.tall && gemm_abt_tall_fast(m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, w.kt.data()))) {
-      gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys);
-    }
+    gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr);
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
       const uint8_t bit = uint8_t(1u << i);
@@ -431,9 +430,7 @@ class BlockSparseAttention {
       ++w.skipped;
       return;
     }
-    if (!(p_.tall && gemm_ab_acc_tall_fast(m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim))) {
-      gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim);
-    }
+    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim, p_.tall);
   }
 
   // Writes out = acc / l and lse for the rows of query block g of head h, held at row `tile_row` of the Q tile: into

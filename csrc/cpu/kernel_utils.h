@@ -100,6 +100,22 @@ inline __attribute__((always_inline)) float lane_sum16(float* x) {
   return x[0];
 }
 
+// Calls f(std::integral_constant<int, R>{}) for R = rows in [1, Max]: register tiles need their row count at
+// compile time.
+template <int Max, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// Calls f(std::integral_constant<int, R>{}, i) for the groups of R = min(Max, m - i) rows at i = 0, Max, 2 Max, ...
+template <int Max, typename F>
+inline void for_row_groups(int64_t m, F&& f) {
+  for (int64_t i = 0; i < m; i += Max) with_rows<Max>(std::min<int64_t>(Max, m - i), [&](auto rows) { f(rows, i); });
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SPARSE_ATTN_AVX512 __attribute__((target("avx512f")))
 inline bool has_avx512() {
@@ -317,24 +333,14 @@ SPARSE_ATTN_AVX512 void gemm_ab_acc_short_avx512(int64_t n, int64_t k, const flo
 inline bool gemm_abt_short_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                                 int64_t ldc) {
   if (m < 1 || m > 4 || k % 16 != 0 || !has_avx512()) return false;
-  switch (m) {
-    case 1: gemm_abt_short_avx512<1>(n, k, a, lda, b, c, ldc); break;
-    case 2: gemm_abt_short_avx512<2>(n, k, a, lda, b, c, ldc); break;
-    case 3: gemm_abt_short_avx512<3>(n, k, a, lda, b, c, ldc); break;
-    default: gemm_abt_short_avx512<4>(n, k, a, lda, b, c, ldc); break;
-  }
+  with_rows<4>(m, [&](auto rows) { gemm_abt_short_avx512<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
   return true;
 }
 
 inline bool gemm_ab_acc_short_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                                    int64_t ldc) {
   if (m < 1 || m > 4 || !has_avx512()) return false;
-  switch (m) {
-    case 1: gemm_ab_acc_short_avx512<1>(n, k, a, lda, b, c, ldc); break;
-    case 2: gemm_ab_acc_short_avx512<2>(n, k, a, lda, b, c, ldc); break;
-    case 3: gemm_ab_acc_short_avx512<3>(n, k, a, lda, b, c, ldc); break;
-    default: gemm_ab_acc_short_avx512<4>(n, k, a, lda, b, c, ldc); break;
-  }
+  with_rows<4>(m, [&](auto rows) { gemm_ab_acc_short_avx512<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
   return true;
 }
 
@@ -424,30 +430,6 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, i
 // Whether the tall products below run for rows of k values (AVX-512, k a multiple of 16).
 inline bool tall_products_fast(int64_t k) { return k % 16 == 0 && has_avx512(); }
 
-// Calls f(std::integral_constant<int, R>{}, i) for the groups of R = min(12, m - i) rows at i = 0, 12, ...: the
-// register tiles of 12 rows (24 accumulators of the 32 vector registers) and the remainder, with R known at compile
-// time.
-template <typename F>
-inline void for_row_groups(int64_t m, F&& f) {
-  using std::integral_constant;
-  for (int64_t i = 0; i < m; i += 12) {
-    switch (std::min<int64_t>(12, m - i)) {
-      case 1: f(integral_constant<int, 1>{}, i); break;
-      case 2: f(integral_constant<int, 2>{}, i); break;
-      case 3: f(integral_constant<int, 3>{}, i); break;
-      case 4: f(integral_constant<int, 4>{}, i); break;
-      case 5: f(integral_constant<int, 5>{}, i); break;
-      case 6: f(integral_constant<int, 6>{}, i); break;
-      case 7: f(integral_constant<int, 7>{}, i); break;
-      case 8: f(integral_constant<int, 8>{}, i); break;
-      case 9: f(integral_constant<int, 9>{}, i); break;
-      case 10: f(integral_constant<int, 10>{}, i); break;
-      case 11: f(integral_constant<int, 11>{}, i); break;
-      default: f(integral_constant<int, 12>{}, i); break;
-    }
-  }
-}
-
 // C[m, n] = A[m, k] B[n, k]^T for m > 4 rows; `bt` holds k * round_up(n, 16) floats of scratch, and C's rows have
 // room for round_up(n, 16) columns (those past n get zeros). False when it does not apply (no AVX-512, k not a
 // multiple of 16, m <= 4).
@@ -456,7 +438,7 @@ inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, 
   if (m <= 4 || !tall_products_fast(k)) return false;
   const int64_t n16 = (n + 15) / 16 * 16;
   transpose_rows(n, k, b, bt, n16);
-  for_row_groups(m, [&](auto rows, int64_t i) {
+  for_row_groups<12>(m, [&](auto rows, int64_t i) {  // 24 accumulators of the 32 vector registers
     gemm_a_bt_rows<decltype(rows)::value>(n16, k, a + i * lda, lda, bt, n16, c + i * ldc, ldc);
   });
   return true;
@@ -466,18 +448,9 @@ inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, 
 inline bool gemm_ab_acc_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                                   int64_t ldc) {
   if (m <= 4 || !has_avx512()) return false;
-  for (int64_t i = 0; i < m; i += 6) {
-    const float* ai = a + i * lda;
-    float* ci = c + i * ldc;
-    switch (std::min<int64_t>(6, m - i)) {
-      case 1: gemm_ab_acc_short_avx512<1>(n, k, ai, lda, b, ci, ldc); break;
-      case 2: gemm_ab_acc_short_avx512<2>(n, k, ai, lda, b, ci, ldc); break;
-      case 3: gemm_ab_acc_short_avx512<3>(n, k, ai, lda, b, ci, ldc); break;
-      case 4: gemm_ab_acc_short_avx512<4>(n, k, ai, lda, b, ci, ldc); break;
-      case 5: gemm_ab_acc_short_avx512<5>(n, k, ai, lda, b, ci, ldc); break;
-      default: gemm_ab_acc_short_avx512<6>(n, k, ai, lda, b, ci, ldc); break;
-    }
-  }
+  for_row_groups<6>(m, [&](auto rows, int64_t i) {
+    gemm_ab_acc_short_avx512<decltype(rows)::value>(n, k, a + i * lda, lda, b, c + i * ldc, ldc);
+  });
   return true;
 }
 
@@ -492,9 +465,16 @@ inline bool has_avx512_bf16() {
   return yes;
 }
 
-// 32 floats (k values from `at`) as 16 words of bf16 pairs, rounded to nearest even.
-SPARSE_ATTN_AVX512_BF16 inline __m512 bf16_pairs(const float* at) {
-  return reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(at + 16), _mm512_loadu_ps(at)));
+// Rows of k floats (k a multiple of 32) as rows of k / 2 words of bf16 pairs (channels 2e, 2e + 1 in word e),
+// rounded to nearest even: dst row r at dst + r * k / 2.
+SPARSE_ATTN_AVX512_BF16 inline void to_bf16_pairs(RowsOf rows, int64_t count, int64_t k, uint32_t* dst) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float* row = rows[r];
+    for (int64_t e = 0; e < k; e += 32) {
+      const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + e + 16), _mm512_loadu_ps(row + e));
+      _mm512_storeu_si512(dst + r * (k / 2) + e / 2, reinterpret_cast<__m512i>(pairs));
+    }
+  }
 }
 
 template <int R>
@@ -522,40 +502,30 @@ SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const 
 }
 
 // C[m, n] = A[m, k] B[n, k]^T from bf16-rounded A and B, for m > 4 rows and k a multiple of 32; scratch `a2` of
-// m * k / 2 words and `bt2` of k / 2 * round_up(n, 16) words; C's rows have room for round_up(n, 16) columns.
-// False when it does not apply (no AVX512-BF16, k, m).
+// m * k / 2 words, `b2` of n * k / 2 words and `bt2` of k / 2 * round_up(n, 16) words; C's rows have room for
+// round_up(n, 16) columns. The words of B's rows are transposed like the floats of the fp32 scores.
 SPARSE_ATTN_AVX512_BF16 void gemm_abt_tall_bf16_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                                                       RowsOf b, float* c, int64_t ldc, uint32_t* a2, uint32_t* bt2) {
+                                                       RowsOf b, float* c, int64_t ldc, uint32_t* a2, uint32_t* b2,
+                                                       uint32_t* bt2) {
   const int64_t k2 = k / 2, n16 = (n + 15) / 16 * 16;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t e = 0; e < k; e += 32) {
-      _mm512_storeu_ps(reinterpret_cast<float*>(a2 + i * k2 + e / 2), bf16_pairs(a + i * lda + e));
-    }
-  }
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t live = std::min<int64_t>(16, n - j0);
-    for (int64_t e0 = 0; e0 < k; e0 += 32) {
-      __m512 r[16];
-      for (int64_t i = 0; i < 16; ++i) r[i] = i < live ? bf16_pairs(b[j0 + i] + e0) : _mm512_setzero_ps();
-      transpose16(r);
-      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(bt2 + (e0 / 2 + i) * n16 + j0), r[i]);
-    }
-  }
-  for_row_groups(m, [&](auto rows, int64_t i) {
+  to_bf16_pairs(RowsOf(a, lda), m, k, a2);
+  to_bf16_pairs(b, n, k, b2);
+  transpose_rows(n, k2, RowsOf(reinterpret_cast<const float*>(b2), k2), reinterpret_cast<float*>(bt2), n16);
+  for_row_groups<12>(m, [&](auto rows, int64_t i) {
     gemm_a_bt_rows_bf16<decltype(rows)::value>(n16, k2, a2 + i * k2, k2, bt2, n16, c + i * ldc, ldc);
   });
 }
 
 inline bool gemm_abt_tall_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-                               int64_t ldc, uint32_t* a2, uint32_t* bt2) {
+                               int64_t ldc, uint32_t* a2, uint32_t* b2, uint32_t* bt2) {
   if (m <= 4 || k % 32 != 0 || !has_avx512_bf16()) return false;
-  gemm_abt_tall_bf16_avx512(m, n, k, a, lda, b, c, ldc, a2, bt2);
+  gemm_abt_tall_bf16_avx512(m, n, k, a, lda, b, c, ldc, a2, b2, bt2);
   return true;
 }
 #else
 inline bool tall_products_fast(int64_t) { return false; }
 inline bool gemm_abt_tall_bf16(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, uint32_t*,
-                               uint32_t*) {
+                               uint32_t*, uint32_t*) {
   return false;
 }
 inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, float*) {
@@ -583,11 +553,14 @@ void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
   }
 }
 
-// Row-major products through column-major sgemm: a row-major [r, c] matrix is its column-major transpose. Products
-// with fewer than 4 rows (decode) are memory-bound and skip the BLAS call overhead; B rows given by pointers use the
+// Row-major products. With register-tile scratch (`tall_scratch`: k * round_up(n, 16) floats, C's rows room for
+// round_up(n, 16) columns) products of more than 4 rows run on the AVX-512 register tiles where the CPU has them;
+// otherwise through column-major sgemm (a row-major [r, c] matrix is its column-major transpose). Products with
+// fewer than 4 rows (decode) are memory-bound and skip the BLAS call overhead; B rows given by pointers use the
 // loops.
 void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-              int64_t ldc) {
+              int64_t ldc, float* tall_scratch = nullptr) {
+  if (tall_scratch != nullptr && gemm_abt_tall_fast(m, n, k, a, lda, b, c, ldc, tall_scratch)) return;
   if (k % 16 == 0 && (m <= 4 || !blas || b.ptrs)) {  // groups of four rows, 16 keys at a time
     for (int64_t i = 0; i < m; i += 4) {
       const int64_t rows = std::min<int64_t>(4, m - i);
@@ -604,8 +577,10 @@ void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_
   sgemm_("T", "N", &mi, &ni, &ki, &one, b.base, &la, a, &lb, &zero, c, &lc);
 }
 
+// C += A B; `tall`: products of more than 4 rows on the AVX-512 register tiles where the CPU has them.
 void gemm_ab_acc(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-                 int64_t ldc) {
+                 int64_t ldc, bool tall = false) {
+  if (tall && gemm_ab_acc_tall_fast(m, n, k, a, lda, b, c, ldc)) return;
   if (!blas || m <= 4 || b.ptrs) return gemm_ab_acc_loops(m, n, k, a, lda, b, c, ldc);
   // C^T [n, m] += B^T [n, k] A^T [k, m]
   const int mi = n, ni = m, ki = k, la = b.ld, lb = lda, lc = ldc;
