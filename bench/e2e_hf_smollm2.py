@@ -17,6 +17,11 @@ chosen automatically because it matches the model); ``no_plan`` ``auto_plan=Fals
 model without a shipped plan gets); for decode also ``ds`` (dense prefill, Double Sparsity decode with r = 16 channels calibrated on the
 machine's licence texts and 1/8 of the context) and ``kvp50`` (dense prefill, KV pruning at 50%).
 
+KV caches: each decode row runs on the cache ``model.generate`` makes for it: transformers' ``DynamicCache`` for
+``sdpa`` (a ``torch.cat`` of every layer's whole cache per token), :class:`sparse_attn.InPlaceCache` once
+``sparse_attn.configure`` ran (appends in place). ``sdpa_in_place`` is SDPA on the in-place cache: the share of a
+sparse row's decode speedup that is the cache's, not its attention's.
+
 Per prefill row: forward time (``use_cache=False``, ``logits_to_keep=1``), the time inside the attention function
 summed over the 30 layers, and within it the mask building (estimation and selection; the rest is the kernel), and
 the mean prefill density. Per decode row: the median time of one decode step (one token through the model with its
@@ -38,7 +43,7 @@ from . import common
 
 NAME = "e2e_hf_smollm2"
 PREFILL_CONFIGS = ("sdpa", "dense", "plan", "default", "no_plan")
-DECODE_CONFIGS = ("sdpa", "dense", "ds", "kvp50", "plan")
+DECODE_CONFIGS = ("sdpa", "sdpa_in_place", "dense", "ds", "kvp50", "plan")
 KEY = 52817
 
 
@@ -111,7 +116,7 @@ def configure(model, name: str, channels) -> None:
     from sparse_attn.decode import DoubleSparsity, DoubleSparsityConfig, KVPruning, KVPruningConfig
     from sparse_attn.planner import SMOLLM2_PLAN
 
-    if name == "sdpa":
+    if name in ("sdpa", "sdpa_in_place"):
         model.set_attn_implementation("sdpa")
     elif name == "dense":
         sparse_attn.configure(model, sparse_attn.Dense())
@@ -144,13 +149,20 @@ def reset_state(model) -> None:
     reset_decode_state(model)
 
 
-@torch.inference_mode()
-def greedy(model, ids: torch.Tensor, steps: int, clock: AttentionClock | None = None):
-    """Prefill ``ids`` with a cache, then ``steps`` greedy decode steps: (new token ids, per-step seconds, the
-    density the last step read)."""
+def new_cache(model, name: str):
+    """The KV cache ``model.generate`` makes for configuration ``name``: transformers' ``DynamicCache`` for SDPA,
+    :class:`sparse_attn.InPlaceCache` once ``sparse_attn.configure`` ran (and for ``sdpa_in_place``, SDPA over the same
+    cache, which shows how much of a decode speedup is the cache's)."""
+    import sparse_attn
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    return DynamicCache() if name == "sdpa" else sparse_attn.InPlaceCache(model.config)
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, steps: int, cache):
+    """Prefill ``ids`` into ``cache``, then ``steps`` greedy decode steps: (new token ids, per-step seconds, the
+    density the last step read)."""
     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, seconds = [int(token)], []
@@ -191,7 +203,7 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
             for name in settings.configs:
                 configure(model, name, channels)
                 reset_state(model)
-                tokens, _, _ = greedy(model, prompts[n], 8)
+                tokens, _, _ = greedy(model, prompts[n], 8, new_cache(model, name))
                 prefill[(n, name)] = dict(context=n, tokens=int(prompts[n].shape[1]), config=name, answer=answer(tokens),
                                           found=str(KEY) in answer(tokens), samples=[])
         for _ in common.progress(range(settings.reps), desc="e2e-hf-smollm2 prefill", unit="rep"):
@@ -212,11 +224,11 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
                 for name in settings.decode_configs:
                     configure(model, name, channels)
                     reset_state(model)
-                    tokens, seconds, density = greedy(model, ids, settings.decode_tokens)
+                    tokens, seconds, density = greedy(model, ids, settings.decode_tokens, new_cache(model, name))
                     row = decode.setdefault(name, dict(config=name, context=int(ids.shape[1]), answer=answer(tokens[:8]),
                                                        found=str(KEY) in answer(tokens[:8]), step_ms=[]))
                     row["step_ms"].extend(s * 1e3 for s in seconds)
-                    row["decode_density"] = density if name != "sdpa" else 1.0
+                    row["decode_density"] = density if not name.startswith("sdpa") else 1.0
     reset_state(model)
 
     rows = []
@@ -268,7 +280,9 @@ def markdown(payload: dict) -> str:
                                         "kernels", "rest of the model", "prefill density", "key found"], table))
     if payload.get("decode"):
         lines += ["", f"Decode: time per generated token after a {payload['decode'][0]['context']}-token prompt "
-                      f"(median over {s['decode_tokens']} steps per repetition).", ""]
+                      f"(median over {s['decode_tokens']} steps per repetition). KV cache: transformers' DynamicCache "
+                      "for sdpa (its default); sparse_attn.InPlaceCache, which `generate` uses once "
+                      "`sparse_attn.configure` ran, for the others; sdpa_in_place is SDPA on that cache.", ""]
         table = [[r["config"], f"{common.fmt(r['ms_per_token'])} ms",
                   f"{r['speedup_vs_sdpa']:.2f}x" if r.get("speedup_vs_sdpa") else "",
                   common.pct(r.get("decode_density"), 1), "yes" if r["found"] else f"no (`{r['answer'][:24]}`)"]

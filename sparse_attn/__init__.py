@@ -38,3 +38,11 @@ from .integrations.transformers import calibrate_double_sparsity, reset_decode_s
 
 __all__ += ["DoubleSparsity", "DoubleSparsityConfig", "KVPruning", "KVPruningConfig", "calibrate_double_sparsity",
             "reset_decode_state"]
+
+
+def __getattr__(name):
+    if name == "InPlaceCache":  # needs transformers: imported on first use
+        from .integrations.cache import InPlaceCache
+
+        return InPlaceCache
+    raise AttributeError(f"module 'sparse_attn' has no attribute {name!r}")

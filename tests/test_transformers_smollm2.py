@@ -168,3 +168,25 @@ def test_shipped_plan_is_the_measured_one_and_keeps_a_passkey_at_a_third_of_the_
     # counts add there (a head keeps at least 256 tokens, the prompt's last 128 rows read everything).
     assert 0.25 < density < 0.4
     assert str(KEY) in passkey_answer(model, tokenizer, prompt)
+
+
+def test_generate_appends_in_place_after_configure(smollm2):
+    """configure() makes generate use an InPlaceCache (same tokens as a DynamicCache, sparse decode included); a cache
+    the caller passes is kept, and in_place_cache=False restores transformers' default."""
+    model, tokenizer = smollm2
+    inputs = tokenizer(make_passkey_prompt(tokenizer, 1300, 0.3, KEY), return_tensors="pt")
+    channels = sparse_attn.calibrate_double_sparsity(model, torch.arange(5, 300))
+    decode = sparse_attn.DoubleSparsity(sparse_attn.DoubleSparsityConfig(r=16, budget_fraction=1 / 4, dense_below=0),
+                                        channels)
+    for options in ({"pattern": Dense()}, {"pattern": Dense(), "decode": decode}):
+        sparse_attn.configure(model, **options)
+        made = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        assert isinstance(made.past_key_values, sparse_attn.InPlaceCache)
+        layer = made.past_key_values.layers[0]
+        assert layer.keys.data_ptr() == layer._key_buffer.data_ptr() and layer._key_buffer.shape[2] > layer.keys.shape[2]
+        given = model.generate(**inputs, max_new_tokens=6, do_sample=False, past_key_values=transformers.DynamicCache())
+        assert torch.equal(made.sequences, given)
+    assert str(KEY) in tokenizer.decode(given[0, inputs["input_ids"].shape[1]:])
+    sparse_attn.configure(model, Dense(), in_place_cache=False)
+    made = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert type(made.past_key_values) is transformers.DynamicCache

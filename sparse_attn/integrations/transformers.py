@@ -16,7 +16,8 @@ Sparse decode: ``configure(model, pattern, decode=DoubleSparsity(...) | KVPrunin
 SparseAttention a decode method; its label cache / compressed cache lives on that module beside transformers' KV
 cache (a DynamicCache layer holds only keys and values) and follows it by position, resetting on a new prompt
 (:mod:`sparse_attn.decode.methods`). :func:`reset_decode_state` frees it; :func:`calibrate_double_sparsity` ranks
-each layer's heavy channels on a calibration text.
+each layer's heavy channels on a calibration text. ``configure`` also makes ``model.generate`` keep the KV cache in an
+:class:`sparse_attn.InPlaceCache` (:mod:`sparse_attn.integrations.cache`): appended in place, not concatenated.
 
 transformers is imported on first use, so this module (and ``sparse_attn.configure``) imports without it.
 """
@@ -34,7 +35,7 @@ from ..patterns import Pattern, default_pattern
 from ..planner.shipped import AUTO_PLAN_ENV, announce, find_shipped_plan
 
 __all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules",
-           "reset_decode_state", "calibrate_double_sparsity"]
+           "reset_decode_state", "calibrate_double_sparsity", "InPlaceCache"]
 
 IMPLEMENTATION = "sparse"
 logger = logging.getLogger(__name__)
@@ -86,6 +87,14 @@ def sparse_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def __getattr__(name):
+    if name == "InPlaceCache":  # defined against transformers' cache classes: imported on first use
+        from .cache import InPlaceCache
+
+        return InPlaceCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _unconfigured_attention(module: torch.nn.Module) -> SparseAttention:
     """A layer never configured: its layer of the shipped plan matching the model (set on the module, once), else the
     content-aware default. ``SPARSE_ATTN_AUTO_PLAN=0`` keeps the default."""
@@ -132,6 +141,7 @@ def configure(
     plan=None,
     skip_mass: float = 0.0,
     auto_plan: bool = True,
+    in_place_cache: bool = True,
 ) -> torch.nn.Module:
     """Switch ``model`` to sparse attention: ``layers[i]`` for layer i when given, else ``pattern``, else the
     content-aware default (:func:`sparse_attn.patterns.default_pattern`).
@@ -143,7 +153,10 @@ def configure(
     the plan chose them); it excludes ``pattern``, ``layers`` and ``decode``. Without any of the four, a plan shipped
     with the package that matches the model (:mod:`sparse_attn.planner.shipped`) is used and the log says so;
     ``auto_plan=False`` keeps the content-aware default instead. ``skip_mass`` turns on softmax
-    thresholding in the kernel (see :class:`sparse_attn.SparseAttention`). Returns the model (changed in place).
+    thresholding in the kernel (see :class:`sparse_attn.SparseAttention`). With ``in_place_cache`` (the default),
+    ``model.generate`` without a cache of the caller's makes an :class:`sparse_attn.InPlaceCache` where it would make a
+    ``DynamicCache`` (same contents, no per-step concatenation of the whole cache). Returns the model (changed in
+    place).
     """
     modules = attention_modules(model)
     if not modules:
@@ -190,7 +203,31 @@ def configure(
         model.set_attn_implementation(IMPLEMENTATION)
     else:
         model.config._attn_implementation = IMPLEMENTATION
+    _generate_with_in_place_cache(model, in_place_cache)
     return model
+
+
+def _generate_with_in_place_cache(model: torch.nn.Module, enabled: bool) -> None:
+    """Make ``model.generate`` create an :class:`InPlaceCache` where it would create its default ``DynamicCache`` (a
+    cache the caller passes, or another ``cache_implementation``, is left alone); ``enabled=False`` undoes it."""
+    prepare = getattr(type(model), "_prepare_cache_for_generation", None)
+    if prepare is None:  # not a transformers generation model
+        return
+    if not enabled:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+        return
+    from transformers import DynamicCache
+
+    from .cache import InPlaceCache
+
+    def prepare_in_place(generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(model, generation_config, model_kwargs, *args, **kwargs)
+        made = model_kwargs.get("past_key_values")
+        if type(made) is DynamicCache and not getattr(made, "_is_user_defined", False) and not made.offloading:
+            model_kwargs["past_key_values"] = InPlaceCache(model.config.get_text_config(decoder=True))
+        return result
+
+    model._prepare_cache_for_generation = prepare_in_place
 
 
 def _load_plan(plan, model):
