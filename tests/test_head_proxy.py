@@ -356,3 +356,37 @@ def test_dense_tail_reads_every_visible_block_for_the_last_rows(rng):
     assert torch.equal(tail.to_block_bool()[0, :, :14], base.to_block_bool()[0, :, :14])
     with pytest.raises(ValueError, match="dense_tail"):
         HeadProxy(dense_tail=-1)
+
+
+def test_gamma_budget_fitted_on_blocks_spread_over_the_prompt():
+    """fit_blocks > 1 fits each head's budget on query blocks spread over the prompt, not only the last: a prompt
+    whose last rows attend to one place while earlier rows spread their attention gets the budget the earlier rows
+    need. fit_blocks=1 is the last block's rule, with its masses computed from all of that block's rows."""
+    g = torch.Generator().manual_seed(11)
+    length, dim, block = 320, 16, 16
+    k = torch.randn(length, 1, dim, generator=g)
+    k[3] *= 3
+    q = torch.zeros(length, 2, dim)  # zero queries: uniform attention over every visible key
+    q[-block:] = 10 * k[3]  # the last block's rows attend to key 3 (block 0) only
+    seq = seq_of(q, k, block, block)
+    assert HeadProxy().fit_block_ids(seq).tolist() == [19]
+    assert HeadProxy(fit_blocks=4).fit_block_ids(seq).tolist() == [4, 9, 14, 19]
+    assert HeadProxy(fit_blocks=50).fit_block_ids(seq).tolist() == list(range(20))
+    budgets = {}
+    for fit in (1, 4):
+        pattern = HeadProxy(gamma=0.9, min_budget=16, fit_blocks=fit)
+        scores, mass = pattern.estimate(seq)
+        assert mass.shape == (2, min(fit, 20), 20)
+        keep, budgets[fit] = pattern.select(seq, scores, mass)
+        if fit == 1:  # the last block's masses, every row of it, against the float64 definition
+            rows = torch.arange(length - block, length)
+            want = pooled_definition(q[rows].transpose(0, 1)[:, None].double(), k.double(), rows[None], block,
+                                     dim ** -0.5, True, True)[:, 0]
+            torch.testing.assert_close(mass[:, 0].double(), want, atol=1e-5, rtol=1e-4)
+    assert budgets[1].tolist() == [2, 2]  # the sink block holds all of the last rows' mass, plus the diagonal
+    # Block 14 sees 15 blocks of equal mass: 90% of it takes 14 of them.
+    assert budgets[4].tolist() == [14, 14]
+    with pytest.raises(ValueError, match="fit_blocks"):
+        HeadProxy(fit_blocks=0)
+    with pytest.raises(ValueError, match="fitted query blocks"):
+        HeadProxy(gamma=0.9, min_budget=16, fit_blocks=4).select(seq, scores, mass[:, :2])

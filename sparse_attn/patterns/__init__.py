@@ -14,5 +14,7 @@ def default_pattern() -> Pattern:
     """The pattern for heads no plan covers: ProxyAttn's content-aware selection with its published defaults
     (cumulative mass 0.95, 1 of 4 query rows, at least 2048 tokens per query block), never a static window, and
     the query blocks of the prompt's last 128 rows read in full (where a prompt asks its question: the rows that
-    decide what the answer retrieves, a small share of the causal area)."""
-    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128)
+    decide what the answer retrieves, a small share of the causal area). Each head's budget is fitted on 8 query
+    blocks spread over the prompt, not on the last one alone: a prompt's final rows often attend to a few places
+    while rows inside a long document spread wider, and a budget fitted on the last rows under-serves those."""
+    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128, fit_blocks=8)

@@ -7,9 +7,12 @@ Steps, for one sequence:
 2. Score blocks with the proxy: ``softmax(Qg Kg^T * scale)`` on strided query rows (1 of ``q_stride``, aligned to
    each query block's last row), pooled to ``[proxies, num_q_blocks, num_kv_blocks]``: the max probability in the
    block (``pooling="max"``, ProxyAttn's) or the block's attention mass averaged over the rows (``"mean"``).
-3. Per-head budget: on the last query block, the head's own attention probabilities are pooled to block masses
-   (averaged over its rows); ``b_h`` is the fewest blocks whose mass reaches ``gamma_h`` (cumulative-mass selection),
-   kept within ``[min_budget, max_budget]``. Budgets are tokens (int) or fractions of the context (float).
+3. Per-head budget: on the last query block (and, with ``fit_blocks`` > 1, on query blocks spread evenly before
+   it), the head's own attention probabilities are pooled to block masses (averaged over the block's rows); ``b_h``
+   is the most blocks any of these query blocks needs for its mass to reach ``gamma_h`` (cumulative-mass
+   selection), kept within ``[min_budget, max_budget]``. Budgets are tokens (int) or fractions of the context
+   (float). The last block alone (ProxyAttn's rule) can under-serve the middle of a prompt: a prompt's final rows
+   often attend to a few places while rows inside a long document spread their attention wider.
 4. Head h keeps, in every query block, the first block (the attention sink), the diagonal block and its best
    blocks by its proxy's score up to ``b_h`` blocks in all.
 
@@ -159,6 +162,8 @@ class HeadProxy(Pattern):
         dense_tail: the query blocks holding the last ``dense_tail`` query rows read every block they can see. A
             prompt ends with its question: those rows decide what the first answer token retrieves, and their block
             rows are a small share of the causal area (one block row in ``num_q_blocks``).
+        fit_blocks: query blocks the gamma budget is fitted on: the last one and ``fit_blocks - 1`` more spread
+            evenly over the queries (each costs one query block of exact per-head scores); 1 is ProxyAttn's rule.
     """
 
     gamma: float | tuple[float, ...] = 0.95
@@ -170,6 +175,7 @@ class HeadProxy(Pattern):
     head_scores: bool = False
     pooling: str = "max"
     dense_tail: int = 0
+    fit_blocks: int = 1
     #: Filled by every estimate: ``seconds`` (estimation time of the last call, apart from the attention kernel),
     #: ``total_seconds`` and ``calls`` (running totals), ``budget_tokens`` (per head, last call).
     stats: dict = field(default_factory=dict, compare=False, repr=False)
@@ -208,6 +214,7 @@ class HeadProxy(Pattern):
         if not isinstance(self.head_scores, bool):
             raise ValueError(f"head_scores must be a bool, got {self.head_scores!r}")
         check_int("dense_tail", self.dense_tail, 0)
+        check_int("fit_blocks", self.fit_blocks)
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """ValueError where a per-head list (``gamma``, ``min_budget``, ``max_budget``) does not have ``num_heads``
@@ -238,12 +245,13 @@ class HeadProxy(Pattern):
     @property
     def estimate_key(self) -> tuple:
         """The settings :meth:`estimate` depends on: settings with equal keys can share one estimate."""
-        return (self.q_stride, self.kv_heads_per_group, self.head_scores, self.pooling)
+        return (self.q_stride, self.kv_heads_per_group, self.head_scores, self.pooling, self.fit_blocks)
 
     def estimate(self, seq: SeqContext, with_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steps 1-3 before the budget: proxy block scores ``[proxies, nq, nk]`` and each head's block masses on
-        the last query block ``[Hq, nk]`` (None where every budget is fixed, unless ``with_mass``). They depend on
-        :attr:`estimate_key` only, not on the budget rule, so a calibration run can share them between settings."""
+        the query blocks the budget is fitted on (:meth:`fit_block_ids`) ``[Hq, F, nk]`` (None where every budget is
+        fixed, unless ``with_mass``). They depend on :attr:`estimate_key` only, not on the budget rule, so a
+        calibration run can share them between settings."""
         q, k = seq.require_qk("HeadProxy")
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
         if num_kv_heads % self.kv_heads_per_group:
@@ -263,11 +271,21 @@ class HeadProxy(Pattern):
 
         if not with_mass and self.fixed_budgets(seq, num_heads):
             return scores, None  # no budget depends on the last block's masses
-        last = torch.arange((seq.num_q_blocks - 1) * seq.q_block_size, seq.q_len, device=seq.device)
-        q_last = q[last].transpose(0, 1)[:, None]  # [Hq, 1, rows, D]
-        mass = pooled_block_probs(q_last, k, (last + seq.q_offset)[None], seq.kv_block_size, scale, seq.causal,
-                                  mean=True, backend=self.backend)[:, 0]
+        local = self.fit_block_ids(seq)[:, None] * seq.q_block_size + torch.arange(seq.q_block_size,
+                                                                                   device=seq.device)
+        inside = local < seq.q_len  # the last block may be short: its missing rows are empty slots
+        q_fit = q[local.clamp(max=seq.q_len - 1)].permute(2, 0, 1, 3)  # [Hq, F, rows, D]
+        pos = torch.where(inside, local + seq.q_offset, -1)
+        mass = pooled_block_probs(q_fit, k, pos, seq.kv_block_size, scale, seq.causal, mean=True,
+                                  backend=self.backend)
         return scores, mass
+
+    def fit_block_ids(self, seq: SeqContext) -> torch.Tensor:
+        """The query blocks the gamma budget is fitted on, ascending, the last one included: int64 ``[F]``,
+        F = min(``fit_blocks``, number of query blocks)."""
+        nq = seq.num_q_blocks
+        count = min(self.fit_blocks, nq)
+        return torch.tensor(sorted({nq * (j + 1) // count - 1 for j in range(count)}), device=seq.device)
 
     def select(self, seq: SeqContext, scores: torch.Tensor,
                mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +306,12 @@ class HeadProxy(Pattern):
         # without the masses; so do heads whose cap is at or below their floor.
         fixed = torch.maximum(cap, floor).where(gamma >= 1.0, floor)
         if mass is not None:  # the gamma rule counts the sink and diagonal blocks first, as step 4 keeps them
-            rule = torch.maximum(torch.minimum(blocks_for_mass(mass, gamma, always[-1]), cap), floor)
+            fitted = self.fit_block_ids(seq).tolist()
+            if mass.dim() != 3 or mass.shape[1] != len(fitted):
+                raise ValueError(f"select: mass must be [heads, {len(fitted)} fitted query blocks, kv blocks] as "
+                                 f"estimate returns it, got {tuple(mass.shape)}")
+            need = torch.stack([blocks_for_mass(mass[:, j], gamma, always[b]) for j, b in enumerate(fitted)])
+            rule = torch.maximum(torch.minimum(need.amax(0), cap), floor)
             budget = torch.where((gamma >= 1.0) | (cap <= floor), fixed, rule)
         elif self.fixed_budgets(seq, num_heads):
             budget = fixed
