@@ -414,9 +414,9 @@ def run_vllm(names: list[str], cases: list[dict], prompts: dict[str, R.Prompt], 
         return rows, {name: {"status": "skipped", "reason": reason} for name in names}
     model_dir = e2e_vllm.model_folder()
     output_tokens = max(MAX_NEW_TOKENS.values())
-    made = [dict(context=c["id"], key=c["answers"][0], prompt=prompts[c["id"]].text, tokens=prompts[c["id"]].tokens)
-            for c in cases]
-    settings = SimpleNamespace(output_tokens=output_tokens, kvcache_space_gib=1, repeats=1)
+    made = [dict(context=c["id"], key=c["answers"][0], keys=[c["answers"][0]], prompt=prompts[c["id"]].text,
+                 prompts=[prompts[c["id"]].text], tokens=prompts[c["id"]].tokens) for c in cases]
+    settings = SimpleNamespace(output_tokens=output_tokens, kvcache_space_gib=1, repeats=1, batch=1)
     for config in vllm_configs(names, plan):
         log(f"[{config['name']}] starting the engine over {len(made)} prompts")
         with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:

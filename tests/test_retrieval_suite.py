@@ -4,7 +4,9 @@ rebuilding to the question and answers it records), answer checking, the summary
 (real weights): dense finds the short cases the list says it finds, and the default (``configure(model)``) and the
 plan keep them."""
 
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -184,3 +186,19 @@ def test_fast_slice_dense_default_and_plan(smollm2, case_list, tmp_path):
         assert rows["plan", case["id"]]["prefill_density"] < 0.9  # past dense_below: the plan's patterns ran
     summary = payload["summary"]
     assert summary["dense"]["found"] == summary["default"]["found"] == summary["plan"]["found"] == len(chosen)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None and os.environ.get("SPARSE_ATTN_REQUIRE_VLLM") != "1",
+                    reason="vLLM is not installed")
+def test_vllm_configuration_runs_in_the_engine(smollm2, case_list, tmp_path):
+    """The suite's vLLM rows: the real engine with the sparse backend (no options) answers the shortest case of the
+    fast slice as dense does, with the backend's own densities."""
+    model, tokenizer = smollm2
+    case = min(retrieval.fast_slice(case_list["cases"]), key=lambda c: c["tokens"])
+    settings = retrieval.Settings(configs=["vllm_default"], ids=[case["id"]])
+    payload = retrieval.run(settings, tmp_path, model=model, tokenizer=tokenizer, log=lambda *_: None)
+    assert payload["configs"]["vllm_default"]["status"] == "ok", payload["configs"]["vllm_default"]
+    (row,) = payload["results"]
+    assert row["config"] == "vllm_default" and row["id"] == case["id"]
+    assert row["found"], row["continuation"]
+    assert 0 < row["prefill_density"] <= 1 and 0 < row["decode_read"] <= 1
