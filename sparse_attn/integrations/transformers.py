@@ -35,7 +35,7 @@ from ..patterns import Pattern, default_pattern
 from ..planner.shipped import AUTO_PLAN_ENV, announce, find_shipped_plan
 
 __all__ = ["IMPLEMENTATION", "register", "configure", "sparse_attention_forward", "attention_modules",
-           "reset_decode_state", "calibrate_double_sparsity", "InPlaceCache"]
+           "reset_decode_state", "calibrate_double_sparsity"]
 
 IMPLEMENTATION = "sparse"
 logger = logging.getLogger(__name__)
@@ -85,14 +85,6 @@ def sparse_attention_forward(
     attention = getattr(module, "sparse_attention", None) or _unconfigured_attention(module)
     out = attention(query, key, value, is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
-
-
-def __getattr__(name):
-    if name == "InPlaceCache":  # defined against transformers' cache classes: imported on first use
-        from .cache import InPlaceCache
-
-        return InPlaceCache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unconfigured_attention(module: torch.nn.Module) -> SparseAttention:

@@ -270,7 +270,7 @@ class HeadProxy(Pattern):
                                     mean=self.pooling == "mean", backend=self.backend).float()
 
         if not with_mass and self.fixed_budgets(seq, num_heads):
-            return scores, None  # no budget depends on the last block's masses
+            return scores, None  # no budget depends on the fitted blocks' masses
         local = self.fit_block_ids(seq)[:, None] * seq.q_block_size + torch.arange(seq.q_block_size,
                                                                                    device=seq.device)
         inside = local < seq.q_len  # the last block may be short: its missing rows are empty slots
