@@ -456,6 +456,44 @@ at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const a
   return pooled_block_scores_cpu(in);
 }
 
+at::Tensor select_blocks(const at::Tensor& scores, const at::Tensor& budgets, const at::Tensor& proxy_of_head,
+                         const at::Tensor& bounds, const at::Tensor& diag, int64_t tail_from) {
+  TORCH_CHECK(scores.defined() && scores.is_cpu(), "scores must be a CPU tensor");
+  const auto dev = scores.device();
+  check_tensor(scores, "scores", 3, {at::kFloat}, dev);
+  check_tensor(budgets, "budgets", 1, {at::kLong}, dev);
+  check_tensor(proxy_of_head, "proxy_of_head", 1, {at::kLong}, dev);
+  check_tensor(bounds, "bounds", 1, {at::kLong}, dev);
+  check_tensor(diag, "diag", 1, {at::kLong}, dev);
+  const int64_t proxies = scores.size(0), nq = scores.size(1), nk = scores.size(2), heads = budgets.size(0);
+  check_size(proxy_of_head, "proxy_of_head", 0, heads, "the heads of budgets");
+  check_size(bounds, "bounds", 0, nq, "the query blocks of scores");
+  check_size(diag, "diag", 0, nq, "the query blocks of scores");
+  SelectBlocksInputs in;
+  in.scores = scores.contiguous();
+  in.budgets = budgets.contiguous();
+  in.proxy_of_head = proxy_of_head.contiguous();
+  in.bounds = bounds.contiguous();
+  in.diag = diag.contiguous();
+  in.tail_from = tail_from;
+  const int64_t* b = in.budgets.data_ptr<int64_t>();
+  const int64_t* p = in.proxy_of_head.data_ptr<int64_t>();
+  for (int64_t h = 0; h < heads; ++h) {
+    TORCH_CHECK(b[h] >= 1, "budgets[", h, "] = ", b[h], " must be at least 1");
+    TORCH_CHECK(p[h] >= 0 && p[h] < proxies, "proxy_of_head[", h, "] = ", p[h], " must lie in [0, ", proxies, ")");
+  }
+  const int64_t* bd = in.bounds.data_ptr<int64_t>();
+  const int64_t* dg = in.diag.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nq; ++i) {
+    TORCH_CHECK(bd[i] >= 0 && bd[i] <= nk, "bounds[", i, "] = ", bd[i], " must lie in [0, ", nk, "]");
+    TORCH_CHECK(dg[i] >= -1 && dg[i] < std::max<int64_t>(nk, 1), "diag[", i, "] = ", dg[i], " must lie in [-1, ", nk,
+                ")");
+  }
+  auto keep = at::zeros({heads, nq, nk}, scores.options().dtype(at::kBool));
+  if (heads > 0 && nq > 0 && nk > 0) select_blocks_cpu(in, keep);
+  return keep;
+}
+
 }  // namespace
 }  // namespace sparse_attn
 
@@ -503,6 +541,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(fp32 sums) where the CPU has AVX512-BF16 and the head dim is a multiple of 32.",
         py::arg("q"), py::arg("k"), py::arg("pos"), py::arg("kv_block_size"), py::arg("scale"), py::arg("causal"),
         py::arg("mean"), py::arg("exact") = false);
+  m.def("select_blocks", &sparse_attn::select_blocks,
+        "Head-proxy block selection from pooled scores [P, nq, nk] fp32: per query head h (budgets int64 [Hq] "
+        "blocks, proxy_of_head int64 [Hq]) and query block i, block 0 and diag[i] (-1: none) first, then the visible "
+        "blocks j < bounds[i] with the best scores of the head's proxy (ties: the lower block), budgets[h] in all; "
+        "query blocks i >= tail_from keep every block. Returns bool [Hq, nq, nk].",
+        py::arg("scores"), py::arg("budgets"), py::arg("proxy_of_head"), py::arg("bounds"), py::arg("diag"),
+        py::arg("tail_from"));
   m.def("block_sparse_attention_cpu", &sparse_attn::block_sparse_attention,
         "Block-sparse attention on CPU tensors: q [Tq, Hq, D] with cu_seqlens_q int32 [B + 1]; keys k/v "
         "[rows, Hkv, D] either varlen (cu_seqlens_k int32 [B + 1]) or paged (block_table int32 [B, max_pages], "

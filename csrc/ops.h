@@ -112,6 +112,18 @@ struct PooledBlockScoresInputs {
 // Returns fp32 [P, nq, ceil(Tk / kv_block_size)].
 at::Tensor pooled_block_scores_cpu(const PooledBlockScoresInputs& in);
 
+// Inputs of the block selection that follows the pooled scores (semantics in HeadProxy.select): scores fp32
+// [P, nq, nk]; budgets int64 [Hq] blocks per query block of each query head (>= 1); proxy_of_head int64 [Hq] in
+// [0, P); bounds int64 [nq] visible blocks of each query block (j < bounds[i]); diag int64 [nq] the block kept with
+// the sink (-1: none); query blocks i >= tail_from keep every block.
+struct SelectBlocksInputs {
+  at::Tensor scores, budgets, proxy_of_head, bounds, diag;
+  int64_t tail_from = 0;
+};
+
+// Fills keep bool [Hq, nq, nk] (zeroed by the caller).
+void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep);
+
 #ifdef SPARSE_ATTN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> topk_tokens_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
                                                     int64_t sink, int64_t recent,

@@ -390,3 +390,59 @@ def test_gamma_budget_fitted_on_blocks_spread_over_the_prompt():
         HeadProxy(fit_blocks=0)
     with pytest.raises(ValueError, match="fitted query blocks"):
         HeadProxy(gamma=0.9, min_budget=16, fit_blocks=4).select(seq, scores, mass[:, :2])
+
+
+needs_select_op = pytest.mark.skipif(not extension_available("select_blocks"), reason="needs the C++ extension")
+
+
+@needs_select_op
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_selection_equals_the_pytorch_selection(seed):
+    """The C++ selection (CPU tensors, "cpu" backend) keeps exactly the blocks the PyTorch rule keeps, for fixed
+    per-head budgets and gamma budgets, group and per-head proxies, causal and not, chunked queries, dense tails and
+    query blocks of another size than the KV blocks."""
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads = [(9, 3), (4, 4), (8, 2), (6, 1)][seed % 4]
+    bq, bk = [(32, 32), (16, 16), (32, 16), (16, 32), (8, 24), (16, 16)][seed % 6]
+    q_len = int(torch.randint(1, 400, (), generator=g))
+    kv_len = q_len + (int(torch.randint(0, 200, (), generator=g)) if seed % 3 else 0)
+    causal = seed % 5 != 4
+    q, k = torch.randn(q_len, heads, 16, generator=g), torch.randn(kv_len, kv_heads, 16, generator=g)
+    options = dict(head_scores=seed % 2 == 0, pooling=("mean", "max")[seed % 2], dense_tail=(0, 40, 130)[seed % 3])
+    if seed % 4:
+        blocks = torch.randint(1, 12, (heads,), generator=g).tolist()
+        pattern = HeadProxy(gamma=1.0, min_budget=tuple(b * bk for b in blocks),
+                            max_budget=tuple(b * bk for b in blocks), **options)
+    else:
+        pattern = HeadProxy(gamma=tuple((0.5, 0.9)[h % 2] for h in range(heads)), min_budget=bk, fit_blocks=3, **options)
+    seq = SeqContext(q_len, kv_len, heads, bq, bk, causal, torch.device("cpu"), q, k, None)
+    scores, mass = pattern.estimate(seq)
+    keep, budget = pattern.select(seq, scores, mass)
+    object.__setattr__(pattern, "backend", "reference")  # the PyTorch rule
+    expected, expected_budget = pattern.select(seq, scores, mass)
+    assert torch.equal(budget, expected_budget)
+    assert torch.equal(keep, expected)
+
+
+@needs_select_op
+def test_cpu_selection_breaks_ties_toward_the_lower_block_and_checks_its_inputs():
+    from sparse_attn.ops.extension import select_blocks_cpu
+
+    scores = torch.zeros(1, 2, 6)
+    scores[0, 1, 4] = 1.0  # query block 1: block 4 first, then the equal blocks in order
+    keep = select_blocks_cpu(scores, torch.tensor([3, 4]), torch.tensor([0, 0]), torch.tensor([3, 6]),
+                             torch.tensor([2, 5]), tail_from=2)
+    assert keep[0].tolist() == [[True, True, True, False, False, False], [True, False, False, False, True, True]]
+    assert keep[1, 1].tolist() == [True, True, False, False, True, True]
+    assert keep.sum().item() == 13
+    everything = select_blocks_cpu(scores, torch.tensor([1]), torch.tensor([0]), torch.tensor([3, 6]),
+                                   torch.tensor([2, 5]), tail_from=1)
+    assert everything[0, 1].all() and everything[0, 0].tolist() == [True, False, True, False, False, False]
+    with pytest.raises(RuntimeError, match="proxy_of_head"):
+        select_blocks_cpu(scores, torch.tensor([1]), torch.tensor([1]), torch.tensor([3, 6]), torch.tensor([2, 5]), 2)
+    with pytest.raises(RuntimeError, match="budgets"):
+        select_blocks_cpu(scores, torch.tensor([0]), torch.tensor([0]), torch.tensor([3, 6]), torch.tensor([2, 5]), 2)
+    with pytest.raises(RuntimeError, match="bounds"):
+        select_blocks_cpu(scores, torch.tensor([1]), torch.tensor([0]), torch.tensor([3, 7]), torch.tensor([2, 5]), 2)
+    with pytest.raises(RuntimeError, match="diag"):
+        select_blocks_cpu(scores, torch.tensor([1]), torch.tensor([0]), torch.tensor([3, 6]), torch.tensor([2, 6]), 2)

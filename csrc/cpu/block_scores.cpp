@@ -201,6 +201,60 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
 
 }  // namespace
 
+// Block selection from pooled scores, per (query head h, query block i): the always-kept blocks (block 0, the
+// attention sink, and the diagonal block diag[i] >= 0) count first within the budget b_h; the rest of the budget goes
+// to the visible blocks j < bound[i] with the highest scores of head h's proxy (ties: the lower block). Query blocks
+// i >= tail_from keep every block. Heads sharing a proxy share one ranking (each takes its own prefix of it).
+void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
+  const int64_t proxies = in.scores.size(0), nq = in.scores.size(1), nk = in.scores.size(2);
+  const int64_t heads = in.budgets.size(0);
+  const float* sc = in.scores.data_ptr<float>();
+  const int64_t* budget = in.budgets.data_ptr<int64_t>();
+  const int64_t* proxy = in.proxy_of_head.data_ptr<int64_t>();
+  const int64_t* bound = in.bounds.data_ptr<int64_t>();
+  const int64_t* diag = in.diag.data_ptr<int64_t>();
+  bool* out = keep.data_ptr<bool>();
+  // The largest budget among each proxy's heads: the length of the ranking it needs.
+  std::vector<int64_t> widest(proxies, 0);
+  for (int64_t h = 0; h < heads; ++h) widest[proxy[h]] = std::max(widest[proxy[h]], budget[h]);
+  at::parallel_for(0, proxies * nq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> order(nk);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / nq, i = item % nq;
+      const int64_t visible = std::min(bound[i], nk), d = diag[i];
+      if (i >= in.tail_from) {
+        for (int64_t h = 0; h < heads; ++h) {
+          if (proxy[h] == p) std::fill_n(out + (h * nq + i) * nk, nk, true);
+        }
+        continue;
+      }
+      const bool has_diag = d > 0 && d < nk;  // d == 0 is the sink itself
+      const int64_t always = (nk > 0 ? 1 : 0) + (has_diag ? 1 : 0);
+      // Ranked candidates: the visible blocks other than the always-kept ones, best first, the top `need` of them.
+      int64_t n = 0;
+      for (int64_t j = 1; j < visible; ++j) {
+        if (j != d) order[n++] = static_cast<int32_t>(j);
+      }
+      const int64_t need = std::min(n, std::max<int64_t>(0, widest[p] - always));
+      const float* s = sc + (p * nq + i) * nk;
+      auto key = [s](int32_t j) { return std::isnan(s[j]) ? kNegInf : s[j]; };  // NaN ranks last
+      auto better = [&key](int32_t a, int32_t b) {
+        const float x = key(a), y = key(b);
+        return x > y || (x == y && a < b);
+      };
+      std::partial_sort(order.begin(), order.begin() + need, order.begin() + n, better);
+      for (int64_t h = 0; h < heads; ++h) {
+        if (proxy[h] != p) continue;
+        bool* row = out + (h * nq + i) * nk;
+        if (nk > 0) row[0] = true;
+        if (has_diag) row[d] = true;
+        const int64_t take = std::min(need, std::max<int64_t>(0, budget[h] - always));
+        for (int64_t t = 0; t < take; ++t) row[order[t]] = true;
+      }
+    }
+  });
+}
+
 at::Tensor pooled_block_scores_cpu(const PooledBlockScoresInputs& in) {
   const int64_t nk = (in.k.size(0) + in.kv_block_size - 1) / in.kv_block_size;
   auto out = at::zeros({in.q.size(0), in.q.size(1), nk}, in.q.options().dtype(at::kFloat));

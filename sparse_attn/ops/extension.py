@@ -250,6 +250,16 @@ def pooled_block_scores_cpu(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
                                            bool(mean), bool(exact))
 
 
+def select_blocks_cpu(scores: torch.Tensor, budgets: torch.Tensor, proxy_of_head: torch.Tensor, bounds: torch.Tensor,
+                      diag: torch.Tensor, tail_from: int) -> torch.Tensor:
+    """The C++ block selection behind :meth:`sparse_attn.patterns.head_proxy.HeadProxy.select` on CPU tensors: scores
+    fp32 ``[P, nq, nk]``, per query head its budget in blocks and its proxy ``[Hq]``, per query block its visible
+    blocks (``j < bounds[i]``) and the block kept beside the sink (``diag[i]``, -1 none) ``[nq]``; query blocks from
+    ``tail_from`` on keep every block. Returns bool ``[Hq, nq, nk]``; equal scores rank the lower block first."""
+    return extension().select_blocks(scores.float(), budgets.to(torch.int64), proxy_of_head.to(torch.int64),
+                                     bounds.to(torch.int64), diag.to(torch.int64), int(tail_from))
+
+
 def decode_select_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, block_table: torch.Tensor,
                       kv_lens: torch.Tensor, budgets: torch.Tensor, width: int, *, sink: int, recent: int,
                       per_group: bool = True, reduce_max: bool = True, slot_keep: int = 0

@@ -142,11 +142,11 @@ class Pattern:
                 )
             if causal:
                 keep = keep & seq.causal_keep()
-            padded = torch.zeros(keep.shape[0], nq, nk, dtype=torch.bool, device=device)
-            padded[:, : keep.shape[1], : keep.shape[2]] = keep
-            rows.append(padded)
+            if keep.shape[1:] != (nq, nk):  # a shorter sequence of a ragged batch
+                keep = torch.nn.functional.pad(keep, (0, nk - keep.shape[2], 0, nq - keep.shape[1]))
+            rows.append(keep)
         heads = max(r.shape[0] for r in rows)
-        keep = torch.stack([r.expand(heads, -1, -1) for r in rows])
+        keep = rows[0][None] if len(rows) == 1 else torch.stack([r.expand(heads, -1, -1) for r in rows])
         return BlockSparseMask.from_block_bool(
             keep, q_block_size=q_block_size, kv_block_size=kv_block_size, q_len=max_q, kv_len=max_kv
         )

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .._validate import MAX_COUNT, check_int, check_real, shown
+from ..masks import causal_block_bounds
 from ..ops.attention import resolve_backend, triton_kernels
-from ..ops.extension import extension_available, pooled_block_scores_cpu
+from ..ops.extension import extension_available, pooled_block_scores_cpu, select_blocks_cpu
 from .base import Pattern, SeqContext
 
 __all__ = ["HeadProxy", "pooled_block_probs", "blocks_for_mass", "strided_rows", "POOLINGS"]
@@ -259,13 +260,15 @@ class HeadProxy(Pattern):
         scale = seq.scale if seq.scale is not None else head_dim ** -0.5
         groups = num_kv_heads // self.kv_heads_per_group
 
-        k_proxy = k.unflatten(1, (groups, self.kv_heads_per_group)).float().mean(2).to(k.dtype)  # [Lk, G, D]
-        if self.head_scores:  # every query head its own proxy, against its group's proxy key
-            q_proxy = q
+        if self.kv_heads_per_group == 1:  # every KV head its own proxy key
+            k_proxy = k
         else:
-            q_proxy = q.unflatten(1, (groups, num_heads // groups)).float().mean(2).to(q.dtype)  # [Lq, G, D]
+            k_proxy = k.unflatten(1, (groups, self.kv_heads_per_group)).float().mean(2).to(k.dtype)  # [Lk, G, D]
         rows, pos = strided_rows(seq, self.q_stride)
-        q_rows = q_proxy[rows.clamp(min=0)].permute(2, 0, 1, 3)  # [G or Hq, nq, R, D]
+        q_rows = q[rows.clamp(min=0)]  # [nq, R, Hq, D]: the sampled rows only
+        if not self.head_scores:  # a group's proxy query is the mean of its heads' (per-head: every head its own)
+            q_rows = q_rows.unflatten(2, (groups, num_heads // groups)).float().mean(3).to(q.dtype)
+        q_rows = q_rows.permute(2, 0, 1, 3)  # [G or Hq, nq, R, D]
         scores = pooled_block_probs(q_rows, k_proxy, pos, seq.kv_block_size, scale, seq.causal,
                                     mean=self.pooling == "mean", backend=self.backend).float()
 
@@ -291,17 +294,18 @@ class HeadProxy(Pattern):
                mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 4: keep ``[Hq, nq, nk]`` (the first block, the attention sink, the diagonal block, the local
         context, and each head's best blocks by its proxy's score, b_h blocks in all; invisible blocks never) and
-        the budgets ``b_h`` in blocks ``[Hq]``."""
+        the budgets ``b_h`` in blocks ``[Hq]``. Equal scores rank the lower block first on the C++ path (CPU tensors
+        under the "cpu" backend); elsewhere ``torch.topk`` orders them."""
         num_heads, (groups, nq, nk) = seq.num_heads, scores.shape
         gamma = torch.tensor(self._per_head("gamma", num_heads), dtype=torch.float64, device=seq.device)
         floor, cap = self._budget_bounds(seq, num_heads)
-        always = torch.zeros(nq, nk, dtype=torch.bool, device=seq.device)
-        always[:, 0] = True  # the attention sink: cheap, and losing it costs far more than its share of mass
-        visible = seq.causal_keep() if seq.causal else None
-        if seq.causal:
-            scores = scores.masked_fill(~visible, float("-inf"))
-            _, last_row = seq.q_block_rows()
-            always[torch.arange(nq, device=seq.device), (last_row // seq.kv_block_size).clamp(max=nk - 1)] = True
+        _, last_row = seq.q_block_rows()
+        if seq.causal:  # query block i sees blocks j < bound[i]; its diagonal block is kept beside the sink
+            bound = causal_block_bounds(seq.q_len, seq.kv_len, seq.q_block_size, seq.kv_block_size, seq.device)
+            diag = (last_row // seq.kv_block_size).clamp(max=nk - 1)
+        else:
+            bound = torch.full((nq,), nk, dtype=torch.int64, device=seq.device)
+            diag = torch.full((nq,), -1, dtype=torch.int64, device=seq.device)
         # gamma 1 asks for the whole mass, which the cap bounds: those heads take their cap (at least the floor)
         # without the masses; so do heads whose cap is at or below their floor.
         fixed = torch.maximum(cap, floor).where(gamma >= 1.0, floor)
@@ -310,7 +314,8 @@ class HeadProxy(Pattern):
             if mass.dim() != 3 or mass.shape[1] != len(fitted):
                 raise ValueError(f"select: mass must be [heads, {len(fitted)} fitted query blocks, kv blocks] as "
                                  f"estimate returns it, got {tuple(mass.shape)}")
-            need = torch.stack([blocks_for_mass(mass[:, j], gamma, always[b]) for j, b in enumerate(fitted)])
+            need = torch.stack([blocks_for_mass(mass[:, j], gamma, self._always(seq, diag, b))
+                                for j, b in enumerate(fitted)])
             rule = torch.maximum(torch.minimum(need.amax(0), cap), floor)
             budget = torch.where((gamma >= 1.0) | (cap <= floor), fixed, rule)
         elif self.fixed_budgets(seq, num_heads):
@@ -318,22 +323,38 @@ class HeadProxy(Pattern):
         else:
             raise ValueError("select: a budget depends on gamma, so it needs the masses "
                              "(estimate(seq, with_mass=True))")
+        # Query blocks whose last row lies in the dense tail keep every block (causality is applied by build_mask).
+        tail_from = int((last_row < seq.kv_len - self.dense_tail).sum()) if self.dense_tail else nq
+        group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
+        if (resolve_backend(self.backend, seq.device) == "cpu" and seq.device.type == "cpu"
+                and extension_available("select_blocks")):
+            return select_blocks_cpu(scores, budget, group_of_head, bound, diag, tail_from), budget
         # The sink and diagonal blocks rank first, so they count within b_h: a fixed budget reads exactly
         # min(b_h, visible) blocks per query block (at least these two), whatever the content.
         # Each proxy ranks its blocks once (the best max(b_h) of them); head h keeps its proxy's first b_h.
-        scores = scores.masked_fill(always, float("inf"))
+        always = torch.zeros(nq, nk, dtype=torch.bool, device=seq.device)
+        always[:, 0] = True  # the attention sink: cheap, and losing it costs far more than its share of mass
+        if seq.causal:
+            always[torch.arange(nq, device=seq.device), diag] = True
+        visible = torch.arange(nk, device=seq.device)[None, :] < bound[:, None]
+        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(always, float("inf"))
         width = max(1, min(nk, int(budget.max())))
         best = scores.topk(width, dim=-1).indices  # [proxies, nq, width], best first
-        group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
         take = (torch.arange(width, device=seq.device) < budget[:, None, None]).expand(num_heads, nq, width)
         top = torch.zeros(num_heads, nq, nk, dtype=torch.bool, device=seq.device)
         top.scatter_(-1, best[group_of_head], take)
-        if visible is not None:  # a budget larger than the visible blocks ranked invisible ones in
-            top &= visible
-        if self.dense_tail:
-            _, last_row = seq.q_block_rows()  # absolute positions; the tail is [kv_len - dense_tail, kv_len)
-            top[:, last_row >= seq.kv_len - self.dense_tail, :] = True  # (causality is applied by build_mask)
+        top &= visible  # a budget larger than the visible blocks ranked invisible ones in
+        top[:, tail_from:, :] = True
         return top | always, budget
+
+    @staticmethod
+    def _always(seq: SeqContext, diag: torch.Tensor, block: int) -> torch.Tensor:
+        """Bool ``[nk]``: the blocks query block ``block`` keeps whatever its scores (the sink, its diagonal block)."""
+        first = torch.zeros(seq.num_kv_blocks, dtype=torch.bool, device=seq.device)
+        first[0] = True
+        if int(diag[block]) >= 0:
+            first[diag[block]] = True
+        return first
 
     def _budget_bounds(self, seq: SeqContext, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per head, the minimum and maximum budget in KV blocks ``[Hq]`` each (no maximum: every block)."""
