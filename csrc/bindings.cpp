@@ -494,6 +494,13 @@ at::Tensor select_blocks(const at::Tensor& scores, const at::Tensor& budgets, co
   return keep;
 }
 
+std::tuple<at::Tensor, at::Tensor> block_rows(const at::Tensor& keep) {
+  TORCH_CHECK(keep.defined() && keep.is_cpu(), "keep must be a CPU tensor");
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() >= 1, "keep must be a bool tensor with a block axis, got ",
+              keep.scalar_type(), " ", shape_of(keep));
+  return block_rows_cpu(keep.contiguous());
+}
+
 }  // namespace
 }  // namespace sparse_attn
 
@@ -541,6 +548,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(fp32 sums) where the CPU has AVX512-BF16 and the head dim is a multiple of 32.",
         py::arg("q"), py::arg("k"), py::arg("pos"), py::arg("kv_block_size"), py::arg("scale"), py::arg("causal"),
         py::arg("mean"), py::arg("exact") = false);
+  m.def("block_rows", &sparse_attn::block_rows,
+        "Compress a bool block matrix keep [..., nk] into rows: (counts int32 [...], indices int32 [..., W]) with each "
+        "row's kept block ids ascending, zero past its count; W = the largest count, at least 1.",
+        py::arg("keep"));
   m.def("select_blocks", &sparse_attn::select_blocks,
         "Head-proxy block selection from pooled scores [P, nq, nk] fp32: per query head h (budgets int64 [Hq] "
         "blocks, proxy_of_head int64 [Hq]) and query block i, block 0 and diag[i] (-1: none) first, then the visible "

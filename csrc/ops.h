@@ -124,6 +124,10 @@ struct SelectBlocksInputs {
 // Fills keep bool [Hq, nq, nk] (zeroed by the caller).
 void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep);
 
+// block_rows(keep bool [..., nk], contiguous): counts int32 [...] the kept blocks of each row and indices int32
+// [..., W] their ids ascending, zero past the count, W the largest count (at least 1).
+std::tuple<at::Tensor, at::Tensor> block_rows_cpu(const at::Tensor& keep);
+
 #ifdef SPARSE_ATTN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> topk_tokens_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t k,
                                                     int64_t sink, int64_t recent,

@@ -118,3 +118,23 @@ def test_from_block_bool_checks_shape():
         BlockSparseMask.from_block_bool(torch.ones(1, 1, 2, 2, dtype=torch.bool), q_block_size=16, kv_block_size=16, q_len=40, kv_len=32)
     with pytest.raises(ValueError, match="bool"):
         BlockSparseMask.from_block_bool(torch.ones(1, 1, 2, 2), q_block_size=16, kv_block_size=16, q_len=32, kv_len=32)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (1, 4, 9, 33), (3, 1, 2, 0)])
+def test_block_rows_compression_matches_the_pytorch_rule(shape, monkeypatch):
+    """from_block_bool on CPU compresses in one C++ pass where the extension is built; the rows equal the PyTorch
+    rule's (ascending ids, zero past the count, width the largest count), empty rows included."""
+    from sparse_attn.masks import block_mask
+
+    g = torch.Generator().manual_seed(sum(shape))
+    keep = torch.rand(shape, generator=g) < 0.4
+    if keep.numel():
+        keep[0, 0, 0] = False  # an empty row
+    q_len, kv_len = shape[2] * 16, max(shape[3] * 16 - 5, 0)
+    sizes = dict(q_block_size=16, kv_block_size=16, q_len=q_len, kv_len=kv_len)
+    fast = BlockSparseMask.from_block_bool(keep, **sizes)
+    monkeypatch.setattr(block_mask, "_BLOCK_ROWS", None)  # the PyTorch rule
+    slow = BlockSparseMask.from_block_bool(keep, **sizes)
+    assert fast.kv_num_blocks.dtype == slow.kv_num_blocks.dtype == torch.int32
+    assert torch.equal(fast.kv_num_blocks, slow.kv_num_blocks) and torch.equal(fast.kv_indices, slow.kv_indices)
+    assert torch.equal(fast.to_block_bool(), keep)

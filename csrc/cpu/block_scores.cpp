@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -203,8 +204,9 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
 
 // Block selection from pooled scores, per (query head h, query block i): the always-kept blocks (block 0, the
 // attention sink, and the diagonal block diag[i] >= 0) count first within the budget b_h; the rest of the budget goes
-// to the visible blocks j < bound[i] with the highest scores of head h's proxy (ties: the lower block). Query blocks
-// i >= tail_from keep every block. Heads sharing a proxy share one ranking (each takes its own prefix of it).
+// to the visible blocks j < bound[i] with the highest scores of head h's proxy (ties: the lower block, a strict total
+// order, so every head's set is defined). Query blocks i >= tail_from keep every block. Heads sharing a proxy share
+// its candidates: one selection (nth_element, linear) per distinct budget, largest first, each within the last.
 void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
   const int64_t proxies = in.scores.size(0), nq = in.scores.size(1), nk = in.scores.size(2);
   const int64_t heads = in.budgets.size(0);
@@ -214,41 +216,44 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
   const int64_t* bound = in.bounds.data_ptr<int64_t>();
   const int64_t* diag = in.diag.data_ptr<int64_t>();
   bool* out = keep.data_ptr<bool>();
-  // The largest budget among each proxy's heads: the length of the ranking it needs.
-  std::vector<int64_t> widest(proxies, 0);
-  for (int64_t h = 0; h < heads; ++h) widest[proxy[h]] = std::max(widest[proxy[h]], budget[h]);
-  at::parallel_for(0, proxies * nq, 16, [&](int64_t begin, int64_t end) {
+  std::vector<std::vector<int64_t>> heads_of(proxies);
+  for (int64_t h = 0; h < heads; ++h) heads_of[proxy[h]].push_back(h);
+  at::parallel_for(0, proxies * nq, 64, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> order(nk);
+    std::vector<float> val(nk);
+    std::vector<int64_t> takes;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / nq, i = item % nq;
-      const int64_t visible = std::min(bound[i], nk), d = diag[i];
+      if (heads_of[p].empty()) continue;
       if (i >= in.tail_from) {
-        for (int64_t h = 0; h < heads; ++h) {
-          if (proxy[h] == p) std::fill_n(out + (h * nq + i) * nk, nk, true);
-        }
+        for (int64_t h : heads_of[p]) std::fill_n(out + (h * nq + i) * nk, nk, true);
         continue;
       }
+      const int64_t visible = std::min(bound[i], nk), d = diag[i];
       const bool has_diag = d > 0 && d < nk;  // d == 0 is the sink itself
-      const int64_t always = (nk > 0 ? 1 : 0) + (has_diag ? 1 : 0);
-      // Ranked candidates: the visible blocks other than the always-kept ones, best first, the top `need` of them.
+      const int64_t always = 1 + (has_diag ? 1 : 0);
+      // Candidates: the visible blocks other than the always-kept ones (NaN scores rank last).
+      const float* s = sc + (p * nq + i) * nk;
       int64_t n = 0;
       for (int64_t j = 1; j < visible; ++j) {
-        if (j != d) order[n++] = static_cast<int32_t>(j);
+        if (j == d) continue;
+        val[j] = std::isnan(s[j]) ? kNegInf : s[j];
+        order[n++] = static_cast<int32_t>(j);
       }
-      const int64_t need = std::min(n, std::max<int64_t>(0, widest[p] - always));
-      const float* s = sc + (p * nq + i) * nk;
-      auto key = [s](int32_t j) { return std::isnan(s[j]) ? kNegInf : s[j]; };  // NaN ranks last
-      auto better = [&key](int32_t a, int32_t b) {
-        const float x = key(a), y = key(b);
-        return x > y || (x == y && a < b);
-      };
-      std::partial_sort(order.begin(), order.begin() + need, order.begin() + n, better);
-      for (int64_t h = 0; h < heads; ++h) {
-        if (proxy[h] != p) continue;
+      auto better = [&val](int32_t a, int32_t b) { return val[a] > val[b] || (val[a] == val[b] && a < b); };
+      takes.clear();
+      for (int64_t h : heads_of[p]) takes.push_back(std::min(n, std::max<int64_t>(0, budget[h] - always)));
+      std::sort(takes.begin(), takes.end(), std::greater<int64_t>());
+      int64_t range = n;
+      for (int64_t t : takes) {  // the best t of the best `range`: one linear selection each
+        if (t > 0 && t < range) std::nth_element(order.begin(), order.begin() + t, order.begin() + range, better);
+        range = t;
+      }
+      for (int64_t h : heads_of[p]) {
         bool* row = out + (h * nq + i) * nk;
-        if (nk > 0) row[0] = true;
+        row[0] = true;
         if (has_diag) row[d] = true;
-        const int64_t take = std::min(need, std::max<int64_t>(0, budget[h] - always));
+        const int64_t take = std::min(n, std::max<int64_t>(0, budget[h] - always));
         for (int64_t t = 0; t < take; ++t) row[order[t]] = true;
       }
     }

@@ -42,6 +42,22 @@ def causal_block_bounds(q_len: int, kv_len: int, q_block_size: int, kv_block_siz
     return torch.clamp(last_key // kv_block_size + 1, min=0, max=num_blocks(kv_len, kv_block_size))
 
 
+def _block_rows_op():
+    """The extension's ``block_rows`` (CPU compression of a boolean block matrix), or None where it is not built.
+    Imported on first use: masks sit below the operators, so nothing here needs the extension to import."""
+    global _BLOCK_ROWS
+    if _BLOCK_ROWS is False:
+        try:
+            from .. import _C
+            _BLOCK_ROWS = getattr(_C, "block_rows", None)
+        except ImportError:
+            _BLOCK_ROWS = None
+    return _BLOCK_ROWS
+
+
+_BLOCK_ROWS = False
+
+
 @dataclass(frozen=True)
 class BlockSparseMask:
     """Block-sparse rows: which KV blocks each (sequence, head, query block) reads.
@@ -85,6 +101,9 @@ class BlockSparseMask:
                 f"keep has {keep.shape[2]} x {keep.shape[3]} blocks, but q_len={q_len}, kv_len={kv_len} with blocks "
                 f"({q_block_size}, {kv_block_size}) need {nq} x {nk}"
             )
+        if keep.device.type == "cpu" and nk and _block_rows_op() is not None:  # the same rows in one C++ pass
+            counts, indices = _block_rows_op()(keep)
+            return cls(counts, indices, q_block_size, kv_block_size, q_len, kv_len, values_checked=True)
         slot = keep.cumsum(-1, dtype=torch.int32)  # a kept block's place in its row is the kept blocks up to it
         counts = slot[..., -1].contiguous() if nk else torch.zeros(keep.shape[:3], dtype=torch.int32)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
