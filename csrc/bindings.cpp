@@ -356,11 +356,28 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::
                                                  const at::Tensor& channels, const at::Tensor& block_table,
                                                  int64_t page_size, const at::Tensor& kv_lens, const at::Tensor& budgets,
                                                  int64_t width, int64_t sink, int64_t recent, int64_t slot_keep,
-                                                 bool per_group, bool reduce_max) {
+                                                 bool per_group, bool reduce_max,
+                                                 const std::optional<at::Tensor>& label_scales, int64_t label_bits) {
   TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
   const auto dev = q.device();
   check_tensor(q, "q", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
-  check_tensor(labels, "labels", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
+  const bool quantized = label_scales.has_value() && label_scales->defined();
+  TORCH_CHECK(label_bits == 16 || label_bits == 8 || label_bits == 4,
+              "label_bits must be 16 (unquantized labels), 8 or 4 (with label_scales), got ", label_bits);
+  TORCH_CHECK(quantized == (label_bits != 16), "label_scales must be given exactly when label_bits is 8 or 4");
+  if (label_bits == 8) {
+    check_tensor(labels, "labels", 3, {at::kChar}, dev);
+  } else if (label_bits == 4) {
+    check_tensor(labels, "labels", 3, {at::kByte}, dev);
+  } else {
+    check_tensor(labels, "labels", 3, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
+  }
+  if (quantized) {
+    check_tensor(*label_scales, "label_scales", 2, {at::kHalf}, dev);
+    TORCH_CHECK(label_scales->size(0) == labels.size(0) && label_scales->size(1) == labels.size(1),
+                "label_scales must be [rows, Hkv] like labels ", shape_of(labels), ", got ", shape_of(*label_scales));
+    TORCH_CHECK(slot_keep == 0, "quantized labels cannot be pruned slots (slot_keep must be 0)");
+  }
   check_tensor(channels, "channels", 2, {at::kLong}, dev);
   check_tensor(block_table, "block_table", 2, {at::kInt}, dev);
   check_tensor(kv_lens, "kv_lens", 1, {at::kInt}, dev);
@@ -378,7 +395,9 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::
     TORCH_CHECK(labels.size(2) >= 2 * slot_keep + 2 * ((dim + 7) / 8) / labels.element_size(),
                 "labels rows are too narrow for pruned slots of ", slot_keep, " values");
   } else {
-    TORCH_CHECK(labels.size(2) >= r, "labels rows hold ", labels.size(2), " values, fewer than r = ", r);
+    const int64_t need = label_bits == 4 ? (r + 1) / 2 : r;
+    TORCH_CHECK(labels.size(2) >= need, "labels rows hold ", labels.size(2), " values, fewer than the ", need,
+                " that r = ", r, " labels of ", label_bits, " bits need");
   }
   const auto ch = channels.contiguous();
   const int64_t* c = ch.data_ptr<int64_t>();
@@ -420,6 +439,7 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::
   in.slot_keep = slot_keep;
   in.per_group = per_group;
   in.reduce_max = reduce_max;
+  if (quantized) in.label_scales = *label_scales;
   return decode_select_cpu(in);
 }
 
@@ -535,11 +555,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Decode token selection on CPU tensors, read from pages in place: per (b, KV head) (per_group) or per (b, "
         "query head), score tokens [0, kv_lens[b]) with q[channels] . label (labels [rows, Hkv, W]: a token's label "
         "in its first r columns, or its key; slot_keep > 0: pruned K slots, exact), reduced over the group by max "
-        "(reduce_max) or sum, and keep budgets[b] of them: the sink and recent tokens and the best others. Returns "
+        "(reduce_max) or sum, and keep budgets[b] of them: the sink and recent tokens and the best others. Quantized "
+        "labels (label_bits 8: int8 codes; 4: uint8, two codes per byte) are code * label_scales [rows, Hkv] fp16. Returns "
         "(indices int32 [B, H, width] ascending, zero-padded; counts int32 [B, H]).",
         py::arg("q"), py::arg("labels"), py::arg("channels"), py::arg("block_table"), py::arg("page_size"),
         py::arg("kv_lens"), py::arg("budgets"), py::arg("width"), py::arg("sink"), py::arg("recent"),
-        py::arg("slot_keep") = 0, py::arg("per_group") = true, py::arg("reduce_max") = true);
+        py::arg("slot_keep") = 0, py::arg("per_group") = true, py::arg("reduce_max") = true,
+        py::arg("label_scales") = py::none(), py::arg("label_bits") = 16);
   m.def("pooled_block_scores", &sparse_attn::pooled_block_scores,
         "Softmax probabilities of sampled query rows q [P, nq, R, D] (positions pos int32 [nq, R], -1 empty) over "
         "the keys k [Tk, Hk, D] they see, pooled per (proxy head, query block, KV block) without materializing the "

@@ -88,8 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
 // [B]; budgets int32 [B] tokens kept per row (<= width). Row (b, KV head or query head) scores its tokens with
 // q[channels] . label (per_group: reduced over the group's query heads, max or sum) and keeps the sink tokens, the
 // recent tokens and the highest others (ties: the lower index); never more than `width` (sink first, then recent).
+// Quantized labels (label_scales defined): labels hold int8 codes (int8 [rows, Hkv, >= r]) or int4 codes packed two
+// per byte (uint8 [rows, Hkv, >= r / 2]: channel 2i in the low nibble, 2i + 1 in the high one, stored + 8), and
+// label_scales fp16 [rows, Hkv] the per-(token, head) scale: a label is code * scale.
 struct DecodeSelectInputs {
   at::Tensor q, labels, channels, block_table, kv_lens, budgets;
+  at::Tensor label_scales;  // undefined: unquantized labels
   int64_t page_size = 1, width = 1, sink = 0, recent = 0, slot_keep = 0;
   bool per_group = true, reduce_max = true;
 };

@@ -373,6 +373,35 @@ def test_cpp_decode_select_matches_torch(rng, share, reduce, r, lens, threads, h
             assert (got_idx[b, h, n:] == 0).all()
 
 
+@pytest.mark.parametrize("bits, r, lens", [(8, 16, [5, 2100, 4500]), (8, 32, [7, 1500]), (4, 16, [3, 40, 150]),
+                                          (4, 6, [300])])
+def test_cpp_decode_select_reads_quantized_labels(rng, bits, r, lens):
+    """int8 and int4 labels are scored in the same C++ pass as code * scale: the selection equals PyTorch's over the
+    dequantized labels (and select_tokens takes that pass for a quantized cache)."""
+    from sparse_attn.ops.extension import decode_select_cpu
+
+    gen, seed = rng
+    s = Setup(gen, lens, r=r, page_size=8, head_dim=max(32, r), bits=bits)
+    cfg = DoubleSparsityConfig(r=r, budget=24 if max(lens) < 1000 else 700, min_budget=24, sink_tokens=2,
+                               recent_tokens=5, dense_below=0, label_bits=bits)
+    width = cfg.max_token_budget(max(lens))
+    want_idx, want_cnt = _torch_selection(s, cfg, s.labels, width)
+    got_idx, got_cnt = decode_select_cpu(s.q, s.labels.labels, s.labels.channels, s.block_table, s.seq_lens,
+                                         cfg.token_budgets(s.seq_lens), width, sink=2, recent=5,
+                                         label_scales=s.labels.scales, label_bits=bits)
+    assert torch.equal(got_cnt, want_cnt), f"seed {seed}"
+    assert torch.equal(got_idx, want_idx), f"seed {seed}"
+    mask = select_tokens(s.q, s.labels, None, s.block_table, s.seq_lens, cfg, backend="cpu")
+    assert torch.equal(mask.kv_indices[:, :, 0], got_idx) and torch.equal(mask.kv_num_blocks[:, :, 0], got_cnt)
+    with pytest.raises(RuntimeError, match="label_scales must be given"):
+        decode_select_cpu(s.q, s.labels.labels, s.labels.channels, s.block_table, s.seq_lens,
+                          cfg.token_budgets(s.seq_lens), width, sink=2, recent=5, label_bits=bits)
+    with pytest.raises(RuntimeError, match="labels"):  # codes of the other width
+        decode_select_cpu(s.q, s.labels.labels.view(torch.uint8 if bits == 8 else torch.int8), s.labels.channels,
+                          s.block_table, s.seq_lens, cfg.token_budgets(s.seq_lens), width, sink=2, recent=5,
+                          label_scales=s.labels.scales, label_bits=bits)
+
+
 def test_cpp_decode_select_exact_scores_on_pruned_slots(rng):
     """Exact top-k over KV-pruned page slots: the keys are unpacked as they are scored, so the selection equals the
     one made on the unpacked keys."""

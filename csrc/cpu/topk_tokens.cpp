@@ -176,6 +176,12 @@ void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t ro
   const int32_t* table = in.block_table.data_ptr<int32_t>() + b * in.block_table.stride(0);
   const int64_t row_bytes = (in.slot_keep > 0 ? 2 * in.slot_keep + (dim + 7) / 8 : r) * int64_t{sizeof(T)};
   float dense[256];  // one label as fp32 (head_dim <= 256, checked)
+  const at::Half* scales = nullptr;  // quantized labels: the scale of (slot, head g) at scales[slot * scale_stride]
+  int64_t scale_stride = 0;
+  if constexpr (std::is_integral_v<T>) {
+    scales = in.label_scales.data_ptr<at::Half>() + g * in.label_scales.stride(1);
+    scale_stride = in.label_scales.stride(0);
+  }
   // Page by page: the tokens of one page are consecutive rows; the next page's rows are prefetched meanwhile.
   for (int64_t t = begin; t < end;) {
     const int64_t page_end = std::min(end, (t / page + 1) * page), n = page_end - t;
@@ -202,7 +208,18 @@ void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t ro
       }
     }
     for (int64_t i = 0; i < n; ++i, row += stride) {  // unpack (pruned keys) or convert (fp16 / bf16) each label
-      if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
+      if constexpr (std::is_integral_v<T>) {  // quantized: code * scale (int8, or int4 packed two per byte)
+        const int64_t slot = int64_t{table[(t + i) / page]} * page + (t + i) % page;
+        const float scale = static_cast<float>(scales[slot * scale_stride]);
+        if constexpr (std::is_same_v<T, uint8_t>) {
+          for (int64_t c = 0; c < r; c += 2) {
+            dense[c] = static_cast<float>((row[c / 2] & 15) - 8) * scale;
+            if (c + 1 < r) dense[c + 1] = static_cast<float>((row[c / 2] >> 4) - 8) * scale;
+          }
+        } else {
+          for (int64_t c = 0; c < r; ++c) dense[c] = static_cast<float>(row[c]) * scale;
+        }
+      } else if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
         const uint8_t* bits = reinterpret_cast<const uint8_t*>(row + 2 * in.slot_keep);
         const int64_t bytes = (dim + 7) / 8;
         unpack_vector(row, [&](int64_t j) {
@@ -256,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor> decode_select_cpu(const DecodeSelectInputs& i
   const int64_t threads = at::get_num_threads();
   constexpr int64_t kChunk = 2048;          // tokens scored per task when there are few items
   constexpr int64_t kSerialTokens = 8192;   // fewer labels than this are scored on one thread
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.labels.scalar_type(), "decode_select_cpu", [&] {
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
     if (items >= 4 * threads) {  // many items: each thread scores and selects whole items
       at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
         std::vector<float> scores;
@@ -301,7 +319,17 @@ std::tuple<at::Tensor, at::Tensor> decode_select_cpu(const DecodeSelectInputs& i
         select(item, scores.data() + item * rows_per_item * max_len, max_len, keys);
       }
     });
-  });
+  };
+  if (in.label_scales.defined()) {  // quantized labels: int8 codes, or int4 codes two per byte
+    if (in.labels.scalar_type() == at::kChar) {
+      run(int8_t{});
+    } else {
+      run(uint8_t{});
+    }
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.labels.scalar_type(), "decode_select_cpu",
+                                    [&] { run(scalar_t{}); });
+  }
   return {indices, counts};
 }
 

@@ -394,10 +394,10 @@ def select_tokens(
         return None
     budgets = config.token_budgets(seq_lens)
     width = config.max_token_budget(max_seq_len)
-    if (q.device.type == "cpu" and label_cache.bits == 16 and resolve_backend(backend, q.device) == "cpu"
+    if (q.device.type == "cpu" and resolve_backend(backend, q.device) == "cpu"
             and extension.extension_available("decode_select")):  # scores and top-k in one pass over the pages
         return select_tokens_cpu(q, label_cache.labels, label_cache.channels, block_table, seq_lens, budgets, width,
-                                 config, max_seq_len)
+                                 config, max_seq_len, label_scales=label_cache.scales, label_bits=label_cache.bits)
     scores = label_scores(q, label_cache, block_table, seq_lens, max_seq_len, config, backend=backend)
     indices, counts = topk_token_indices(scores, budgets, width)
     return BlockSparseMask.from_token_indices(indices, counts, kv_len=max_seq_len)
@@ -405,12 +405,14 @@ def select_tokens(
 
 def select_tokens_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, budgets: torch.Tensor, width: int, config: DoubleSparsityConfig,
-                      kv_len: int, *, slot_keep: int = 0) -> BlockSparseMask:
+                      kv_len: int, *, slot_keep: int = 0, label_scales: torch.Tensor | None = None,
+                      label_bits: int = 16) -> BlockSparseMask:
     """:func:`select_tokens`'s C++ CPU pass (``sparse_attn._C.decode_select``) on inputs the caller checked or built:
-    unquantized labels ``[num_pages, page_size, Hkv, r]`` read in place (or pruned K slots with ``slot_keep`` > 0,
-    unpacked), ``budgets [B]`` tokens kept per row (<= ``width``). Returns the selection over ``kv_len`` keys."""
+    labels ``[num_pages, page_size, Hkv, r]`` read in place (unquantized, or int8 / int4 codes with their
+    ``label_scales`` as :class:`LabelCache` stores them; or pruned K slots with ``slot_keep`` > 0, unpacked),
+    ``budgets [B]`` tokens kept per row (<= ``width``). Returns the selection over ``kv_len`` keys."""
     indices, counts = extension.decode_select_cpu(
         q, labels, channels, block_table, seq_lens, budgets, width, sink=config.sink_tokens,
         recent=config.recent_tokens, per_group=config.share_kv_group, reduce_max=config.group_reduce == "max",
-        slot_keep=slot_keep)
+        slot_keep=slot_keep, label_scales=label_scales, label_bits=label_bits)
     return BlockSparseMask.from_token_indices(indices, counts, kv_len=kv_len)

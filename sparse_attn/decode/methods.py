@@ -169,7 +169,7 @@ class DoubleSparsityState(DecodeState):
         batch, context = q.shape[0], k.shape[2]
         k_pages, v_pages = k.transpose(1, 2), v.transpose(1, 2)  # the contiguous cache as one page per sequence
         config = self.method.config
-        if (q.device.type == "cpu" and self.labels.bits == 16 and cpu_kernel_available()
+        if (q.device.type == "cpu" and cpu_kernel_available()
                 and extension_available("decode_select") and resolve_backend(backend, q.device) == "cpu"):
             # Every row holds `context` tokens, so the step's sizes are host numbers: one C++ selection pass over the
             # labels and one attention pass over the selected tokens, with no per-layer tensor bookkeeping between.
@@ -178,7 +178,7 @@ class DoubleSparsityState(DecodeState):
             if context >= config.dense_below:
                 selection = select_tokens_cpu(q, self.labels.labels, self.labels.channels, step.block_table,
                                               step.seq_lens, step.budgets, config.max_token_budget(context), config,
-                                              context)
+                                              context, label_scales=self.labels.scales, label_bits=self.labels.bits)
             self.last_read = 1.0 if selection is None else min(1.0, config.token_budget(context) / max(context, 1))
             out, lse = block_sparse_attention_cpp(
                 q, k_pages, v_pages, step.cu_seqlens_q, None, selection, False, scale, block_table=step.block_table,

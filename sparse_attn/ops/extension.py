@@ -262,7 +262,8 @@ def select_blocks_cpu(scores: torch.Tensor, budgets: torch.Tensor, proxy_of_head
 
 def decode_select_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, block_table: torch.Tensor,
                       kv_lens: torch.Tensor, budgets: torch.Tensor, width: int, *, sink: int, recent: int,
-                      per_group: bool = True, reduce_max: bool = True, slot_keep: int = 0
+                      per_group: bool = True, reduce_max: bool = True, slot_keep: int = 0,
+                      label_scales: torch.Tensor | None = None, label_bits: int = 16
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode token selection read from pages in place (the C++ op ``decode_select``): q ``[B, Hq, D]``; ``labels``
     ``[num_pages, page_size, Hkv, W]`` (any strides, e.g. a view of a KV page) holding each token's label (its r
@@ -271,9 +272,12 @@ def decode_select_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Ten
 
     Returns int32 ``indices [B, H, width]`` (ascending, zero-padded past the count) and ``counts [B, H]``, H = Hkv
     with ``per_group`` (the group's scores reduced by max or sum) else Hq: the sink tokens, the recent tokens and the
-    best-scoring others."""
+    best-scoring others. Quantized labels (``label_bits`` 8: int8 codes; 4: uint8, two codes per byte, as
+    :class:`~sparse_attn.decode.double_sparsity.LabelCache` stores them) are scored as ``code * scale`` with
+    ``label_scales [num_pages, page_size, Hkv]`` fp16."""
     return extension().decode_select(
         q, labels.flatten(0, 1), channels.to(torch.int64), block_table.to(torch.int32), labels.shape[1],
         kv_lens.to(torch.int32), budgets.to(torch.int32), int(width), int(sink), int(recent), int(slot_keep),
-        bool(per_group), bool(reduce_max),
+        bool(per_group), bool(reduce_max), None if label_scales is None else label_scales.flatten(0, 1),
+        int(label_bits),
     )

@@ -453,11 +453,11 @@ class PagedAttentionLayer:
         if max_len >= config.dense_below:
             budgets, width = group.budgets(config)
             if labels is not None:
-                source, channels, keep = labels.labels, labels.channels, 0
+                source, channels, keep, scales, bits = labels.labels, labels.channels, 0, labels.scales, labels.bits
             else:  # exact scores over the pruned keys
-                source, channels, keep = views.kv, self._all_channels(q.device), self._slot.keep
+                source, channels, keep, scales, bits = views.kv, self._all_channels(q.device), self._slot.keep, None, 16
             selection = select_tokens_cpu(q, source, channels, block_table, seq_lens, budgets, width, config, max_len,
-                                          slot_keep=keep)
+                                          slot_keep=keep, label_scales=scales, label_bits=bits)
         self._count_decode(group, selection)
         new_k, new_v = self._fresh(group, fresh)
         k, v = (views.kv, views.kv) if self._slot.pruned else (views.k, views.v)
