@@ -36,11 +36,17 @@ GPL3 = Path("/usr/share/common-licenses/GPL-3")
 PREFILL_DENSE = 1 << 30  # SparseAttention.dense_below: prefill runs dense SDPA, only decode differs
 
 
-def methods(channels: dict) -> dict:
-    """name -> decode method (None: dense), for passkey ("passkey") and perplexity ("ppl") runs."""
+def methods(channels, channels32=None) -> dict:
+    """name -> decode method (None: dense), for passkey ("passkey") and perplexity ("ppl") runs. ``channels``: r = 16
+    heavy channels; ``channels32`` (optional): r = 32, for ``ds_r32i8_1/8``, whose int8 labels take the bytes of
+    r = 16 fp16 labels (34 per token and KV head against 32)."""
     ds = DoubleSparsity(DoubleSparsityConfig(r=16, budget_fraction=1 / 8, min_budget=128, dense_below=0), channels)
-    return {"dense": None, "ds_r16_1/8": ds, "prune_50": KVPruning(KVPruningConfig(sparsity=0.5)),
-            "prune_70": KVPruning(KVPruningConfig(sparsity=0.7))}
+    out = {"dense": None, "ds_r16_1/8": ds, "prune_50": KVPruning(KVPruningConfig(sparsity=0.5)),
+           "prune_70": KVPruning(KVPruningConfig(sparsity=0.7))}
+    if channels32 is not None:
+        out["ds_r32i8_1/8"] = DoubleSparsity(DoubleSparsityConfig(r=32, label_bits=8, budget_fraction=1 / 8,
+                                                                  min_budget=128, dense_below=0), channels32)
+    return out
 
 
 def use(model, method) -> None:
@@ -85,7 +91,7 @@ def passkey_key(n: int, depth: float) -> int:
     return 10000 + (n * 7919 + round(depth * 100) * 104729) % 90000  # a fixed 5-digit key per case
 
 
-METHOD_NAMES = ("dense", "ds_r16_1/8", "prune_50", "prune_70")
+METHOD_NAMES = ("dense", "ds_r16_1/8", "ds_r32i8_1/8", "prune_50", "prune_70")
 NAME = "accuracy_decode"
 
 
@@ -131,8 +137,11 @@ def run(*, lengths: list[int], depths: list[float], ppl_len: int, ppl_decode: in
     device = next(model.parameters()).device if device is None else device
     start = time.perf_counter()
     channels = sparse_attn.calibrate_double_sparsity(model, tokenizer, r=16, tokens=calib_tokens)
+    channels32 = None
+    if "ds_r32i8_1/8" in passkey_methods + ppl_methods:
+        channels32 = sparse_attn.calibrate_double_sparsity(model, tokenizer, r=32, tokens=calib_tokens)
     print(f"calibrated heavy channels on {calib_tokens} tokens ({time.perf_counter() - start:.0f} s)", flush=True)
-    runs = methods(channels)
+    runs = methods(channels, channels32)
     report = {"benchmark": NAME, "environment": environment(device, command),
               "settings": {name: repr(m) if m is not None else "dense" for name, m in runs.items()},
               "calibration": {"text": "default_calibration_texts()[0] (start)", "tokens": calib_tokens},

@@ -15,7 +15,8 @@ Configurations (``sparse_attn.configure`` on the loaded model):
 the shipped SmolLM2 plan (per-head prefill patterns, its decode entries); ``default`` no option (the shipped plan,
 chosen automatically because it matches the model); ``no_plan`` ``auto_plan=False`` (the content-aware default a
 model without a shipped plan gets); for decode also ``ds`` (dense prefill, Double Sparsity decode with r = 16 channels calibrated on the
-machine's licence texts and 1/8 of the context) and ``kvp50`` (dense prefill, KV pruning at 50%).
+machine's licence texts and 1/8 of the context), ``ds_r32i8`` (the same with r = 32 channels stored as int8 labels:
+the label bytes of r = 16 in fp16) and ``kvp50`` (dense prefill, KV pruning at 50%).
 
 KV caches: each decode row runs on the cache ``model.generate`` makes for it: transformers' ``DynamicCache`` for
 ``sdpa`` (a ``torch.cat`` of every layer's whole cache per token), :class:`sparse_attn.InPlaceCache` once
@@ -43,7 +44,7 @@ from . import common
 
 NAME = "e2e_hf_smollm2"
 PREFILL_CONFIGS = ("sdpa", "dense", "plan", "default", "no_plan")
-DECODE_CONFIGS = ("sdpa", "sdpa_in_place", "dense", "ds", "kvp50", "plan")
+DECODE_CONFIGS = ("sdpa", "sdpa_in_place", "dense", "ds", "ds_r32i8", "kvp50", "plan")
 KEY = 52817
 
 
@@ -128,7 +129,10 @@ def configure(model, name: str, channels) -> None:
         sparse_attn.configure(model, auto_plan=False)
     elif name == "ds":
         config = DoubleSparsityConfig(r=16, budget_fraction=1 / 8, min_budget=256, dense_below=0)
-        sparse_attn.configure(model, sparse_attn.Dense(), decode=DoubleSparsity(config, channels))
+        sparse_attn.configure(model, sparse_attn.Dense(), decode=DoubleSparsity(config, channels[16]))
+    elif name == "ds_r32i8":
+        config = DoubleSparsityConfig(r=32, label_bits=8, budget_fraction=1 / 8, min_budget=256, dense_below=0)
+        sparse_attn.configure(model, sparse_attn.Dense(), decode=DoubleSparsity(config, channels[32]))
     elif name == "kvp50":
         sparse_attn.configure(model, sparse_attn.Dense(), decode=KVPruning(KVPruningConfig(sparsity=0.5)))
     else:
@@ -184,7 +188,8 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
     device = torch.device("cpu")
     payload = {"benchmark": NAME, **common.environment(device, command), "settings": asdict(settings), "status": "ok"}
     model, tokenizer = load_smollm2("sdpa")
-    channels = calibrate_double_sparsity(model, tokenizer) if "ds" in settings.decode_configs else None
+    channels = {r: calibrate_double_sparsity(model, tokenizer, r=r) for r, name in ((16, "ds"), (32, "ds_r32i8"))
+                if name in settings.decode_configs}  # heavy channels per label width
     clock = AttentionClock()
 
     prompts = {}

@@ -30,7 +30,8 @@ the continuation, not run into other letters or digits (case-insensitive).
 - ``head_proxy``, ``vertical_slash``, ``a_shape``: the prefill patterns at their settings in :mod:`bench.methods`,
   64-token blocks, ``dense_below`` 0 (as :mod:`bench.accuracy` runs them);
 - ``ds``: dense prefill, Double Sparsity decode (r=16, 1/8 of the context, channels from
-  ``sparse_attn.calibrate_double_sparsity(model, tokenizer)``); ``kvp50``, ``kvp70``: dense prefill, KV pruning at
+  ``sparse_attn.calibrate_double_sparsity(model, tokenizer)``); ``ds_r32i8``: the same with r=32 channels
+  whose labels are stored as int8 (the label bytes of r=16 in fp16); ``kvp50``, ``kvp70``: dense prefill, KV pruning at
   50% / 70% (the settings of :mod:`bench.accuracy_decode`);
 - ``vllm_dense``, ``vllm_default``, ``vllm_no_plan``, ``vllm_plan`` (only when named): the vLLM engine (one process
   per configuration, :mod:`bench.vllm_worker`): vLLM's own backend; our ``sparse`` backend without options, with
@@ -75,13 +76,13 @@ PER_CELL = 13
 TWO_NEEDLE_SLOTS = (2, 6, 10)
 MAX_NEW_TOKENS = {1: 12, 2: 24}
 
-HF_CONFIGS = ("dense", "default", "no_plan", "plan", "head_proxy", "vertical_slash", "a_shape", "ds", "kvp50",
-              "kvp70")
+HF_CONFIGS = ("dense", "default", "no_plan", "plan", "head_proxy", "vertical_slash", "a_shape", "ds", "ds_r32i8",
+              "kvp50", "kvp70")
 VLLM_CONFIGS = ("vllm_dense", "vllm_default", "vllm_no_plan", "vllm_plan")
 #: Prefill patterns run at their bench.methods setting, 64-token blocks, dense_below 0 (as bench.accuracy runs them).
 PATTERN_CONFIGS = ("head_proxy", "vertical_slash", "a_shape")
 #: Decode configurations -> bench.accuracy_decode method names (dense prefill).
-DECODE_CONFIGS = {"ds": "ds_r16_1/8", "kvp50": "prune_50", "kvp70": "prune_70"}
+DECODE_CONFIGS = {"ds": "ds_r16_1/8", "ds_r32i8": "ds_r32i8_1/8", "kvp50": "prune_50", "kvp70": "prune_70"}
 
 
 # ---------------------------------------------------------------------------------------------------- the pool
@@ -240,8 +241,9 @@ class Runner:
             self.model.set_attn_implementation("sdpa")
             start = time.perf_counter()
             channels = sparse_attn.calibrate_double_sparsity(self.model, self.tokenizer, r=16, tokens=2048)
+            channels32 = sparse_attn.calibrate_double_sparsity(self.model, self.tokenizer, r=32, tokens=2048)
             self.calibration_s = time.perf_counter() - start
-            self._decode_methods = accuracy_decode.methods(channels)
+            self._decode_methods = accuracy_decode.methods(channels, channels32)
         return self._decode_methods
 
     def use(self, name: str) -> None:
@@ -598,6 +600,10 @@ def markdown(payload: dict) -> str:
              "step (1.0 dense).", ""]
     if suite.get("sources_differ"):
         lines += [f"Haystack sources differ from the case list's: {', '.join(suite['sources_differ'])}.", ""]
+    if payload.get("merged_from"):  # joined runs: the machine and commit of each configuration's run
+        runs = [f"{', '.join(run['settings'].get('configs', []))} on {run['device']['name']} (commit "
+                f"`{((run.get('commit') or {}).get('sha') or 'unknown')[:10]}`)" for run in payload["merged_from"]]
+        lines += ["Runs joined: " + "; ".join(runs) + ".", ""]
     table = []
     for name, s in summary.items():
         table.append([name, payload["configs"].get(name, {}).get("setting", ""),
@@ -678,11 +684,14 @@ def merge(paths: list[Path | str], out_dir: Path | str, command: str | None = No
         raise ValueError(f"no rows of {only} in {[str(p) for p in paths]}")
     ids = {r["id"] for r in rows}
     cases = [c for c in load_cases(sources[0]["settings"]["cases"])["cases"] if c["id"] in ids]
+    runs = [run for s in sources  # each source run (an earlier merge: its runs) holding a kept configuration
+            for run in (s.get("merged_from") or [{k: s.get(k) for k in ("command", "commit", "timestamp", "device",
+                                                                         "settings")}])
+            if set(run["settings"].get("configs", [])) & set(configs)]
     payload = {"benchmark": NAME, **common.environment(torch.device("cpu"), command), "model": sources[0]["model"],
                "settings": dict(sources[0]["settings"], configs=list(configs)), "configs": configs,
                "suite": dict(sources[0]["suite"], composition=composition(cases)),
-               "merged_from": [{k: s.get(k) for k in ("command", "commit", "timestamp", "device", "settings")}
-                               for s in sources],
+               "merged_from": runs,
                "results": rows, "summary": summarize(rows, list(configs), cases)}
     common.write_outputs(Path(out_dir), NAME, payload, markdown(payload))
     return payload

@@ -7,6 +7,7 @@ plan keep them."""
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,24 @@ def test_vllm_configuration_runs_in_the_engine(smollm2, case_list, tmp_path):
     assert row["config"] == "vllm_default" and row["id"] == case["id"]
     assert row["found"], row["continuation"]
     assert 0 < row["prefill_density"] <= 1 and 0 < row["decode_read"] <= 1
+
+
+def test_merge_keeps_each_configuration_s_run_through_earlier_merges(tmp_path):
+    """Joining an already joined result with a run from another machine keeps, per configuration, the machine and
+    commit of the run it came from (an earlier merge contributes its own runs), and the table names them."""
+    committed = Path(retrieval.__file__).parent / "results" / "cpu-2026-12-06" / "retrieval.json"
+    source = json.loads(committed.read_text())
+    other = json.loads(committed.read_text())  # a run of one more configuration, on another machine
+    other["configs"] = {"ds_other": other["configs"]["ds"]}
+    other["results"] = [dict(r, config="ds_other") for r in other["results"] if r["config"] == "ds"]
+    other.pop("merged_from")
+    other["device"] = dict(other["device"], name="Other CPU")
+    other["settings"] = dict(other["settings"], configs=["ds_other"])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    payload = retrieval.merge([committed, tmp_path / "other.json"], tmp_path / "out", only=["plan", "ds_other"])
+    assert list(payload["configs"]) == ["plan", "ds_other"]
+    runs = [(run["settings"]["configs"], run["device"]["name"]) for run in payload["merged_from"]]
+    assert runs == [(["plan"], source["merged_from"][0]["device"]["name"]), (["ds_other"], "Other CPU")]
+    assert payload["summary"]["ds_other"]["found"] == source["summary"]["ds"]["found"]
+    table = (tmp_path / "out" / "retrieval.md").read_text()
+    assert "plan on AMD EPYC" in table and "ds_other on Other CPU" in table

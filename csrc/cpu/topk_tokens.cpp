@@ -176,6 +176,7 @@ void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t ro
   const int32_t* table = in.block_table.data_ptr<int32_t>() + b * in.block_table.stride(0);
   const int64_t row_bytes = (in.slot_keep > 0 ? 2 * in.slot_keep + (dim + 7) / 8 : r) * int64_t{sizeof(T)};
   float dense[256];  // one label as fp32 (head_dim <= 256, checked)
+  float chunk[16 * 256];  // quantized labels: 16 tokens dequantized
   const at::Half* scales = nullptr;  // quantized labels: the scale of (slot, head g) at scales[slot * scale_stride]
   int64_t scale_stride = 0;
   if constexpr (std::is_integral_v<T>) {
@@ -193,6 +194,38 @@ void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t ro
         for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(at + byte, 0, 3);
       }
     }
+    if constexpr (std::is_integral_v<T>) {
+      // Quantized labels (code * scale; int8, or int4 two per byte), dequantized 16 tokens at a time into fp32 rows
+      // and scored like unquantized ones.
+      for (int64_t i0 = 0; i0 < n; i0 += 16) {
+        const int64_t m = std::min<int64_t>(16, n - i0);
+        const int64_t slot0 = int64_t{table[t / page]} * page + t % page + i0;
+        for (int64_t i = 0; i < m; ++i) {
+          const T* code = row + (i0 + i) * stride;
+          const float scale = static_cast<float>(scales[(slot0 + i) * scale_stride]);
+          float* dst = chunk + i * r;
+          if constexpr (std::is_same_v<T, uint8_t>) {
+            for (int64_t c = 0; c + 1 < r; c += 2) {
+              dst[c] = static_cast<float>((code[c / 2] & 15) - 8) * scale;
+              dst[c + 1] = static_cast<float>((code[c / 2] >> 4) - 8) * scale;
+            }
+            if (r % 2) dst[r - 1] = static_cast<float>((code[r / 2] & 15) - 8) * scale;
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<float>(code[c]) * scale;
+          }
+        }
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (r % 16 == 0 && has_avx512()) {
+          score_run_avx512(q_label, group, r, chunk, r, m, rows_out, in.reduce_max, out + t + i0, row_stride);
+          continue;
+        }
+#endif
+        score_run(q_label, group, r, chunk, r, m, rows_out, in.reduce_max, out + t + i0, row_stride);
+      }
+      t = page_end;
+      continue;
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (in.slot_keep == 0) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -208,18 +241,7 @@ void score_tokens(const DecodeSelectInputs& in, const float* q_label, int64_t ro
       }
     }
     for (int64_t i = 0; i < n; ++i, row += stride) {  // unpack (pruned keys) or convert (fp16 / bf16) each label
-      if constexpr (std::is_integral_v<T>) {  // quantized: code * scale (int8, or int4 packed two per byte)
-        const int64_t slot = int64_t{table[(t + i) / page]} * page + (t + i) % page;
-        const float scale = static_cast<float>(scales[slot * scale_stride]);
-        if constexpr (std::is_same_v<T, uint8_t>) {
-          for (int64_t c = 0; c < r; c += 2) {
-            dense[c] = static_cast<float>((row[c / 2] & 15) - 8) * scale;
-            if (c + 1 < r) dense[c + 1] = static_cast<float>((row[c / 2] >> 4) - 8) * scale;
-          }
-        } else {
-          for (int64_t c = 0; c < r; ++c) dense[c] = static_cast<float>(row[c]) * scale;
-        }
-      } else if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
+      if (in.slot_keep > 0) {  // exact scores on a pruned key: unpack its kept channels
         const uint8_t* bits = reinterpret_cast<const uint8_t*>(row + 2 * in.slot_keep);
         const int64_t bytes = (dim + 7) / 8;
         unpack_vector(row, [&](int64_t j) {
