@@ -75,6 +75,8 @@ LENGTHS = (1024, 1536, 2048, 3072, 4096, 5120, 6144, 7500)
 PER_CELL = 13
 TWO_NEEDLE_SLOTS = (2, 6, 10)
 MAX_NEW_TOKENS = {1: 12, 2: 24}
+#: Configurations that lose more dense answers than this are counted in the table, their cases left to the JSON.
+MAX_LISTED_LOSSES = 12
 
 HF_CONFIGS = ("dense", "default", "no_plan", "plan", "head_proxy", "vertical_slash", "a_shape", "ds", "ds_r32i8",
               "kvp50", "kvp70")
@@ -616,10 +618,12 @@ def markdown(payload: dict) -> str:
     lines.append(common.markdown_table(["config", "setting", "found / dense-found", "keeps every dense answer",
                                         "prefill density", "decode read", "by haystack", "by needle", "by length"],
                                        table))
-    lost = [(name, s["lost"]) for name, s in summary.items() if s["lost"]]
+    lost = [(name, s["lost"]) for name, s in summary.items() if 0 < len(s["lost"]) <= MAX_LISTED_LOSSES]
+    many = [f"{name} ({len(s['lost'])})" for name, s in summary.items() if len(s["lost"]) > MAX_LISTED_LOSSES]
     if lost:
         rows = {(r["config"], r["id"]): r for r in payload["results"]}
-        lines += ["", "Dense answers lost:", ""]
+        lines += ["", "Dense answers lost" + (f" (not listed, see the JSON: {', '.join(many)})" if many else "")
+                  + ":", ""]
         table = []
         for name, ids in lost:
             for case_id in ids:
