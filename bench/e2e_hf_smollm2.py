@@ -4,7 +4,7 @@ the time spent inside attention and whether the passkey answer is kept.
 
     python -m bench.e2e_hf_smollm2 --out DIR [--contexts 6144,8192] [--decode-context 6000] [--decode-tokens 32]
                                    [--configs sdpa,dense,plan,default,no_plan] [--decode-configs sdpa,dense,ds,kvp50,plan]
-                                   [--reps 3] [--quick]
+                                   [--reps 3] [--table NAME] [--quick]
 
 writes ``DIR/e2e_hf_smollm2.json`` and ``.md``. Every configuration runs on the same model object and the same prompts
 (passkey prompts, the key at half depth), interleaved repetition by repetition so that drift of a shared machine
@@ -57,6 +57,7 @@ class Settings:
     decode_configs: list[str] = field(default_factory=lambda: list(DECODE_CONFIGS))
     reps: int = 3
     threads: int | None = None
+    table: str | None = None  # the README table this result fills (default: the benchmark's name)
 
     def __post_init__(self):
         for name, chosen, known in (("configs", self.configs, PREFILL_CONFIGS),
@@ -187,6 +188,8 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
         torch.set_num_threads(settings.threads)
     device = torch.device("cpu")
     payload = {"benchmark": NAME, **common.environment(device, command), "settings": asdict(settings), "status": "ok"}
+    if settings.table:
+        payload["table"] = settings.table
     model, tokenizer = load_smollm2("sdpa")
     channels = {r: calibrate_double_sparsity(model, tokenizer, r=r) for r, name in ((16, "ds"), (32, "ds_r32i8"))
                 if name in settings.decode_configs}  # heavy channels per label width
@@ -307,6 +310,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--decode-configs", default=",".join(DECODE_CONFIGS))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--table", help="name of the README table the result fills (results of another machine)")
     parser.add_argument("--quick", action="store_true", help="1.5k/1k tokens, 4 decode steps, one repetition")
     args = parser.parse_args(argv)
     if args.quick:
@@ -314,7 +318,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     settings = Settings(contexts=common.parse_list(args.contexts), decode_context=args.decode_context,
                         decode_tokens=args.decode_tokens, configs=[c for c in args.configs.split(",") if c],
                         decode_configs=[c for c in args.decode_configs.split(",") if c], reps=args.reps,
-                        threads=args.threads)
+                        threads=args.threads, table=args.table)
     return settings, args.out
 
 

@@ -225,3 +225,21 @@ def test_suite_shares_leave_unspent_time_to_later_steps(monkeypatch):
     assert gpu_suite.share_of_rest(540, start, [0.1, 0.2, 0.3]) == pytest.approx(380 * 0.1 / 0.6)
     now[0] += 1000.0
     assert gpu_suite.share_of_rest(540, start, [0.3]) == 0.0
+
+
+def test_a_result_of_another_machine_fills_its_own_readme_table():
+    """`--table` names the README table a result fills: the committed transformers results of two machines render
+    into two tables, each naming its machine, and both tables are in the README as generated."""
+    from pathlib import Path
+
+    from bench import e2e_hf_smollm2
+
+    settings, _ = e2e_hf_smollm2.settings_from_args(["--out", "x", "--table", "e2e_hf_smollm2_other"])
+    assert settings.table == "e2e_hf_smollm2_other"
+    root = Path(report.__file__).parent
+    tables = {**report.render_dir(root / "results" / "cpu-2026-12-06"),
+              **report.render_dir(root / "results" / "cpu-2026-12-06-xeon")}
+    assert "**AMD EPYC**" in tables["e2e_hf_smollm2"] and "**Intel(R) Xeon(R)" in tables["e2e_hf_smollm2_xeon"]
+    readme = (root.parent / "README.md").read_text()
+    for name in ("e2e_hf_smollm2", "e2e_hf_smollm2_xeon"):
+        assert report.splice(readme, name, tables[name]) == readme  # the README holds exactly the generated table
