@@ -221,7 +221,7 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
   at::parallel_for(0, proxies * nq, 64, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> order(nk);
     std::vector<float> val(nk);
-    std::vector<int64_t> takes;
+    std::vector<int64_t> take, ranks;  // per head of the proxy: blocks beyond the always-kept ones; their sizes
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / nq, i = item % nq;
       if (heads_of[p].empty()) continue;
@@ -241,20 +241,20 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
         order[n++] = static_cast<int32_t>(j);
       }
       auto better = [&val](int32_t a, int32_t b) { return val[a] > val[b] || (val[a] == val[b] && a < b); };
-      takes.clear();
-      for (int64_t h : heads_of[p]) takes.push_back(std::min(n, std::max<int64_t>(0, budget[h] - always)));
-      std::sort(takes.begin(), takes.end(), std::greater<int64_t>());
+      take.clear();
+      for (int64_t h : heads_of[p]) take.push_back(std::min(n, std::max<int64_t>(0, budget[h] - always)));
+      ranks = take;
+      std::sort(ranks.begin(), ranks.end(), std::greater<int64_t>());
       int64_t range = n;
-      for (int64_t t : takes) {  // the best t of the best `range`: one linear selection each
+      for (int64_t t : ranks) {  // the best t of the best `range`: one linear selection each
         if (t > 0 && t < range) std::nth_element(order.begin(), order.begin() + t, order.begin() + range, better);
         range = t;
       }
-      for (int64_t h : heads_of[p]) {
-        bool* row = out + (h * nq + i) * nk;
+      for (size_t x = 0; x < heads_of[p].size(); ++x) {
+        bool* row = out + (heads_of[p][x] * nq + i) * nk;
         row[0] = true;
         if (has_diag) row[d] = true;
-        const int64_t take = std::min(n, std::max<int64_t>(0, budget[h] - always));
-        for (int64_t t = 0; t < take; ++t) row[order[t]] = true;
+        for (int64_t t = 0; t < take[x]; ++t) row[order[t]] = true;
       }
     }
   });

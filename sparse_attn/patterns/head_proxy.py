@@ -310,12 +310,12 @@ class HeadProxy(Pattern):
         # without the masses; so do heads whose cap is at or below their floor.
         fixed = torch.maximum(cap, floor).where(gamma >= 1.0, floor)
         if mass is not None:  # the gamma rule counts the sink and diagonal blocks first, as step 4 keeps them
-            fitted = self.fit_block_ids(seq).tolist()
+            fitted = self.fit_block_ids(seq)
             if mass.dim() != 3 or mass.shape[1] != len(fitted):
                 raise ValueError(f"select: mass must be [heads, {len(fitted)} fitted query blocks, kv blocks] as "
                                  f"estimate returns it, got {tuple(mass.shape)}")
-            need = torch.stack([blocks_for_mass(mass[:, j], gamma, self._always(seq, diag, b))
-                                for j, b in enumerate(fitted)])
+            first = self._always(seq, diag, fitted)  # [F, nk]
+            need = torch.stack([blocks_for_mass(mass[:, j], gamma, first[j]) for j in range(len(fitted))])
             rule = torch.maximum(torch.minimum(need.amax(0), cap), floor)
             budget = torch.where((gamma >= 1.0) | (cap <= floor), fixed, rule)
         elif self.fixed_budgets(seq, num_heads):
@@ -332,10 +332,7 @@ class HeadProxy(Pattern):
         # The sink and diagonal blocks rank first, so they count within b_h: a fixed budget reads exactly
         # min(b_h, visible) blocks per query block (at least these two), whatever the content.
         # Each proxy ranks its blocks once (the best max(b_h) of them); head h keeps its proxy's first b_h.
-        always = torch.zeros(nq, nk, dtype=torch.bool, device=seq.device)
-        always[:, 0] = True  # the attention sink: cheap, and losing it costs far more than its share of mass
-        if seq.causal:
-            always[torch.arange(nq, device=seq.device), diag] = True
+        always = self._always(seq, diag, torch.arange(nq, device=seq.device))
         visible = torch.arange(nk, device=seq.device)[None, :] < bound[:, None]
         scores = scores.masked_fill(~visible, float("-inf")).masked_fill(always, float("inf"))
         width = max(1, min(nk, int(budget.max())))
@@ -348,13 +345,12 @@ class HeadProxy(Pattern):
         return top | always, budget
 
     @staticmethod
-    def _always(seq: SeqContext, diag: torch.Tensor, block: int) -> torch.Tensor:
-        """Bool ``[nk]``: the blocks query block ``block`` keeps whatever its scores (the sink, its diagonal block)."""
-        first = torch.zeros(seq.num_kv_blocks, dtype=torch.bool, device=seq.device)
-        first[0] = True
-        if int(diag[block]) >= 0:
-            first[diag[block]] = True
-        return first
+    def _always(seq: SeqContext, diag: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Bool ``[len(blocks), nk]``: the KV blocks the query blocks ``blocks`` keep whatever their scores: the
+        attention sink (cheap, and losing it costs far more than its share of mass) and the diagonal block
+        (``diag``, -1: none)."""
+        j = torch.arange(seq.num_kv_blocks, device=seq.device)[None, :]
+        return (j == 0) | (j == diag[blocks][:, None])
 
     def _budget_bounds(self, seq: SeqContext, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per head, the minimum and maximum budget in KV blocks ``[Hq]`` each (no maximum: every block)."""
