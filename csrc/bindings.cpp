@@ -444,7 +444,8 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& q, const at::
 }
 
 at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                               int64_t kv_block_size, double scale, bool causal, bool mean, bool exact) {
+                               int64_t kv_block_size, double scale, bool causal, bool mean,
+                               const std::string& products) {
   TORCH_CHECK(q.defined() && q.is_cpu(), "q must be a CPU tensor");
   const auto dev = q.device();
   check_tensor(q, "q", 4, {at::kFloat, at::kHalf, at::kBFloat16}, dev);
@@ -472,7 +473,7 @@ at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const a
   in.scale = scale;
   in.causal = causal;
   in.mean = mean;
-  in.exact = exact;
+  in.products = products;
   return pooled_block_scores_cpu(in);
 }
 
@@ -562,14 +563,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_lens"), py::arg("budgets"), py::arg("width"), py::arg("sink"), py::arg("recent"),
         py::arg("slot_keep") = 0, py::arg("per_group") = true, py::arg("reduce_max") = true,
         py::arg("label_scales") = py::none(), py::arg("label_bits") = 16);
+  m.def("estimate_products", &sparse_attn::estimate_products_cpu,
+        "The products pooled_block_scores uses on this CPU for head dim `dim` under products='auto': 'bf16', "
+        "'int16' or 'fp32'.",
+        py::arg("dim"));
   m.def("pooled_block_scores", &sparse_attn::pooled_block_scores,
         "Softmax probabilities of sampled query rows q [P, nq, R, D] (positions pos int32 [nq, R], -1 empty) over "
         "the keys k [Tk, Hk, D] they see, pooled per (proxy head, query block, KV block) without materializing the "
         "scores: the max probability in the block (mean=False) or the block's mass averaged over the rows "
-        "(mean=True). Returns fp32 [P, nq, ceil(Tk / kv_block_size)]. exact=False scores bf16-rounded q and k "
-        "(fp32 sums) where the CPU has AVX512-BF16 and the head dim is a multiple of 32.",
+        "(mean=True). Returns fp32 [P, nq, ceil(Tk / kv_block_size)]. products: 'auto' (the fastest this CPU "
+        "has, see estimate_products), 'fp32' (exact), 'bf16' (bf16-rounded q and k, fp32 sums; AVX512-BF16) or "
+        "'int16' (rows quantized to int16 with per-row scales, int32 sums; AVX512-VNNI); the last two need head "
+        "dims that are multiples of 32.",
         py::arg("q"), py::arg("k"), py::arg("pos"), py::arg("kv_block_size"), py::arg("scale"), py::arg("causal"),
-        py::arg("mean"), py::arg("exact") = false);
+        py::arg("mean"), py::arg("products") = "auto");
   m.def("block_rows", &sparse_attn::block_rows,
         "Compress a bool block matrix keep [..., nk] into rows: (counts int32 [...], indices int32 [..., W]) with each "
         "row's kept block ids ascending, zero past its count; W = the largest count, at least 1.",

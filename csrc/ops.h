@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "ordered_key.h"
@@ -110,11 +111,16 @@ struct PooledBlockScoresInputs {
   double scale = 1.0;
   bool causal = true;
   bool mean = false;  // false: max of the probabilities over the block; true: the block's mass, averaged over rows
-  bool exact = false;  // false: scores of bf16-rounded q and k where the CPU has AVX512-BF16 (fp32 sums)
+  // The score products: "auto" (the fastest this CPU has for the head dim: "bf16", "int16" or "fp32"), "fp32"
+  // (exact), "bf16" (q and k rounded to bf16, fp32 sums; AVX512-BF16) or "int16" (rows quantized to 16-bit
+  // integers, int32 sums; AVX512-VNNI); "bf16" and "int16" need head dims that are multiples of 32.
+  std::string products = "auto";
 };
 
 // Returns fp32 [P, nq, ceil(Tk / kv_block_size)].
 at::Tensor pooled_block_scores_cpu(const PooledBlockScoresInputs& in);
+// The products pooled_block_scores_cpu uses on this CPU for head dim `dim` under "auto": "bf16", "int16" or "fp32".
+const char* estimate_products_cpu(int64_t dim);
 
 // Inputs of the block selection that follows the pooled scores (semantics in HeadProxy.select): scores fp32
 // [P, nq, nk]; budgets int64 [Hq] blocks per query block of each query head (>= 1); proxy_of_head int64 [Hq] in

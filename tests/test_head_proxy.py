@@ -2,13 +2,15 @@
 Triton kernel against it, the selection rules, and recall on real SmolLM2 attention at about 4k tokens."""
 
 
+import math
+
 import pytest
 import torch
 
 from sparse_attn import AShape, ElasticSpan, HeadProxy, SparseAttention, VerticalSlash
 from sparse_attn.masks import causal_block_bounds
 from sparse_attn.ops.attention import triton_interpreter_enabled, triton_kernels
-from sparse_attn.ops.extension import extension_available, pooled_block_scores_cpu
+from sparse_attn.ops.extension import estimate_products, extension_available, pooled_block_scores_cpu
 from sparse_attn.patterns import SeqContext
 from sparse_attn.patterns.head_proxy import blocks_for_mass, pooled_block_probs, strided_rows
 
@@ -59,33 +61,75 @@ def test_pooled_probs_match_definition(heads, kv_heads, kv_len, bk, causal, mean
     assert torch.allclose(got, pooled_definition(q, k, pos, bk, 0.4, causal, mean), atol=1e-12)
 
 
-def _cpu_has_bf16_products() -> bool:
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512_bf16" in f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def _rounded_inputs(products: str, q, k, mul):
+    """q and k as the kernel's products see them (q pre-scaled by ``mul`` to log2 units, then rounded)."""
+    if products == "bf16":
+        return (q * mul).bfloat16().double() / mul.double(), k.bfloat16().double()
+    limit = math.floor(min(32767.0, math.sqrt((2 ** 31 - 1) / q.shape[-1])))
+
+    def quantized(x):  # per row: round(x * L / max|x|) * (max|x| / L), rounded to nearest even in fp32
+        top = x.abs().amax(-1, keepdim=True)
+        inv = torch.where(top > 0, torch.tensor(float(limit)) / top, torch.zeros_like(top))
+        return torch.round(x * inv).double() * (top / limit).double()
+
+    return quantized(q * mul) / mul.double(), quantized(k)
 
 
 @pytest.mark.skipif(not extension_available("pooled_block_scores"), reason="sparse_attn._C is not built")
 @pytest.mark.parametrize("dim", [32, 48, 64])
 @pytest.mark.parametrize("mean", [True, False])
 def test_cpu_pooled_scores_exact_and_rounded(dim, mean):
-    """The C++ scoring against the float64 definition: exactly on the fp32 inputs (exact=True), and by default on
-    the inputs rounded to bf16 where that path runs (head dims that are multiples of 32, AVX512-BF16 CPUs). Tiles of
-    243 and 81 rows (register tiles of 12 rows and remainders) against 700 keys (two full key tiles and a partial
-    one), empty rows, causal."""
+    """The C++ scoring against the float64 definition: exactly on the fp32 inputs (products="fp32"), and on the
+    inputs as the bf16 and int16 products round them, on CPUs that have those (head dims that are multiples of 32,
+    AVX512-BF16 / AVX512-VNNI); "auto" is the one estimate_products names. Tiles of 243 and 81 rows (register tiles
+    of 12 rows and remainders) against 700 keys (two full key tiles and a partial one), empty rows, causal."""
     q, k, pos = random_case(3, 1, 12, 9, dim, 700, seed=dim)
     pos[:, -1] = torch.randint(600, 700, (12,))  # rows that see most of the keys
-    exact = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, exact=True)
+    k[:, :, 3] += 6.0  # an outlier channel, as real keys have: per-row int16 scales must still resolve the rest
+    exact = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products="fp32")
     assert torch.allclose(exact.double(), pooled_definition(q, k, pos, 32, 0.3, True, mean), atol=2e-6)
-    rounded = dim % 32 == 0 and _cpu_has_bf16_products()
     mul = torch.tensor(0.3 * 1.4426950408889634, dtype=torch.float32)  # the kernel rounds q pre-scaled to log2 units
-    inputs = ((q * mul).bfloat16().double() / mul.double(), k.bfloat16().double()) if rounded else (q, k)
-    default = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean)
-    assert torch.allclose(default.double(), pooled_definition(*inputs, pos, 32, 0.3, True, mean), atol=2e-6)
-    if rounded:  # the rounding is visible: the default is not the exact result
-        assert not torch.allclose(default, exact, atol=1e-7, rtol=0)
+    flags = _cpu_flags()
+    ran = {"fp32": exact}
+    for products, flag in (("bf16", " avx512_bf16"), ("int16", " avx512_vnni")):
+        if dim % 32 or flag not in flags:
+            with pytest.raises(RuntimeError, match=products):
+                pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products=products)
+            continue
+        got = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products=products)
+        want = pooled_definition(*_rounded_inputs(products, q, k, mul), pos, 32, 0.3, True, mean)
+        assert torch.allclose(got.double(), want, atol=2e-6)
+        assert not torch.allclose(got, exact, atol=1e-7, rtol=0)  # the rounding is visible
+        assert torch.allclose(got, exact, atol=2e-3)  # and small
+        ran[products] = got
+    auto = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean)
+    assert torch.equal(auto, ran[estimate_products(dim)])
+    with pytest.raises(RuntimeError, match="products must be"):
+        pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products="fp16")
+
+
+@pytest.mark.skipif(not extension_available("pooled_block_scores"), reason="sparse_attn._C is not built")
+def test_cpu_int16_products_fall_back_on_non_finite_rows():
+    """A query row holding inf is not quantized: its tile of rows (here all of them: 4 query blocks of 9 rows for 3
+    proxies make one tile) takes the fp32 products, so the result is the exact one, NaN where it has NaN."""
+    if "avx512_vnni" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    q, k, pos = random_case(3, 1, 4, 9, 64, 300, seed=5)
+    q[1, 2, 3, 4] = float("inf")
+    pos[2, 3] = 250  # a row that is not empty
+    got = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, True, products="int16")
+    exact = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, True, products="fp32")
+    assert got.isnan().any()
+    assert torch.equal(got.isnan(), exact.isnan())
+    assert torch.equal(got.nan_to_num(), exact.nan_to_num())
 
 
 @needs_triton

@@ -33,9 +33,23 @@ namespace {
 constexpr int64_t kTileRows = 256;  // Q tile rows per work item (all proxy heads of a KV head, several blocks)
 constexpr int64_t kTileKeys = 256;  // keys per tile (rounded up to whole KV blocks)
 
+// Mean pooling needs only each block's sum, taken against one reference per row and tile: the row's running max
+// `ref` (raised to the tile's max first). Per block: bsum = sum 2^(s - ref), bmax = ref (the sum's scale).
+SPARSE_ATTN_ISA_CLONES
+void block_stats_mean_generic(const float* s, int64_t n, int64_t bk, float m, float* bmax, float* bsum) {
+  for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
+    const int64_t len = std::min(bk, n - b0);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < len; ++c) sum += exp2_nonpositive(s[b0 + c] - m);
+    bmax[j] = m;
+    bsum[j] = sum;
+  }
+}
+
 // Max pooling: per block of bk scores (the last one may be shorter), its max bm and its sum 2^(s - bm).
 SPARSE_ATTN_ISA_CLONES
-void block_stats_max(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
+void block_stats_max_generic(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
   for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
     const int64_t len = std::min(bk, n - b0);
     float m = kNegInf;
@@ -49,25 +63,85 @@ void block_stats_max(const float* s, int64_t n, int64_t bk, float* bmax, float* 
   }
 }
 
-// Mean pooling needs only each block's sum, taken against one reference per row and tile: the row's running max
-// `ref` (raised to the tile's max first). Per block: bsum = sum 2^(s - ref), bmax = ref (the sum's scale).
-SPARSE_ATTN_ISA_CLONES
-void block_stats_mean(float* s, int64_t n, int64_t bk, float* ref, float* bmax, float* bsum) {
-  float m = *ref;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
-  *ref = m;
-  if (m == kNegInf) return;
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) s[c] = exp2_nonpositive(s[c] - m);
+#if defined(__x86_64__) && defined(__GNUC__)
+// 16 lanes of exp2_nonpositive: 2^x = 2^k 2^f with k = round(x), the same polynomial in f, scaled by 2^k.
+SPARSE_ATTN_AVX512 inline __m512 exp2_nonpositive16(__m512 x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  // NaN stays NaN (max returns its second operand)
+  const __m512 k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, k);
+  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // 0 below 2^-126
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+}
+
+// Blocks of a multiple of 16 keys: each block's sum is 16-lane partial sums of exp2, reduced once.
+SPARSE_ATTN_AVX512 void block_stats_mean_avx512(const float* s, int64_t n, int64_t bk, float m, float* bmax,
+                                                float* bsum) {
+  const __m512 vm = _mm512_set1_ps(m);
   for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
     const int64_t len = std::min(bk, n - b0);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < len; ++c) sum += s[b0 + c];
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < len; c += 16) {
+      const __mmask16 live = c + 16 <= len ? 0xffff : static_cast<__mmask16>((1u << (len - c)) - 1);
+      const __m512 x = _mm512_maskz_loadu_ps(live, s + b0 + c);
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_nonpositive16(_mm512_sub_ps(x, vm))));
+    }
     bmax[j] = m;
-    bsum[j] = sum;
+    bsum[j] = _mm512_reduce_add_ps(acc);
   }
+}
+
+SPARSE_ATTN_AVX512 void block_stats_max_avx512(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
+  for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
+    const int64_t len = std::min(bk, n - b0);
+    __m512 top = _mm512_set1_ps(kNegInf);
+    for (int64_t c = 0; c < len; c += 16) {
+      const __mmask16 live = c + 16 <= len ? 0xffff : static_cast<__mmask16>((1u << (len - c)) - 1);
+      top = _mm512_mask_max_ps(top, live, _mm512_maskz_loadu_ps(live, s + b0 + c), top);  // NaN scores are passed over
+    }
+    const float m = _mm512_reduce_max_ps(top);
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < len; c += 16) {
+      const __mmask16 live = c + 16 <= len ? 0xffff : static_cast<__mmask16>((1u << (len - c)) - 1);
+      const __m512 x = _mm512_maskz_loadu_ps(live, s + b0 + c);
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_nonpositive16(_mm512_sub_ps(x, vm))));
+    }
+    bmax[j] = m;
+    bsum[j] = _mm512_reduce_add_ps(acc);
+  }
+}
+#endif
+
+// Max pooling: per block of bk scores (the last one may be shorter), its max bm and its sum 2^(s - bm).
+void block_stats_max(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (bk % 16 == 0 && has_avx512()) return block_stats_max_avx512(s, n, bk, bmax, bsum);
+#endif
+  block_stats_max_generic(s, n, bk, bmax, bsum);
+}
+
+SPARSE_ATTN_ISA_CLONES
+float running_max(const float* s, int64_t n, float m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  return m;
+}
+
+void block_stats_mean(const float* s, int64_t n, int64_t bk, float* ref, float* bmax, float* bsum) {
+  const float m = running_max(s, n, *ref);
+  *ref = m;
+  if (m == kNegInf) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (bk % 16 == 0 && has_avx512()) return block_stats_mean_avx512(s, n, bk, m, bmax, bsum);
+#endif
+  block_stats_mean_generic(s, n, bk, m, bmax, bsum);
 }
 
 // One row's pooled values over its first n blocks (references bm, sums bs): weights w = 2^(bm - max bm), l = sum bs w;
@@ -100,6 +174,24 @@ struct Chunk {
   int32_t kv_head, first_block, last_block;  // query blocks [first_block, last_block)
 };
 
+// The products named (see PooledBlockScoresInputs), checked against this CPU and the head dim.
+Products products_of(const std::string& name, int64_t dim) {
+  if (name == "auto") return estimate_products(dim);
+  if (name == "fp32") return Products::kFp32;
+  TORCH_CHECK(name == "bf16" || name == "int16", "products must be 'auto', 'fp32', 'bf16' or 'int16', got '", name,
+              "'");
+  const Products want = name == "bf16" ? Products::kBf16 : Products::kInt16;
+  bool available = dim % 32 == 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  available = available && (want == Products::kBf16 ? has_avx512_bf16() : has_avx512_vnni());
+#else
+  available = false;
+#endif
+  TORCH_CHECK(available, "products='", name, "' needs ", want == Products::kBf16 ? "AVX512-BF16" : "AVX512-VNNI",
+              " and a head dim that is a multiple of 32 (head dim ", dim, ")");
+  return want;
+}
+
 template <typename T>
 void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   const auto& q = in.q;  // [P, nq, R, D]
@@ -116,6 +208,7 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   const int32_t* pos = in.pos.data_ptr<int32_t>();
   float* o = out.data_ptr<float>();
   const bool blas = sgemm_ != nullptr;
+  const Products products = products_of(in.products, dim);
 
   // Keys the rows of query blocks [first, last) may see: up to their largest position (causal), else all.
   auto keys_seen = [&](int64_t first, int64_t last) {
@@ -142,10 +235,12 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
     std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
-    const int64_t pair_words = in.exact ? 0 : dim / 2;  // bf16 scores: rows as words of channel pairs
+    const int64_t pair_words = products == Products::kFp32 ? 0 : dim / 2;  // bf16 / int16: words of channel pairs
     std::vector<uint32_t> q_pairs(max_rows * pair_words), k_pairs(tile_keys * pair_words),
         kt_pairs(tile_cols * pair_words);
     std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
+    std::vector<float> q_scale(products == Products::kInt16 ? max_rows : 0),
+        k_scale(products == Products::kInt16 ? tile_cols : 0);
     std::vector<float> bmax(max_rows * nk), bsum(max_rows * nk), ref(max_rows), weight(nk);
     for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
       const Chunk& ch = chunks[c];
@@ -156,6 +251,11 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
         const T* src = qp + ((ch.kv_head * per_kv + j) * nq + ch.first_block) * rows * dim;
         to_float(src, dim, blocks * rows, dim, mul, qt.data() + j * blocks * rows * dim);
       }
+      // int16 products: the tile's rows quantized once for all its key tiles (fp32 products where m <= 4 or a row
+      // holds NaN or inf).
+      const bool q_int16 = products == Products::kInt16 && m > 4 &&
+                           to_int16_pairs(RowsOf(qt.data(), dim), m, m, dim, int16_limit(dim), q_pairs.data(),
+                                          q_scale.data());
       std::fill(bmax.begin(), bmax.begin() + m * nk, kNegInf);
       std::fill(bsum.begin(), bsum.begin() + m * nk, 0.0f);
       std::fill(ref.begin(), ref.begin() + m, kNegInf);
@@ -171,8 +271,13 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           keys = kt.data(), ldk = dim;
         }
         const RowsOf key_rows(keys, ldk);
-        if (in.exact || !gemm_abt_tall_bf16(m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols,
-                                            q_pairs.data(), k_pairs.data(), kt_pairs.data())) {
+        const bool done =
+            (q_int16 && gemm_abt_int16(m, n, dim, q_pairs.data(), q_scale.data(), key_rows, s.data(), tile_cols,
+                                       k_pairs.data(), kt_pairs.data(), k_scale.data())) ||
+            (products == Products::kBf16 && gemm_abt_tall_bf16(m, n, dim, qt.data(), dim, key_rows, s.data(),
+                                                               tile_cols, q_pairs.data(), k_pairs.data(),
+                                                               kt_pairs.data()));
+        if (!done) {
           gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols, bt.data());
         }
         for (int64_t t = 0; t < m; ++t) {
@@ -258,6 +363,14 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
       }
     }
   });
+}
+
+const char* estimate_products_cpu(int64_t dim) {
+  switch (estimate_products(dim)) {
+    case Products::kBf16: return "bf16";
+    case Products::kInt16: return "int16";
+    default: return "fp32";
+  }
 }
 
 at::Tensor pooled_block_scores_cpu(const PooledBlockScoresInputs& in) {

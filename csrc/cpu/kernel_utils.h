@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -522,6 +523,117 @@ inline bool gemm_abt_tall_bf16(int64_t m, int64_t n, int64_t k, const float* a, 
   gemm_abt_tall_bf16_avx512(m, n, k, a, lda, b, c, ldc, a2, b2, bt2);
   return true;
 }
+
+// Scores from rows quantized to 16-bit integers (block estimation on CPUs with AVX512-VNNI but no AVX512-BF16, the
+// same product rate: vpdpwssd takes 32 int16 pairs per instruction, lane i += a[2i] b[2i] + a[2i+1] b[2i+1] in
+// int32). Each row x of A and of B is stored as round(x * L / max|x|) with its scale max|x| / L, so the score
+// A[r] . B[j] = int_dot(r, j) * scale_a[r] * scale_b[j]: relative precision 1 / L of the row's largest value
+// (about 2^-12 for head dim 64, finer than bf16's 2^-9 per value for all but the smallest values). L =
+// floor(sqrt((2^31 - 1) / k)) keeps every int32 sum of k products in range. Rows holding NaN or inf are not
+// quantized: the caller falls back to the fp32 products for that tile.
+#define SPARSE_ATTN_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+inline bool has_avx512_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+inline float int16_limit(int64_t k) {
+  return std::floor(std::min(32767.0, std::sqrt(2147483647.0 / static_cast<double>(k))));
+}
+
+// Rows of k floats (k a multiple of 32) as rows of k / 2 words of int16 pairs (channels 2e, 2e + 1 in word e) and
+// per-row scales; scales from `count` to `padded` are 0. False if a row holds NaN or inf.
+SPARSE_ATTN_AVX512_VNNI inline bool to_int16_pairs(RowsOf rows, int64_t count, int64_t padded, int64_t k,
+                                                   float limit, uint32_t* dst, float* scale) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float* row = rows[r];
+    __m512 top = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t e = 0; e < k; e += 16) {
+      const __m512 x = _mm512_abs_ps(_mm512_loadu_ps(row + e));
+      bad |= _mm512_cmp_ps_mask(x, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ);  // inf or NaN
+      top = _mm512_max_ps(top, x);
+    }
+    if (bad) return false;
+    const float amax = _mm512_reduce_max_ps(top);
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? limit / amax : 0.0f);
+    scale[r] = amax / limit;
+    int16_t* out = reinterpret_cast<int16_t*>(dst + r * (k / 2));
+    for (int64_t e = 0; e < k; e += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + e), inv));  // round to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e), _mm512_cvtsepi32_epi16(v));
+    }
+  }
+  std::fill(scale + count, scale + padded, 0.0f);
+  return true;
+}
+
+// One group of R rows against C columns [j0, j0 + 16 W) (W = 1 or 2 vectors of 16 keys); int32 sums, then scaled.
+// acc += pairwise int16 products of a and b (vpdpwssd), as inline assembly: GCC's intrinsic copies the accumulator
+// on every use.
+SPARSE_ATTN_AVX512_VNNI inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+  __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+template <int R, bool Two>
+SPARSE_ATTN_AVX512_VNNI inline void int16_tile(int64_t j0, int64_t k2, const uint32_t* a2, int64_t lda2,
+                                               const float* scale_a, const uint32_t* bt2, int64_t ldt,
+                                               const float* scale_b, float* c, int64_t ldc) {
+  __m512i acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+  for (int64_t e2 = 0; e2 < k2; ++e2) {
+    const __m512i y0 = _mm512_loadu_si512(bt2 + e2 * ldt + j0);
+    const __m512i y1 = Two ? _mm512_loadu_si512(bt2 + e2 * ldt + j0 + 16) : y0;
+    for (int r = 0; r < R; ++r) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(a2[r * lda2 + e2]));
+      acc0[r] = dpwssd(acc0[r], x, y0);
+      if constexpr (Two) acc1[r] = dpwssd(acc1[r], x, y1);
+    }
+  }
+  const __m512 sb0 = _mm512_loadu_ps(scale_b + j0), sb1 = Two ? _mm512_loadu_ps(scale_b + j0 + 16) : sb0;
+  for (int r = 0; r < R; ++r) {
+    const __m512 sa = _mm512_set1_ps(scale_a[r]);
+    _mm512_storeu_ps(c + r * ldc + j0, _mm512_mul_ps(_mm512_cvtepi32_ps(acc0[r]), _mm512_mul_ps(sb0, sa)));
+    if constexpr (Two) {
+      _mm512_storeu_ps(c + r * ldc + j0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(acc1[r]), _mm512_mul_ps(sb1, sa)));
+    }
+  }
+}
+
+template <int R>
+SPARSE_ATTN_AVX512_VNNI void gemm_a_bt_rows_int16(int64_t n16, int64_t k2, const uint32_t* a2, int64_t lda2,
+                                                  const float* scale_a, const uint32_t* bt2, int64_t ldt,
+                                                  const float* scale_b, float* c, int64_t ldc) {
+  int64_t j0 = 0;
+  for (; j0 + 32 <= n16; j0 += 32) int16_tile<R, true>(j0, k2, a2, lda2, scale_a, bt2, ldt, scale_b, c, ldc);
+  if (j0 < n16) int16_tile<R, false>(j0, k2, a2, lda2, scale_a, bt2, ldt, scale_b, c, ldc);
+}
+
+// C[m, n] = A[m, k] B[n, k]^T from A already quantized (to_int16_pairs: words a2, scales scale_a) and B quantized
+// here, for k a multiple of 32; scratch `b2` of n * k / 2 words, `bt2` of k / 2 * round_up(n, 16) words and
+// `scale_b` of round_up(n, 16) floats. False (C untouched) if a row of B holds NaN or inf.
+SPARSE_ATTN_AVX512_VNNI inline bool gemm_abt_int16(int64_t m, int64_t n, int64_t k, const uint32_t* a2,
+                                                   const float* scale_a, RowsOf b, float* c, int64_t ldc,
+                                                   uint32_t* b2, uint32_t* bt2, float* scale_b) {
+  const int64_t k2 = k / 2, n16 = (n + 15) / 16 * 16;
+  if (!to_int16_pairs(b, n, n16, k, int16_limit(k), b2, scale_b)) return false;
+  transpose_rows(n, k2, RowsOf(reinterpret_cast<const float*>(b2), k2), reinterpret_cast<float*>(bt2), n16);
+  for_row_groups<12>(m, [&](auto rows, int64_t i) {
+    gemm_a_bt_rows_int16<decltype(rows)::value>(n16, k2, a2 + i * k2, k2, scale_a + i, bt2, n16, scale_b,
+                                                c + i * ldc, ldc);
+  });
+  return true;
+}
+
+// The products block estimation uses for rows of k values (unless asked for exact scores).
+enum class Products { kFp32, kBf16, kInt16 };
+inline Products estimate_products(int64_t k) {
+  if (k % 32 == 0 && has_avx512_bf16()) return Products::kBf16;
+  if (k % 32 == 0 && has_avx512_vnni()) return Products::kInt16;
+  return Products::kFp32;
+}
 #else
 inline bool tall_products_fast(int64_t) { return false; }
 inline bool gemm_abt_tall_bf16(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, uint32_t*,
@@ -529,6 +641,14 @@ inline bool gemm_abt_tall_bf16(int64_t, int64_t, int64_t, const float*, int64_t,
   return false;
 }
 inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, float*) {
+  return false;
+}
+enum class Products { kFp32, kBf16, kInt16 };
+inline Products estimate_products(int64_t) { return Products::kFp32; }
+inline bool to_int16_pairs(RowsOf, int64_t, int64_t, int64_t, float, uint32_t*, float*) { return false; }
+inline float int16_limit(int64_t) { return 0.0f; }
+inline bool gemm_abt_int16(int64_t, int64_t, int64_t, const uint32_t*, const float*, RowsOf, float*, int64_t, uint32_t*,
+                           uint32_t*, float*) {
   return false;
 }
 inline bool gemm_ab_acc_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {

@@ -238,16 +238,28 @@ def block_sparse_attention_cpu(
 
 
 def pooled_block_scores_cpu(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_block_size: int, scale: float,
-                            causal: bool, mean: bool, exact: bool = False) -> torch.Tensor:
+                            causal: bool, mean: bool, products: str = "auto") -> torch.Tensor:
     """The C++ kernel behind :func:`sparse_attn.patterns.head_proxy.pooled_block_probs` on CPU tensors (same
     arguments; fp32/fp16/bf16): softmax probabilities of sampled rows pooled per block, computed tile by tile.
 
-    Unless ``exact``, a CPU with AVX512-BF16 scores q (scaled to log2 units) and k rounded to bf16 (products exact,
-    sums fp32: twice the products per instruction), for head dims that are multiples of 32: an estimate, not an attention output, so
-    the rounding only matters where two blocks tie to about 3 digits (on SmolLM2's layers at 7.5k tokens it moved
-    0.2% of the selected blocks and left the attention error against dense unchanged to 4 digits)."""
+    ``products`` chooses the score products: ``"fp32"`` is exact; ``"bf16"`` (CPUs with AVX512-BF16) scores q (scaled
+    to log2 units) and k rounded to bf16 with fp32 sums; ``"int16"`` (CPUs with AVX512-VNNI) scores rows quantized
+    to 16-bit integers with one scale per row (about 12 bits of the row's largest value at head dim 64) with int32
+    sums; both run twice the products per instruction of fp32, for head dims that are multiples of 32. ``"auto"``
+    (the default) takes bf16, else int16, else fp32 (:func:`estimate_products` says which). An estimate, not an
+    attention output, so the rounding only matters where two blocks tie to about 3 digits (bf16 on SmolLM2's layers
+    at 7.5k tokens moved 0.2% of the selected blocks and left the attention error against dense unchanged to 4
+    digits)."""
     return extension().pooled_block_scores(q, k, pos.to(torch.int32), int(kv_block_size), float(scale), bool(causal),
-                                           bool(mean), bool(exact))
+                                           bool(mean), str(products))
+
+
+def estimate_products(head_dim: int) -> str:
+    """The score products :func:`pooled_block_scores_cpu` uses on this CPU under ``products="auto"``: ``"bf16"``,
+    ``"int16"`` or ``"fp32"`` (``"fp32"`` where the extension is not built)."""
+    if not extension_available("pooled_block_scores"):
+        return "fp32"
+    return extension().estimate_products(int(head_dim))
 
 
 def select_blocks_cpu(scores: torch.Tensor, budgets: torch.Tensor, proxy_of_head: torch.Tensor, bounds: torch.Tensor,

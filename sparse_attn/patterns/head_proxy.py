@@ -74,8 +74,9 @@ def pooled_block_probs(q, k, pos, kv_block_size, scale, causal, mean, backend=No
     pos ``[nq, R]`` absolute row positions (-1: empty slot). ``mean=False``: max of P over the block's rows and keys;
     ``mean=True``: the block's mass ``sum_n P`` averaged over the rows. Returns fp32 ``[H, nq, num_kv_blocks]``
     (fp64 for fp64 inputs on the PyTorch path). The Triton kernel runs where ``backend`` resolves to "triton", the C++
-    kernel (scores tile by tile, never the whole score matrix; on AVX512-BF16 CPUs from q and k rounded to bf16,
-    see :func:`~sparse_attn.ops.extension.pooled_block_scores_cpu`) for CPU tensors under "cpu", PyTorch otherwise.
+    kernel (scores tile by tile, never the whole score matrix; from q and k rounded to bf16 or int16 where the CPU
+    has those products, see :func:`~sparse_attn.ops.extension.pooled_block_scores_cpu`) for CPU tensors under
+    "cpu", PyTorch otherwise.
     """
     name = resolve_backend(backend, q.device)
     if name == "triton" and kv_block_size >= 16 and not kv_block_size & (kv_block_size - 1):
