@@ -183,6 +183,7 @@ def greedy(model, ids: torch.Tensor, steps: int, cache):
 def run(settings: Settings, out_dir: Path | str | None = None, command: str | None = None) -> dict:
     from sparse_attn.integrations.transformers import calibrate_double_sparsity
     from sparse_attn.models.smollm2 import load_smollm2, make_passkey_prompt
+    from sparse_attn.ops.extension import estimate_products
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -191,6 +192,7 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
     if settings.table:
         payload["table"] = settings.table
     model, tokenizer = load_smollm2("sdpa")
+    payload["estimate_products"] = estimate_products(model.config.head_dim)
     channels = {r: calibrate_double_sparsity(model, tokenizer, r=r) for r, name in ((16, "ds"), (32, "ds_r32i8"))
                 if name in settings.decode_configs}  # heavy channels per label width
     clock = AttentionClock()
@@ -275,7 +277,9 @@ def markdown(payload: dict) -> str:
     lines = [title, "", common.environment_line(payload), "",
              f"fp32, batch 1, {payload.get('torch_threads')} threads; passkey prompts (key at half depth); medians of "
              f"{s['reps']} interleaved repetitions; ratios = SDPA's time / this time, same run. Attention = time "
-             "inside the attention function over the 30 layers; masks = estimation and selection within it.", ""]
+             "inside the attention function over the 30 layers; masks = estimation and selection within it"
+             + (f" (head-proxy scores from {payload['estimate_products']} products)"
+                if payload.get("estimate_products") else "") + ".", ""]
     table = []
     for r in payload["prefill"]:
         density = "" if r["config"] == "sdpa" else common.pct(r.get("density"), 0)

@@ -111,10 +111,18 @@ inline void with_rows(int64_t rows, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-// Calls f(std::integral_constant<int, R>{}, i) for the groups of R = min(Max, m - i) rows at i = 0, Max, 2 Max, ...
+// Calls f(std::integral_constant<int, R>{}, i) for ceil(m / Max) consecutive groups of rows starting at row i, of
+// sizes that differ by at most one (32 rows in groups of at most 6: 6, 6, 5, 5, 5, 5, not five of 6 and one of 2):
+// a small remainder group would leave most of the register tile idle. Each row's arithmetic does not depend on its
+// group.
 template <int Max, typename F>
 inline void for_row_groups(int64_t m, F&& f) {
-  for (int64_t i = 0; i < m; i += Max) with_rows<Max>(std::min<int64_t>(Max, m - i), [&](auto rows) { f(rows, i); });
+  const int64_t groups = (m + Max - 1) / Max, base = groups ? m / groups : 0, extra = groups ? m % groups : 0;
+  for (int64_t g = 0, i = 0; g < groups; ++g) {
+    const int64_t size = base + (g < extra ? 1 : 0);
+    with_rows<Max>(size, [&](auto rows) { f(rows, i); });
+    i += size;
+  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
