@@ -108,6 +108,29 @@ def test_gqa_heads_with_equal_mask_rows(rng):
     check_against_reference(q, k, v, cu_q, cu_k, mask, True, 0.2, seed)
 
 
+@pytest.mark.parametrize("hq, hkv, bq", [(6, 2, 32), (9, 3, 16), (8, 1, 32)])
+def test_gqa_heads_with_nearly_equal_mask_rows_share_a_tile(rng, hq, hkv, bq):
+    """Per-head masks whose heads in a KV group keep nearly the same blocks (a few blocks differ per head, and some
+    query blocks differ entirely): the kernel stacks such heads into one Q tile over the union of their rows, each
+    head's keys outside its own row masked out, so each K/V tile is read once per group. Exact against the float64
+    reference, and fewer K/V tiles than the same mask without GQA (every head alone)."""
+    gen, seed = rng
+    q_len, kv_len, dim = 200, 330, 64
+    nq, nk = -(-q_len // bq), -(-kv_len // bq)
+    base = torch.rand(1, hkv, nq, nk, generator=gen) < 0.6
+    keep = base.repeat_interleave(hq // hkv, dim=1).clone()
+    flip = torch.rand(1, hq, nq, nk, generator=gen) < 0.05  # each head differs in about 1 block in 20
+    keep ^= flip
+    keep[:, :, 1] = torch.rand(1, hq, nk, generator=gen) < 0.5  # query block 1: unrelated rows per head
+    mask = BlockSparseMask.from_block_bool(keep, q_block_size=bq, kv_block_size=bq, q_len=q_len, kv_len=kv_len)
+    q, k, v, cu_q, cu_k = ragged(gen, [q_len], [kv_len], hq, hkv, dim, torch.float32)
+    check_against_reference(q, k, v, cu_q, cu_k, mask, True, 0.15, seed)
+    _, _, stats = cpp_op(q, k, v, cu_q, cu_k, mask, True, 0.15, return_stats=True)
+    k_all, v_all = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+    _, _, alone = cpp_op(q, k_all, v_all, cu_q, cu_k, mask, True, 0.15, return_stats=True)
+    assert int(stats[0]) < int(alone[0])
+
+
 def test_empty_mask_rows_give_zero_and_neg_inf(rng):
     gen, seed = rng
     q, k, v, cu_q, cu_k = ragged(gen, [64], [64], 2, 1, 16, torch.float32)

@@ -2,7 +2,9 @@
 //
 // One work item is (sequence, query block, the query heads of one GQA group that share a mask row, a slice of that
 // row's kept blocks). It streams the keys of its blocks through an online softmax, so work and memory follow the
-// kept blocks only. The heads' rows are stacked into one Q tile: each K/V tile is read once per group.
+// kept blocks only. The heads' rows are stacked into one Q tile: each K/V tile is read once per group. Heads whose
+// rows differ a little (per-head plans) are stacked too, over the union of their rows with each head's other keys
+// masked out, while that costs at most 20% more products than the rows alone.
 //
 // Per work item, with Q the block's rows pre-scaled by scale * log2(e) (so exp becomes exp2):
 //   for each tile of kept keys (up to kTileKeys):  S = Q K^T,  mask causality where the tile reaches past the
@@ -160,9 +162,10 @@ MaskRow mask_row(const Problem& p, int64_t b, int64_t h, int64_t i) {
 }
 
 // One unit of work: query blocks [q_block, q_block + span) of sequence `seq` for `heads` consecutive query heads of
-// one GQA group whose mask rows are identical, reading the union of those rows' kept blocks, slots
-// [slot_begin, slot_end) of it. Stacking heads and neighbouring query blocks makes the Q tile tall enough for
-// efficient products when blocks are small; a key a stacked query block does not keep is masked out of its rows.
+// one GQA group whose mask rows are identical (or, with `per_head`, differ: then span is 1 and each head's row is
+// its own), reading the union of those rows' kept blocks, slots [slot_begin, slot_end) of it. Stacking heads and
+// neighbouring query blocks makes the Q tile tall enough for efficient products when blocks are small, and the
+// heads of a group read each K/V tile once; a key a stacked row does not keep is masked out of its rows.
 // `partial` >= 0 marks a slice of a split row (span 1): its (out, lse) go to the partial buffers and are merged.
 struct WorkItem {
   int64_t cost;  // keys x rows: the order in which items are handed out (largest first)
@@ -170,17 +173,27 @@ struct WorkItem {
   int32_t slot_begin, slot_end;
   int32_t partial;
   int32_t kv_count;  // KV groups the item covers (all of them with Problem::all_kv_heads, else 1): `heads` each
+  bool per_head = false;  // the heads' mask rows differ: one membership bit per head
+
+  // Mask rows stacked in the Q tile (one membership bit each): head j's query block i is unit j * span + i.
+  int64_t units() const { return per_head ? int64_t{heads} * span : span; }
 };
 
 constexpr int64_t kMaxSpan = 4;           // query blocks stacked into one tile at most
+constexpr int64_t kMaxUnits = 8;          // mask rows stacked into one tile at most (a byte of membership bits)
 constexpr int64_t kTargetTileRows = 128;  // stack query blocks until the Q tile has this many rows
 constexpr double kMaxUnionOverhead = 1.1; // ... while the union reads at most this much more than the rows alone
+// The heads of a GQA group with different mask rows share a tile while the union's products (every head's rows
+// against every key of the union) exceed the heads' own by at most this factor: the taller tile and the shared
+// K/V tiles pay for it.
+constexpr double kMaxHeadUnionOverhead = 1.2;
 
-// The kept blocks of `span` mask rows merged: ascending block ids, each with the bit set of the rows keeping it.
+// The kept blocks of `span` (<= kMaxUnits) mask rows merged: ascending block ids, each with the bit set of the rows
+// keeping it.
 void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks, std::vector<uint8_t>& bits) {
   blocks.clear();
   bits.clear();
-  int64_t at[kMaxSpan] = {0, 0, 0, 0};
+  int64_t at[kMaxUnits] = {};
   while (true) {
     int64_t next = std::numeric_limits<int64_t>::max();
     for (int64_t i = 0; i < span; ++i) {
@@ -244,14 +257,15 @@ class BlockSparseAttention {
     // The blocks to read: one mask row, or the union of the stacked rows with their membership bits.
     MaskRow row = mask_row(p_, b, item.head0, item.q_block);
     const uint8_t* member = nullptr;
-    if (span > 1) {
-      MaskRow rows_of[kMaxSpan];
-      for (int64_t i = 0; i < span; ++i) rows_of[i] = mask_row(p_, b, item.head0, item.q_block + i);
-      merge_rows(rows_of, span, w.union_blocks, w.union_bits);
+    const int64_t units = item.units();
+    if (units > 1) {
+      MaskRow rows_of[kMaxUnits];
+      for (int64_t u = 0; u < units; ++u) rows_of[u] = mask_row(p_, b, item.head0 + u / span, item.q_block + u % span);
+      merge_rows(rows_of, units, w.union_blocks, w.union_bits);
       row = {static_cast<int64_t>(w.union_blocks.size()), w.union_blocks.data(), 1};
       member = w.union_bits.data();
     }
-    const uint8_t all = uint8_t((1u << span) - 1);
+    const uint8_t all = uint8_t((1u << units) - 1);
 
     // Where keys come from: the cache (varlen rows or pages; packed slots with KV pruning) or the fresh tokens.
     struct Source {
@@ -413,12 +427,14 @@ class BlockSparseAttention {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
     gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr);
+    const int64_t units = item.units();
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
-      const uint8_t bit = uint8_t(1u << i);
-      bool foreign = false;  // keys of the tile that query block i does not keep
-      for (int64_t c = 0; c < n && span > 1 && !foreign; ++c) foreign = !(w.key_bits[c] & bit);
-      for (int64_t j = 0; j < item.heads && (causal || foreign); ++j) {
+      for (int64_t j = 0; j < item.heads; ++j) {
+        const uint8_t bit = uint8_t(1u << (item.per_head ? j * span + i : i));
+        bool foreign = false;  // keys of the tile that this row (head j, query block i) does not keep
+        for (int64_t c = 0; c < n && units > 1 && !foreign; ++c) foreign = !(w.key_bits[c] & bit);
+        if (!causal && !foreign) continue;
         float* sub = s + (j * span + i) * rows * kTileKeys;
         if (causal) mask_causal(sub, kTileKeys, rows, n, w.key_pos.data(), g[i].first_pos);
         if (foreign) mask_members(sub, kTileKeys, rows, n, w.key_bits.data(), bit);
@@ -549,6 +565,25 @@ std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num
         const MaskRow first = mask_row(p, b, h0, i);
         bool shared = true;
         for (int64_t j = 1; j < group && shared; ++j) shared = mask_row(p, b, h0 + j, i) == first;
+        // Heads with different rows share one tile while the union costs little more than the rows alone.
+        if (!shared && !p.dense() && group <= kMaxUnits) {
+          MaskRow rows_of[kMaxUnits];
+          int64_t alone = 0;
+          for (int64_t j = 0; j < group; ++j) {
+            rows_of[j] = mask_row(p, b, h0 + j, i);
+            alone += rows_of[j].count;
+          }
+          const int64_t count = union_count(rows_of, group);
+          if (count * group <= kMaxHeadUnionOverhead * alone) {
+            WorkItem item{(count * p.kv_block + 1) * rows * group, static_cast<int32_t>(b), static_cast<int32_t>(i),
+                          1, static_cast<int32_t>(h0), static_cast<int32_t>(group), 0, static_cast<int32_t>(count),
+                          -1, 1};
+            item.per_head = true;
+            items.push_back(item);
+            ++i;
+            continue;
+          }
+        }
         const int64_t heads = shared ? group : 1;
         // Stack query blocks (only where every head set of this block shares its layout: shared rows, or one head
         // per item for the whole group), same for all head sets of the group.
@@ -606,7 +641,7 @@ std::vector<WorkItem> work_items(const Problem& p, int64_t threads, int64_t* num
     for (const WorkItem& item : items) {
       const int64_t count = item.slot_end;
       const int64_t by_size = count * p.kv_block / kMinSplitKeys;
-      const int64_t pieces = item.span > 1 ? 1 : std::max<int64_t>(1, std::min(per_item, by_size));
+      const int64_t pieces = item.units() > 1 ? 1 : std::max<int64_t>(1, std::min(per_item, by_size));
       if (pieces == 1) {
         split.push_back(item);
         continue;
