@@ -3,6 +3,7 @@ and FlexAttention with the same block mask, measured side by side in one run.
 
     python -m bench.prefill --out DIR [--contexts 4096,16384,65536,131072] [--densities 0.05,0.1,0.3,1.0]
                             [--heads 32 --kv-heads 8 --head-dim 128 --dtype bf16 --block 128] [--quick]
+                            [--compare-blocks 32,64] [--page-size 16]
 
 writes ``DIR/prefill.json`` and ``DIR/prefill.md``. Without a GPU the defaults shrink to seconds-long CPU sizes.
 
@@ -74,6 +75,7 @@ class Settings:
     time_budget_s: float | None = None
     reference_blocks: int = 2
     page_size: int = 0  # > 0: also time our kernel reading K/V from shuffled pages of this size (a paged KV cache)
+    compare_blocks: list[int] = field(default_factory=list)  # also time our kernel at these block sizes, same density
     timing: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -85,6 +87,9 @@ class Settings:
             raise ValueError(f"flex must be compile, eager or off, got {self.flex!r}")
         if any(not 0 < d <= 1 for d in self.densities):
             raise ValueError(f"densities must lie in (0, 1], got {self.densities}")
+        if self.compare_blocks and (len(set(self.compare_blocks)) < 2 or any(b < 1 for b in self.compare_blocks)):
+            raise ValueError(f"compare_blocks needs at least two distinct positive block sizes, got "
+                             f"{self.compare_blocks}")
         common.parse_dtype(self.dtype)
         if not self.timing:
             # Warmup covers compilation and autotuning; the timed calls fill about target_s each.
@@ -504,7 +509,25 @@ class PrefillRun:
                 state["dense_out"] = self._dense_reference_output(state)
             else:
                 self.cell(context, target, state["q"], state["k"], state["v"], state["sdpa_best"], state["dense_out"])
+                if s.compare_blocks and target < 1.0:
+                    self.block_sizes(context, target, state["q"], state["k"], state["v"])
         return self.results
+
+    def block_sizes(self, context: int, target: float, q, k, v) -> None:
+        """Our kernel on masks of the same pattern and density at each of ``compare_blocks`` (query and KV blocks of
+        that size), the largest block size the baseline: ``vs_largest_block`` = this time / its time, same run."""
+        s = self.s
+        rows = []
+        for block in sorted(s.compare_blocks):
+            mask, description = mask_at_density(target, context=context, heads=s.heads, block=block,
+                                                pattern=s.pattern, device=self.device, seed=s.seed + context)
+            row = dict(context=context, method="block_size", impl=self.impl, block=block, density_target=target,
+                       density=mask.density(), pattern=description)
+            rows.append(self._measure(row, lambda: block_sparse_attention(q, k, v, mask, causal=True,
+                                                                          scale=self.scale, backend=s.backend)))
+        base = rows[-1].get("ms")
+        for row in rows:
+            row["vs_largest_block"] = row["ms"] / base if row.get("ms") and base else None
 
     def _dense_reference_output(self, state):
         """Output of the fastest SDPA backend, kept to check the Dense() cell against it."""
@@ -626,6 +649,14 @@ def markdown(payload: dict) -> str:
     lines += ["", "Dense baselines (causal, same inputs):", "",
               common.markdown_table(["context"] + [f"SDPA {b}" if m == "sdpa" else "flash-attn" for m, b in columns], rows)]
 
+    sizes = [r for r in results if r["method"] == "block_size"]
+    if sizes:
+        largest = max(r["block"] for r in sizes)
+        lines += ["", f"Block sizes at equal density (same pattern, our kernel): time against {largest}-token blocks "
+                      "in the same run.", "", common.markdown_table(
+                          ["context", "block", "density (target → kept)", "time", f"vs {largest}-token blocks"],
+                          [[_tokens(r["context"]), str(r["block"]), f"{r['density_target']:.0%} → {r['density']:.1%}",
+                            _ms(r, notes), _ratio(r.get("vs_largest_block"))] for r in sizes])]
     if payload.get("targets"):
         lines += ["", "Targets (METHODS.md):", "", common.markdown_table(
             ["target", "measured", "bar", "met"],
@@ -653,6 +684,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--quick", action="store_true", help="fewer timed calls (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-budget", type=float, help="seconds; cells after it are recorded as skipped")
+    parser.add_argument("--compare-blocks", help="comma-separated block sizes (e.g. 32,64): also time our kernel "
+                        "at each, on masks of the same density, against the largest")
     parser.add_argument("--page-size", type=int, default=0,
                         help="also time K/V read in place from shuffled pages of this many tokens (0: off)")
     args = parser.parse_args(argv)
@@ -663,6 +696,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
         **common.options_or_defaults(args, defaults), device=device, pattern=args.pattern,
         flex=args.flex or ("compile" if device == "cuda" else "eager"), backend=args.backend, quick=args.quick,
         seed=args.seed, time_budget_s=args.time_budget, page_size=args.page_size,
+        compare_blocks=common.parse_list(args.compare_blocks) if args.compare_blocks else [],
     )
     return settings, args.out
 

@@ -46,6 +46,25 @@ def test_prefill_json_schema(tiny_run):
     assert by_impl["math"]["status"] == "ok" and by_impl["cudnn"]["status"] == "skipped"
 
 
+def test_prefill_compares_block_sizes_at_equal_density(tmp_path):
+    """--compare-blocks times the kernel at each block size on masks of the same density, each against the largest
+    block size in the same run, and renders the comparison."""
+    args = ["--out", str(tmp_path), "--device", "cpu", "--contexts", "256", "--densities", "0.3", "--heads", "4",
+            "--kv-heads", "2", "--head-dim", "16", "--dtype", "fp32", "--block", "32", "--quick", "--flex", "off",
+            "--compare-blocks", "16,32"]
+    assert prefill.main(args) == 0
+    payload = json.loads((tmp_path / "prefill.json").read_text())
+    rows = {r["block"]: r for r in payload["results"] if r["method"] == "block_size"}
+    assert sorted(rows) == [16, 32] and all(r["status"] == "ok" for r in rows.values())
+    assert all(abs(r["density"] - 0.3) < 0.1 for r in rows.values())
+    assert rows[32]["vs_largest_block"] == 1.0
+    assert rows[16]["vs_largest_block"] == pytest.approx(rows[16]["ms"] / rows[32]["ms"])
+    assert "vs 32-token blocks" in (tmp_path / "prefill.md").read_text()
+    with pytest.raises(ValueError, match="compare_blocks"):
+        prefill.Settings(contexts=[256], densities=[0.3], heads=4, kv_heads=2, head_dim=16, dtype="fp32", block=32,
+                         device="cpu", compare_blocks=[32])
+
+
 def test_prefill_ratios_come_from_measured_times(tiny_run):
     _, payload = tiny_run
     results = payload["results"]
