@@ -163,7 +163,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_calls(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
+def timed_calls(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
     """Milliseconds of ``n`` calls, each timed alone: CUDA events on the GPU (device time), perf_counter elsewhere."""
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
@@ -191,9 +191,9 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     for _ in range(warmup):
         fn()
     synchronize(device)
-    first = _timed_calls(fn, device, 1)
+    first = timed_calls(fn, device, 1)
     iters = max(min_iters, min(max_iters, int(target_s * 1e3 / max(first[0], 1e-3))))
-    samples = first + _timed_calls(fn, device, iters - 1)
+    samples = first + timed_calls(fn, device, iters - 1)
     return Timing(statistics.median(samples), min(samples), len(samples))
 
 

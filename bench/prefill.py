@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 import warnings
@@ -513,21 +514,38 @@ class PrefillRun:
                     self.block_sizes(context, target, state["q"], state["k"], state["v"])
         return self.results
 
-    def block_sizes(self, context: int, target: float, q, k, v) -> None:
+    def block_sizes(self, context: int, target: float, q, k, v, rounds: int = 9) -> None:
         """Our kernel on masks of the same pattern and density at each of ``compare_blocks`` (query and KV blocks of
-        that size), the largest block size the baseline: ``vs_largest_block`` = this time / its time, same run."""
+        that size), the largest block size the baseline: ``vs_largest_block`` = the median over ``rounds`` of this
+        time / its time, the block sizes taking turns within each round (a shared machine's drift hits both)."""
         s = self.s
-        rows = []
+        rows, calls = [], []
         for block in sorted(s.compare_blocks):
             mask, description = mask_at_density(target, context=context, heads=s.heads, block=block,
                                                 pattern=s.pattern, device=self.device, seed=s.seed + context)
-            row = dict(context=context, method="block_size", impl=self.impl, block=block, density_target=target,
-                       density=mask.density(), pattern=description)
-            rows.append(self._measure(row, lambda: block_sparse_attention(q, k, v, mask, causal=True,
-                                                                          scale=self.scale, backend=s.backend)))
-        base = rows[-1].get("ms")
-        for row in rows:
-            row["vs_largest_block"] = row["ms"] / base if row.get("ms") and base else None
+            rows.append(dict(context=context, method="block_size", impl=self.impl, block=block,
+                             density_target=target, density=mask.density(), pattern=description, rounds=rounds))
+            calls.append(lambda mask=mask: block_sparse_attention(q, k, v, mask, causal=True, scale=self.scale,
+                                                                  backend=s.backend))
+        reason = self._skip_reason()
+        if reason is None:
+            try:
+                times = [[] for _ in calls]
+                for call in calls:  # warm-up
+                    call()
+                for _ in range(1 if s.quick else rounds):
+                    for i, call in enumerate(calls):
+                        times[i].append(common.timed_calls(call, self.device, 1)[0])
+            except Exception as exc:
+                reason = common.error_reason(exc)
+        for i, row in enumerate(rows):
+            if reason is not None:
+                self._skip(row, reason)
+                continue
+            ratios = [t / base for t, base in zip(times[i], times[-1])]
+            row.update(status="ok", ms=statistics.median(times[i]), ms_min=min(times[i]),
+                       vs_largest_block=statistics.median(ratios))
+            self.results.append(row)
 
     def _dense_reference_output(self, state):
         """Output of the fastest SDPA backend, kept to check the Dense() cell against it."""
@@ -652,8 +670,9 @@ def markdown(payload: dict) -> str:
     sizes = [r for r in results if r["method"] == "block_size"]
     if sizes:
         largest = max(r["block"] for r in sizes)
-        lines += ["", f"Block sizes at equal density (same pattern, our kernel): time against {largest}-token blocks "
-                      "in the same run.", "", common.markdown_table(
+        lines += ["", f"Block sizes at equal density (same pattern, our kernel): time against {largest}-token blocks, "
+                      f"the median ratio over {sizes[0].get('rounds', 1)} rounds in which the block sizes take turns.",
+                  "", common.markdown_table(
                           ["context", "block", "density (target → kept)", "time", f"vs {largest}-token blocks"],
                           [[_tokens(r["context"]), str(r["block"]), f"{r['density_target']:.0%} → {r['density']:.1%}",
                             _ms(r, notes), _ratio(r.get("vs_largest_block"))] for r in sizes])]
