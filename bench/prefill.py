@@ -77,6 +77,7 @@ class Settings:
     reference_blocks: int = 2
     page_size: int = 0  # > 0: also time our kernel reading K/V from shuffled pages of this size (a paged KV cache)
     compare_blocks: list[int] = field(default_factory=list)  # also time our kernel at these block sizes, same density
+    table: str | None = None  # the README table the result fills (default: "prefill")
     timing: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -579,6 +580,8 @@ def run(settings: Settings, out_dir: Path | str | None = None, command: str | No
     """Run the benchmark; write ``prefill.json`` and ``prefill.md`` into ``out_dir`` when given."""
     device = torch.device(settings.device)
     payload = {"benchmark": NAME, **common.environment(device, command), "settings": asdict(settings)}
+    if settings.table:
+        payload["table"] = settings.table
     payload["settings"]["flex_mode"] = {"compile": "torch.compile(flex_attention, dynamic=False)",
                                         "eager": "flex_attention (eager, not compiled)", "off": None}[settings.flex]
     payload["results"] = PrefillRun(settings).run()
@@ -705,6 +708,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--time-budget", type=float, help="seconds; cells after it are recorded as skipped")
     parser.add_argument("--compare-blocks", help="comma-separated block sizes (e.g. 32,64): also time our kernel "
                         "at each, on masks of the same density, against the largest")
+    parser.add_argument("--table", help="name of the README table the result fills (results of another machine)")
     parser.add_argument("--page-size", type=int, default=0,
                         help="also time K/V read in place from shuffled pages of this many tokens (0: off)")
     args = parser.parse_args(argv)
@@ -715,7 +719,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
         **common.options_or_defaults(args, defaults), device=device, pattern=args.pattern,
         flex=args.flex or ("compile" if device == "cuda" else "eager"), backend=args.backend, quick=args.quick,
         seed=args.seed, time_budget_s=args.time_budget, page_size=args.page_size,
-        compare_blocks=common.parse_list(args.compare_blocks) if args.compare_blocks else [],
+        compare_blocks=common.parse_list(args.compare_blocks) if args.compare_blocks else [], table=args.table,
     )
     return settings, args.out
 
