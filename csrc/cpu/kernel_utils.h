@@ -33,6 +33,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// The polynomial of 2^f on [-1/2, 1/2], highest degree first (Horner).
+constexpr float kExp2Poly[7] = {1.5403530393381609e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                                5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+
 // 2^x for x <= 0 (and -inf -> 0, NaN -> NaN, so that a NaN score poisons its row as in torch), written so the compiler vectorizes it: x = k + f with k = round(x),
 // f in [-1/2, 1/2]; 2^f by its degree-6 Taylor polynomial, 2^k through the exponent bits: relative error 2.5e-7
 // (a few ulps) over [-126, 0]. The shifter rounding needs IEEE evaluation order (the build uses no -ffast-math).
@@ -41,13 +45,9 @@ inline __attribute__((always_inline)) float exp2_nonpositive(float x) {
   const float xc = x > -126.0f ? x : -126.0f;
   const float k = (xc + 12582912.0f) - 12582912.0f;  // round to nearest via the 1.5 * 2^23 shifter
   const float f = xc - k;
-  float p = 1.5403530393381609e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  float p = kExp2Poly[0];
+#pragma GCC unroll 7
+  for (int i = 1; i < 7; ++i) p = p * f + kExp2Poly[i];
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
   return x < -126.0f ? 0.0f : (x != x ? x : p * scale);
 }
