@@ -33,17 +33,21 @@ namespace {
 constexpr int64_t kTileRows = 256;  // Q tile rows per work item (all proxy heads of a KV head, several blocks)
 constexpr int64_t kTileKeys = 256;  // keys per tile (rounded up to whole KV blocks)
 
+// sum_c 2^(s[c] - m) over n scores (inlined into the callers' ISA clones, where it vectorizes).
+inline float exp2_sum(const float* s, int64_t n, float m) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) sum += exp2_nonpositive(s[c] - m);
+  return sum;
+}
+
 // Mean pooling needs only each block's sum, taken against one reference per row and tile: the row's running max
 // `ref` (raised to the tile's max first). Per block: bsum = sum 2^(s - ref), bmax = ref (the sum's scale).
 SPARSE_ATTN_ISA_CLONES
 void block_stats_mean_generic(const float* s, int64_t n, int64_t bk, float m, float* bmax, float* bsum) {
   for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
-    const int64_t len = std::min(bk, n - b0);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < len; ++c) sum += exp2_nonpositive(s[b0 + c] - m);
     bmax[j] = m;
-    bsum[j] = sum;
+    bsum[j] = exp2_sum(s + b0, std::min(bk, n - b0), m);
   }
 }
 
@@ -55,11 +59,8 @@ void block_stats_max_generic(const float* s, int64_t n, int64_t bk, float* bmax,
     float m = kNegInf;
 #pragma omp simd reduction(max : m)
     for (int64_t c = 0; c < len; ++c) m = s[b0 + c] > m ? s[b0 + c] : m;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < len; ++c) sum += exp2_nonpositive(s[b0 + c] - m);
     bmax[j] = m;
-    bsum[j] = sum;
+    bsum[j] = exp2_sum(s + b0, len, m);
   }
 }
 
@@ -76,20 +77,29 @@ SPARSE_ATTN_AVX512 inline __m512 exp2_nonpositive16(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
 }
 
-// Blocks of a multiple of 16 keys: each block's sum is 16-lane partial sums of exp2, reduced once.
+// The lanes of a vector of 16 that hold one of the `left` values still to read.
+inline __mmask16 live_lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// exp2_sum on AVX-512: 16-lane partial sums, reduced once.
+SPARSE_ATTN_AVX512 inline float exp2_sum16(const float* s, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 live = live_lanes(n - c);
+    const __m512 x = _mm512_maskz_loadu_ps(live, s + c);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_nonpositive16(_mm512_sub_ps(x, vm))));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Blocks of a multiple of 16 keys.
 SPARSE_ATTN_AVX512 void block_stats_mean_avx512(const float* s, int64_t n, int64_t bk, float m, float* bmax,
                                                 float* bsum) {
-  const __m512 vm = _mm512_set1_ps(m);
   for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
-    const int64_t len = std::min(bk, n - b0);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < len; c += 16) {
-      const __mmask16 live = c + 16 <= len ? 0xffff : static_cast<__mmask16>((1u << (len - c)) - 1);
-      const __m512 x = _mm512_maskz_loadu_ps(live, s + b0 + c);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_nonpositive16(_mm512_sub_ps(x, vm))));
-    }
     bmax[j] = m;
-    bsum[j] = _mm512_reduce_add_ps(acc);
+    bsum[j] = exp2_sum16(s + b0, std::min(bk, n - b0), m);
   }
 }
 
@@ -98,19 +108,11 @@ SPARSE_ATTN_AVX512 void block_stats_max_avx512(const float* s, int64_t n, int64_
     const int64_t len = std::min(bk, n - b0);
     __m512 top = _mm512_set1_ps(kNegInf);
     for (int64_t c = 0; c < len; c += 16) {
-      const __mmask16 live = c + 16 <= len ? 0xffff : static_cast<__mmask16>((1u << (len - c)) - 1);
+      const __mmask16 live = live_lanes(len - c);
       top = _mm512_mask_max_ps(top, live, _mm512_maskz_loadu_ps(live, s + b0 + c), top);  // NaN scores are passed over
     }
-    const float m = _mm512_reduce_max_ps(top);
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < len; c += 16) {
-      const __mmask16 live = c + 16 <= len ? 0xffff : static_cast<__mmask16>((1u << (len - c)) - 1);
-      const __m512 x = _mm512_maskz_loadu_ps(live, s + b0 + c);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_nonpositive16(_mm512_sub_ps(x, vm))));
-    }
-    bmax[j] = m;
-    bsum[j] = _mm512_reduce_add_ps(acc);
+    bmax[j] = _mm512_reduce_max_ps(top);
+    bsum[j] = exp2_sum16(s + b0, len, bmax[j]);
   }
 }
 #endif

@@ -188,11 +188,10 @@ constexpr double kMaxUnionOverhead = 1.1; // ... while the union reads at most t
 // K/V tiles pay for it.
 constexpr double kMaxHeadUnionOverhead = 1.2;
 
-// The kept blocks of `span` (<= kMaxUnits) mask rows merged: ascending block ids, each with the bit set of the rows
-// keeping it.
-void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks, std::vector<uint8_t>& bits) {
-  blocks.clear();
-  bits.clear();
+// The kept blocks of `span` (<= kMaxUnits) sorted mask rows merged: emit(block, bits) for each block of the union in
+// ascending order, `bits` the set of the rows keeping it.
+template <typename Emit>
+void for_union(const MaskRow* rows, int64_t span, Emit&& emit) {
   int64_t at[kMaxUnits] = {};
   while (true) {
     int64_t next = std::numeric_limits<int64_t>::max();
@@ -204,9 +203,18 @@ void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks,
     for (int64_t i = 0; i < span; ++i) {
       if (at[i] < rows[i].count && rows[i][at[i]] == next) set |= uint8_t(1u << i), ++at[i];
     }
-    blocks.push_back(static_cast<int32_t>(next));
-    bits.push_back(set);
+    emit(next, set);
   }
+}
+
+// The union as ascending block ids with their membership bits.
+void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks, std::vector<uint8_t>& bits) {
+  blocks.clear();
+  bits.clear();
+  for_union(rows, span, [&](int64_t block, uint8_t set) {
+    blocks.push_back(static_cast<int32_t>(block));
+    bits.push_back(set);
+  });
 }
 
 // Per-thread scratch, sized once per call for the tallest Q tile.
@@ -531,10 +539,9 @@ class BlockSparseAttention {
 
 // The number of blocks in the union of `span` sorted mask rows.
 int64_t union_count(const MaskRow* rows, int64_t span) {
-  std::vector<int32_t> blocks;
-  std::vector<uint8_t> bits;
-  merge_rows(rows, span, blocks, bits);
-  return static_cast<int64_t>(blocks.size());
+  int64_t count = 0;
+  for_union(rows, span, [&count](int64_t, uint8_t) { ++count; });
+  return count;
 }
 
 // Work items, most expensive first: threads take them from a shared counter, which balances causal prefill (cost
