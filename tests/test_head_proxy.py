@@ -18,6 +18,10 @@ needs_triton = pytest.mark.skipif(triton_kernels() is None or not triton_interpr
                                   reason="needs triton with TRITON_INTERPRET=1")
 
 
+#: The estimate's 2^x polynomial (degree 4, relative error 2.7e-6): pooled values agree with the definition to it.
+EXP_RTOL = 4e-6
+
+
 def pooled_definition(q, k, pos, bk, scale, causal, mean):
     """Row by row, in float64: softmax over the visible keys, then max or row-mean of block sums."""
     heads, nq, rows, _ = q.shape
@@ -95,7 +99,7 @@ def test_cpu_pooled_scores_exact_and_rounded(dim, mean):
     pos[:, -1] = torch.randint(600, 700, (12,))  # rows that see most of the keys
     k[:, :, 3] += 6.0  # an outlier channel, as real keys have: per-row int16 scales must still resolve the rest
     exact = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products="fp32")
-    assert torch.allclose(exact.double(), pooled_definition(q, k, pos, 32, 0.3, True, mean), atol=2e-6)
+    assert torch.allclose(exact.double(), pooled_definition(q, k, pos, 32, 0.3, True, mean), atol=2e-6, rtol=EXP_RTOL)
     mul = torch.tensor(0.3 * 1.4426950408889634, dtype=torch.float32)  # the kernel rounds q pre-scaled to log2 units
     flags = _cpu_flags()
     ran = {"fp32": exact}
@@ -106,7 +110,7 @@ def test_cpu_pooled_scores_exact_and_rounded(dim, mean):
             continue
         got = pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products=products)
         want = pooled_definition(*_rounded_inputs(products, q, k, mul), pos, 32, 0.3, True, mean)
-        assert torch.allclose(got.double(), want, atol=2e-6)
+        assert torch.allclose(got.double(), want, atol=2e-6, rtol=EXP_RTOL)
         assert not torch.allclose(got, exact, atol=1e-7, rtol=0)  # the rounding is visible
         assert torch.allclose(got, exact, atol=2e-3)  # and small
         ran[products] = got
@@ -114,6 +118,19 @@ def test_cpu_pooled_scores_exact_and_rounded(dim, mean):
     assert torch.equal(auto, ran[estimate_products(dim)])
     with pytest.raises(RuntimeError, match="products must be"):
         pooled_block_scores_cpu(q, k, pos, 32, 0.3, True, mean, products="fp16")
+
+
+@pytest.mark.skipif(not extension_available("pooled_block_scores"), reason="sparse_attn._C is not built")
+@pytest.mark.parametrize("bk", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_pooled_scores_whole_key_tiles(bk, causal):
+    """Whole key tiles of 256 keys take the statistics held in registers (mean pooling, every block size that
+    divides the tile), partial ones the per-block loop: both against the float64 definition, fp32 products."""
+    q, k, pos = random_case(4, 2, 6, 5, 64, 777, seed=bk)
+    pos[:, 0] = torch.randint(520, 777, (6,))  # rows that read two whole tiles and part of a third
+    got = pooled_block_scores_cpu(q, k, pos, bk, 0.2, causal, True, products="fp32")
+    want = pooled_definition(q, k, pos, bk, 0.2, causal, True)
+    assert torch.allclose(got.double(), want, atol=2e-6, rtol=EXP_RTOL)
 
 
 @pytest.mark.skipif(not extension_available("pooled_block_scores"), reason="sparse_attn._C is not built")

@@ -65,16 +65,19 @@ void block_stats_max_generic(const float* s, int64_t n, int64_t bk, float* bmax,
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// 16 lanes of exp2_nonpositive: 2^x = 2^k 2^f with k = round(x), the same polynomial in f, scaled by 2^k.
-SPARSE_ATTN_AVX512 inline __m512 exp2_nonpositive16(__m512 x) {
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  // NaN stays NaN (max returns its second operand)
+// 2^x on 16 lanes for the estimate, x <= 0 or NaN: 2^x = 2^k 2^f with k = round(x), 2^f by a degree-4 minimax
+// polynomial on [-1/2, 1/2] (relative error 2.7e-6, below the int16 and bf16 products' own), 2^k applied by scalef,
+// which rounds results below 2^-126 to subnormals and zero. NaN stays NaN (max returns its second operand); -inf
+// (an overflowed score) gives 0.
+constexpr float kExp2Estimate[5] = {9.5718065e-3f, 5.5918004e-2f, 2.4024703e-1f, 6.9312179e-1f, 9.9999928e-1f};
+SPARSE_ATTN_AVX512 inline __m512 exp2_estimate16(__m512 x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
   const __m512 k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(xc, k);
-  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-#pragma GCC unroll 7
-  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // 0 below 2^-126
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+  __m512 p = _mm512_set1_ps(kExp2Estimate[0]);
+#pragma GCC unroll 4
+  for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Estimate[i]));
+  return _mm512_scalef_ps(p, k);
 }
 
 // The lanes of a vector of 16 that hold one of the `left` values still to read.
@@ -89,7 +92,7 @@ SPARSE_ATTN_AVX512 inline float exp2_sum16(const float* s, int64_t n, float m) {
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 live = live_lanes(n - c);
     const __m512 x = _mm512_maskz_loadu_ps(live, s + c);
-    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_nonpositive16(_mm512_sub_ps(x, vm))));
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(live, exp2_estimate16(_mm512_sub_ps(x, vm))));
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -100,6 +103,56 @@ SPARSE_ATTN_AVX512 void block_stats_mean_avx512(const float* s, int64_t n, int64
   for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
     bmax[j] = m;
     bsum[j] = exp2_sum16(s + b0, std::min(bk, n - b0), m);
+  }
+}
+
+// Mean pooling over a whole tile of 256 keys (16 vectors; blocks of bk = 16 V keys) held in registers: the scores
+// are read once for the running max and the block sums, and the blocks' horizontal sums are taken together
+// (kernel_utils.h: sum4, combine4).
+template <int V>
+SPARSE_ATTN_AVX512 void tile_stats_mean_avx512(const float* s, float* ref, float* bmax, float* bsum) {
+  constexpr int kBlocks = 16 / V;
+  __m512 x[16], top[4];
+  for (int c = 0; c < 4; ++c) top[c] = _mm512_set1_ps(*ref);
+  for (int i = 0; i < 16; ++i) {
+    x[i] = _mm512_loadu_ps(s + 16 * i);
+    top[i % 4] = _mm512_max_ps(x[i], top[i % 4]);  // NaN scores are passed over
+  }
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3])));
+  *ref = m;
+  if (m == kNegInf) return;
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 y[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    y[b] = exp2_estimate16(_mm512_sub_ps(x[b * V], vm));
+    for (int i = 1; i < V; ++i) y[b] = _mm512_add_ps(y[b], exp2_estimate16(_mm512_sub_ps(x[b * V + i], vm)));
+    bmax[b] = m;
+  }
+  if constexpr (kBlocks == 16) {
+    _mm512_storeu_ps(bsum, combine4(sum4(y[0], y[1], y[2], y[3]), sum4(y[4], y[5], y[6], y[7]),
+                                    sum4(y[8], y[9], y[10], y[11]), sum4(y[12], y[13], y[14], y[15])));
+  } else if constexpr (kBlocks == 8) {
+    const __m512 lo = sum4(y[0], y[1], y[2], y[3]), hi = sum4(y[4], y[5], y[6], y[7]);
+    _mm512_mask_storeu_ps(bsum, 0xff, combine4(lo, hi, lo, hi));
+  } else if constexpr (kBlocks == 4) {
+    const __m512 q = sum4(y[0], y[1], y[2], y[3]);
+    _mm512_mask_storeu_ps(bsum, 0xf, combine4(q, q, q, q));
+  } else {
+    for (int b = 0; b < kBlocks; ++b) bsum[b] = _mm512_reduce_add_ps(y[b]);
+  }
+}
+
+// A whole tile's mean-pooling statistics in registers, where its blocks divide it; false otherwise.
+SPARSE_ATTN_AVX512 bool tile_stats_mean(const float* s, int64_t n, int64_t bk, float* ref, float* bmax, float* bsum) {
+  static_assert(kTileKeys == 256, "a whole tile is 16 vectors");
+  if (n != kTileKeys) return false;
+  switch (bk) {
+    case 16: tile_stats_mean_avx512<1>(s, ref, bmax, bsum); return true;
+    case 32: tile_stats_mean_avx512<2>(s, ref, bmax, bsum); return true;
+    case 64: tile_stats_mean_avx512<4>(s, ref, bmax, bsum); return true;
+    case 128: tile_stats_mean_avx512<8>(s, ref, bmax, bsum); return true;
+    case 256: tile_stats_mean_avx512<16>(s, ref, bmax, bsum); return true;
+    default: return false;
   }
 }
 
@@ -133,6 +186,9 @@ float running_max(const float* s, int64_t n, float m) {
 }
 
 void block_stats_mean(const float* s, int64_t n, int64_t bk, float* ref, float* bmax, float* bsum) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx512() && tile_stats_mean(s, n, bk, ref, bmax, bsum)) return;
+#endif
   const float m = running_max(s, n, *ref);
   *ref = m;
   if (m == kNegInf) return;
@@ -227,18 +283,46 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   }
   std::stable_sort(chunks.begin(), chunks.end(), [](const Chunk& x, const Chunk& y) { return x.cost > y.cost; });
 
+  // Key tiles in the products' layout (kernel_utils.h: pack_key_tile), packed once per call where several chunks
+  // read them, else by each chunk as it reads them. Tiles start at multiples of tile_keys for every chunk.
+  const bool tall = products != Products::kFp32 || tall_products_fast(dim);
+  const int64_t tiles = (kv_len + tile_keys - 1) / tile_keys, tile_words = packed_words(products, dim) * tile_cols;
+  const bool prepack = tall && nq > chunk_blocks;
+  std::vector<uint32_t> packed(prepack ? kv_heads * tiles * tile_words : 0);
+  std::vector<float> packed_scale(prepack ? kv_heads * tiles * tile_cols : 0);
+  std::vector<uint8_t> packed_ok(prepack ? kv_heads * tiles : 0);
+  // The keys [start, start + n) of KV head g as float rows (T = float: in place; else converted into `kt`).
+  auto key_rows = [&](int64_t g, int64_t start, int64_t n, float* kt) {
+    const T* src = kp + g * k_stride_h + start * k_stride_t;
+    if constexpr (std::is_same_v<T, float>) {
+      return RowsOf(src, k_stride_t);
+    } else {
+      to_float(src, k_stride_t, n, dim, 1.0f, kt);
+      return RowsOf(kt, dim);
+    }
+  };
+  if (prepack) {
+    at::parallel_for(0, kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
+      std::vector<uint32_t> tmp(tile_keys * dim / 2);
+      for (int64_t x = begin; x < end; ++x) {
+        const int64_t start = x % tiles * tile_keys, n = std::min(tile_keys, kv_len - start);
+        packed_ok[x] = pack_key_tile(products, key_rows(x / tiles, start, n, kt.data()), n, dim, tile_cols,
+                                     packed.data() + x * tile_words, packed_scale.data() + x * tile_cols, tmp.data());
+      }
+    });
+  }
+
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_chunks));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
     std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
-    const int64_t pair_words = products == Products::kFp32 ? 0 : dim / 2;  // bf16 / int16: words of channel pairs
-    std::vector<uint32_t> q_pairs(max_rows * pair_words), k_pairs(tile_keys * pair_words),
-        kt_pairs(tile_cols * pair_words);
+    std::vector<uint32_t> q_pairs(products == Products::kFp32 ? 0 : max_rows * dim / 2),
+        tile(prepack ? 0 : tile_words), tmp(prepack ? 0 : tile_keys * dim / 2);
     std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
-    std::vector<float> q_scale(products == Products::kInt16 ? max_rows : 0),
-        k_scale(products == Products::kInt16 ? tile_cols : 0);
+    std::vector<float> q_scale(max_rows), k_scale(prepack ? 0 : tile_cols);
     std::vector<float> bmax(max_rows * nk), bsum(max_rows * nk), ref(max_rows), weight(nk);
     for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
       const Chunk& ch = chunks[c];
@@ -249,34 +333,35 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
         const T* src = qp + ((ch.kv_head * per_kv + j) * nq + ch.first_block) * rows * dim;
         to_float(src, dim, blocks * rows, dim, mul, qt.data() + j * blocks * rows * dim);
       }
-      // int16 products: the tile's rows quantized once for all its key tiles (fp32 products where m <= 4 or a row
-      // holds NaN or inf).
-      const bool q_int16 = products == Products::kInt16 && m > 4 &&
-                           to_int16_pairs(RowsOf(qt.data(), dim), m, m, dim, int16_limit(dim), q_pairs.data(),
-                                          q_scale.data());
+      // The tile's rows in the products' form, once for all its key tiles: a tall tile (m > 4) reads packed keys;
+      // fp32 products from the rows where m <= 4 or int16 rows hold NaN or inf.
+      bool packed_rows = tall && m > 4;
+      if (packed_rows && products == Products::kBf16) {
+        to_bf16_pairs(RowsOf(qt.data(), dim), m, dim, q_pairs.data());
+      } else if (packed_rows && products == Products::kInt16) {
+        packed_rows = to_int16_pairs(RowsOf(qt.data(), dim), m, m, dim, int16_limit(dim), q_pairs.data(),
+                                     q_scale.data());
+      }
       std::fill(bmax.begin(), bmax.begin() + m * nk, kNegInf);
       std::fill(bsum.begin(), bsum.begin() + m * nk, 0.0f);
       std::fill(ref.begin(), ref.begin() + m, kNegInf);
-      const T* k_head = kp + ch.kv_head * k_stride_h;
       for (int64_t start = 0; start < seen; start += tile_keys) {
-        const int64_t n = std::min(tile_keys, seen - start);
-        const float* keys;
-        int64_t ldk;
-        if constexpr (std::is_same_v<T, float>) {
-          keys = k_head + start * k_stride_t, ldk = k_stride_t;
-        } else {
-          to_float(k_head + start * k_stride_t, k_stride_t, n, dim, 1.0f, kt.data());
-          keys = kt.data(), ldk = dim;
+        const int64_t n = std::min(tile_keys, seen - start), x = ch.kv_head * tiles + start / tile_keys;
+        const uint32_t* kb = nullptr;
+        const float* kb_scale = nullptr;
+        if (packed_rows && prepack && packed_ok[x]) {
+          kb = packed.data() + x * tile_words, kb_scale = packed_scale.data() + x * tile_cols;
+        } else if (packed_rows && !prepack &&
+                   pack_key_tile(products, key_rows(ch.kv_head, start, n, kt.data()), n, dim, tile_cols,
+                                 tile.data(), k_scale.data(), tmp.data())) {
+          kb = tile.data(), kb_scale = k_scale.data();
         }
-        const RowsOf key_rows(keys, ldk);
-        const bool done =
-            (q_int16 && gemm_abt_int16(m, n, dim, q_pairs.data(), q_scale.data(), key_rows, s.data(), tile_cols,
-                                       k_pairs.data(), kt_pairs.data(), k_scale.data())) ||
-            (products == Products::kBf16 && gemm_abt_tall_bf16(m, n, dim, qt.data(), dim, key_rows, s.data(),
-                                                               tile_cols, q_pairs.data(), k_pairs.data(),
-                                                               kt_pairs.data()));
-        if (!done) {
-          gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows, s.data(), tile_cols, bt.data());
+        if (kb != nullptr) {
+          gemm_packed(products, m, n, dim, qt.data(), dim, q_pairs.data(), q_scale.data(), kb, tile_cols, kb_scale,
+                      s.data(), tile_cols);
+        } else {
+          gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows(ch.kv_head, start, n, kt.data()), s.data(), tile_cols,
+                   bt.data());
         }
         for (int64_t t = 0; t < m; ++t) {
           const int64_t row_pos = pos[(ch.first_block + (t / rows) % blocks) * rows + t % rows];

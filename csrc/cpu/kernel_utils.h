@@ -510,28 +510,6 @@ SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const 
   }
 }
 
-// C[m, n] = A[m, k] B[n, k]^T from bf16-rounded A and B, for m > 4 rows and k a multiple of 32; scratch `a2` of
-// m * k / 2 words, `b2` of n * k / 2 words and `bt2` of k / 2 * round_up(n, 16) words; C's rows have room for
-// round_up(n, 16) columns. The words of B's rows are transposed like the floats of the fp32 scores.
-SPARSE_ATTN_AVX512_BF16 void gemm_abt_tall_bf16_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                                                       RowsOf b, float* c, int64_t ldc, uint32_t* a2, uint32_t* b2,
-                                                       uint32_t* bt2) {
-  const int64_t k2 = k / 2, n16 = (n + 15) / 16 * 16;
-  to_bf16_pairs(RowsOf(a, lda), m, k, a2);
-  to_bf16_pairs(b, n, k, b2);
-  transpose_rows(n, k2, RowsOf(reinterpret_cast<const float*>(b2), k2), reinterpret_cast<float*>(bt2), n16);
-  for_row_groups<12>(m, [&](auto rows, int64_t i) {
-    gemm_a_bt_rows_bf16<decltype(rows)::value>(n16, k2, a2 + i * k2, k2, bt2, n16, c + i * ldc, ldc);
-  });
-}
-
-inline bool gemm_abt_tall_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-                               int64_t ldc, uint32_t* a2, uint32_t* b2, uint32_t* bt2) {
-  if (m <= 4 || k % 32 != 0 || !has_avx512_bf16()) return false;
-  gemm_abt_tall_bf16_avx512(m, n, k, a, lda, b, c, ldc, a2, b2, bt2);
-  return true;
-}
-
 // Scores from rows quantized to 16-bit integers (block estimation on CPUs with AVX512-VNNI but no AVX512-BF16, the
 // same product rate: vpdpwssd takes 32 int16 pairs per instruction, lane i += a[2i] b[2i] + a[2i+1] b[2i+1] in
 // int32). Each row x of A and of B is stored as round(x * L / max|x|) with its scale max|x| / L, so the score
@@ -619,22 +597,6 @@ SPARSE_ATTN_AVX512_VNNI void gemm_a_bt_rows_int16(int64_t n16, int64_t k2, const
   if (j0 < n16) int16_tile<R, false>(j0, k2, a2, lda2, scale_a, bt2, ldt, scale_b, c, ldc);
 }
 
-// C[m, n] = A[m, k] B[n, k]^T from A already quantized (to_int16_pairs: words a2, scales scale_a) and B quantized
-// here, for k a multiple of 32; scratch `b2` of n * k / 2 words, `bt2` of k / 2 * round_up(n, 16) words and
-// `scale_b` of round_up(n, 16) floats. False (C untouched) if a row of B holds NaN or inf.
-SPARSE_ATTN_AVX512_VNNI inline bool gemm_abt_int16(int64_t m, int64_t n, int64_t k, const uint32_t* a2,
-                                                   const float* scale_a, RowsOf b, float* c, int64_t ldc,
-                                                   uint32_t* b2, uint32_t* bt2, float* scale_b) {
-  const int64_t k2 = k / 2, n16 = (n + 15) / 16 * 16;
-  if (!to_int16_pairs(b, n, n16, k, int16_limit(k), b2, scale_b)) return false;
-  transpose_rows(n, k2, RowsOf(reinterpret_cast<const float*>(b2), k2), reinterpret_cast<float*>(bt2), n16);
-  for_row_groups<12>(m, [&](auto rows, int64_t i) {
-    gemm_a_bt_rows_int16<decltype(rows)::value>(n16, k2, a2 + i * k2, k2, scale_a + i, bt2, n16, scale_b,
-                                                c + i * ldc, ldc);
-  });
-  return true;
-}
-
 // The products block estimation uses for rows of k values (unless asked for exact scores).
 enum class Products { kFp32, kBf16, kInt16 };
 inline Products estimate_products(int64_t k) {
@@ -642,23 +604,67 @@ inline Products estimate_products(int64_t k) {
   if (k % 32 == 0 && has_avx512_vnni()) return Products::kInt16;
   return Products::kFp32;
 }
+
+// Key tiles packed once in the layout the tall products read, for products that read each tile many times (block
+// estimation: every chunk of query rows reads every key tile before it). Per key column, packed_words words:
+//   fp32:  the keys transposed, Bt[e, j] (k floats);
+//   bf16:  rounded channel pairs, Bt2[e2, j] (k / 2 words);
+//   int16: quantized channel pairs (k / 2 words), with a scale per key.
+inline int64_t packed_words(Products p, int64_t k) { return p == Products::kFp32 ? k : k / 2; }
+
+// Packs n keys into `bt` (rows of ldt >= round_up(n, 16) columns; the columns past n are zero) and, for int16,
+// `scale` (ldt floats); `tmp` is scratch of n * k / 2 words. False where the tall products cannot read a packed
+// tile (then they read the key rows): fp32 without AVX-512 or with k not a multiple of 16, int16 keys holding NaN
+// or inf. bf16 and int16 need k a multiple of 32 and their instructions (see estimate_products).
+inline bool pack_key_tile(Products p, RowsOf keys, int64_t n, int64_t k, int64_t ldt, uint32_t* bt, float* scale,
+                          uint32_t* tmp) {
+  const int64_t n16 = (n + 15) / 16 * 16;
+  if (p == Products::kFp32) {
+    if (!tall_products_fast(k)) return false;
+    transpose_rows(n, k, keys, reinterpret_cast<float*>(bt), ldt);
+    return true;
+  }
+  if (p == Products::kBf16) {
+    to_bf16_pairs(keys, n, k, tmp);
+  } else if (!to_int16_pairs(keys, n, n16, k, int16_limit(k), tmp, scale)) {
+    return false;
+  }
+  transpose_rows(n, k / 2, RowsOf(reinterpret_cast<const float*>(tmp), k / 2), reinterpret_cast<float*>(bt), ldt);
+  return true;
+}
+
+// C[m, n] = A B^T against a packed key tile (ldt columns per row), for m > 4 rows of A: floats `a` (fp32, lda per
+// row) or channel-pair words `a2` (bf16; int16 with scales `scale_a`; k / 2 words per row). C's rows have room for
+// round_up(n, 16) columns.
+inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint32_t* a2,
+                        const float* scale_a, const uint32_t* bt, int64_t ldt, const float* scale_b, float* c,
+                        int64_t ldc) {
+  const int64_t n16 = (n + 15) / 16 * 16, k2 = k / 2;
+  for_row_groups<12>(m, [&](auto rows, int64_t i) {  // 24 accumulators of the 32 vector registers
+    constexpr int R = decltype(rows)::value;
+    if (p == Products::kFp32) {
+      gemm_a_bt_rows<R>(n16, k, a + i * lda, lda, reinterpret_cast<const float*>(bt), ldt, c + i * ldc, ldc);
+    } else if (p == Products::kBf16) {
+      gemm_a_bt_rows_bf16<R>(n16, k2, a2 + i * k2, k2, bt, ldt, c + i * ldc, ldc);
+    } else {
+      gemm_a_bt_rows_int16<R>(n16, k2, a2 + i * k2, k2, scale_a + i, bt, ldt, scale_b, c + i * ldc, ldc);
+    }
+  });
+}
 #else
 inline bool tall_products_fast(int64_t) { return false; }
-inline bool gemm_abt_tall_bf16(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, uint32_t*,
-                               uint32_t*, uint32_t*) {
-  return false;
-}
+inline void to_bf16_pairs(RowsOf, int64_t, int64_t, uint32_t*) {}
 inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, float*) {
   return false;
 }
 enum class Products { kFp32, kBf16, kInt16 };
 inline Products estimate_products(int64_t) { return Products::kFp32; }
+inline int64_t packed_words(Products p, int64_t k) { return p == Products::kFp32 ? k : k / 2; }
+inline bool pack_key_tile(Products, RowsOf, int64_t, int64_t, int64_t, uint32_t*, float*, uint32_t*) { return false; }
+inline void gemm_packed(Products, int64_t, int64_t, int64_t, const float*, int64_t, const uint32_t*, const float*,
+                        const uint32_t*, int64_t, const float*, float*, int64_t) {}
 inline bool to_int16_pairs(RowsOf, int64_t, int64_t, int64_t, float, uint32_t*, float*) { return false; }
 inline float int16_limit(int64_t) { return 0.0f; }
-inline bool gemm_abt_int16(int64_t, int64_t, int64_t, const uint32_t*, const float*, RowsOf, float*, int64_t, uint32_t*,
-                           uint32_t*, float*) {
-  return false;
-}
 inline bool gemm_ab_acc_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
   return false;
 }
