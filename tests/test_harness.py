@@ -63,6 +63,11 @@ def test_estimation_target_only_in_its_configuration():
     assert [c["met"] for c in estimation.target_checks(settings, "cuda", rows)] == [True]
     assert estimation.target_checks(settings, "cuda", [dict(rows[0], overhead=0.2)])[0]["met"] is False
     assert estimation.target_checks(settings, "cpu", rows) == []
+    cpu_rows = [dict(method="head_proxy_per_head", context=8192, overhead=0.08)]
+    cpu_settings = dict(dtype="fp32", heads=9, kv_heads=3, head_dim=64, block=32)
+    assert [c["met"] for c in estimation.target_checks(cpu_settings, "cpu", cpu_rows)] == [True]
+    assert estimation.target_checks(cpu_settings, "cpu", [dict(cpu_rows[0], overhead=0.12)])[0]["met"] is False
+    assert estimation.target_checks(dict(cpu_settings, block=64), "cpu", cpu_rows) == []
 
 
 def test_memory_reads_the_real_caches(tmp_path):
