@@ -319,7 +319,7 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
     std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
-    std::vector<uint32_t> q_pairs(products == Products::kFp32 ? 0 : max_rows * dim / 2),
+    std::vector<uint32_t> q_words(products == Products::kFp32 ? 0 : max_rows * dim / 2), q_pairs(q_words.size()),
         tile(prepack ? 0 : tile_words), tmp(prepack ? 0 : tile_keys * dim / 2);
     std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
     std::vector<float> q_scale(max_rows), k_scale(prepack ? 0 : tile_cols);
@@ -337,11 +337,12 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
       // fp32 products from the rows where m <= 4 or int16 rows hold NaN or inf.
       bool packed_rows = tall && m > 4;
       if (packed_rows && products == Products::kBf16) {
-        to_bf16_pairs(RowsOf(qt.data(), dim), m, dim, q_pairs.data());
+        to_bf16_pairs(RowsOf(qt.data(), dim), m, dim, q_words.data());
       } else if (packed_rows && products == Products::kInt16) {
-        packed_rows = to_int16_pairs(RowsOf(qt.data(), dim), m, m, dim, int16_limit(dim), q_pairs.data(),
+        packed_rows = to_int16_pairs(RowsOf(qt.data(), dim), m, m, dim, int16_limit(dim), q_words.data(),
                                      q_scale.data());
       }
+      if (packed_rows && products != Products::kFp32) to_row_panels(q_words.data(), m, dim / 2, q_pairs.data());
       std::fill(bmax.begin(), bmax.begin() + m * nk, kNegInf);
       std::fill(bsum.begin(), bsum.begin() + m * nk, 0.0f);
       std::fill(ref.begin(), ref.begin() + m, kNegInf);

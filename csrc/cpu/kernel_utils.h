@@ -486,9 +486,11 @@ SPARSE_ATTN_AVX512_BF16 inline void to_bf16_pairs(RowsOf rows, int64_t count, in
   }
 }
 
+// C[R, n16] = A Bt2 for one row panel of R rows: ap[e2 * R + r] is word e2 of row r (to_row_panels), so the
+// rows' words are read at fixed offsets from one pointer.
 template <int R>
-SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const uint32_t* a2, int64_t lda2,
-                                                 const uint32_t* bt2, int64_t ldt, float* c, int64_t ldc) {
+SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const uint32_t* ap, const uint32_t* bt2,
+                                                 int64_t ldt, float* c, int64_t ldc) {
   for (int64_t j0 = 0; j0 < n16; j0 += 32) {
     const bool two = j0 + 32 <= n16;
     __m512 acc[R][2];
@@ -498,7 +500,7 @@ SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const 
       const __m512bh y0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row));
       const __m512bh y1 = two ? reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + 16)) : y0;
       for (int r = 0; r < R; ++r) {
-        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a2[r * lda2 + e2])));
+        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ap[e2 * R + r])));
         acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, y0);
         if (two) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, y1);
       }
@@ -555,7 +557,8 @@ SPARSE_ATTN_AVX512_VNNI inline bool to_int16_pairs(RowsOf rows, int64_t count, i
   return true;
 }
 
-// One group of R rows against C columns [j0, j0 + 16 W) (W = 1 or 2 vectors of 16 keys); int32 sums, then scaled.
+// One row panel of R rows (ap[e2 * R + r], to_row_panels) against C columns [j0, j0 + 16 W) (W = 1 or 2 vectors of
+// 16 keys); int32 sums (the first step's products by vpmaddwd, then accumulated by vpdpwssd), then scaled.
 // acc += pairwise int16 products of a and b (vpdpwssd), as inline assembly: GCC's intrinsic copies the accumulator
 // on every use.
 SPARSE_ATTN_AVX512_VNNI inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
@@ -564,16 +567,24 @@ SPARSE_ATTN_AVX512_VNNI inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b)
 }
 
 template <int R, bool Two>
-SPARSE_ATTN_AVX512_VNNI inline void int16_tile(int64_t j0, int64_t k2, const uint32_t* a2, int64_t lda2,
-                                               const float* scale_a, const uint32_t* bt2, int64_t ldt,
-                                               const float* scale_b, float* c, int64_t ldc) {
+SPARSE_ATTN_AVX512_VNNI inline void int16_tile(int64_t j0, int64_t k2, const uint32_t* ap, const float* scale_a,
+                                               const uint32_t* bt2, int64_t ldt, const float* scale_b, float* c,
+                                               int64_t ldc) {
   __m512i acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
-  for (int64_t e2 = 0; e2 < k2; ++e2) {
+  {
+    const __m512i y0 = _mm512_loadu_si512(bt2 + j0);
+    const __m512i y1 = Two ? _mm512_loadu_si512(bt2 + j0 + 16) : y0;
+    for (int r = 0; r < R; ++r) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(ap[r]));
+      acc0[r] = _mm512_madd_epi16(x, y0);
+      if constexpr (Two) acc1[r] = _mm512_madd_epi16(x, y1);
+    }
+  }
+  for (int64_t e2 = 1; e2 < k2; ++e2) {
     const __m512i y0 = _mm512_loadu_si512(bt2 + e2 * ldt + j0);
     const __m512i y1 = Two ? _mm512_loadu_si512(bt2 + e2 * ldt + j0 + 16) : y0;
     for (int r = 0; r < R; ++r) {
-      const __m512i x = _mm512_set1_epi32(static_cast<int>(a2[r * lda2 + e2]));
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(ap[e2 * R + r]));
       acc0[r] = dpwssd(acc0[r], x, y0);
       if constexpr (Two) acc1[r] = dpwssd(acc1[r], x, y1);
     }
@@ -589,12 +600,12 @@ SPARSE_ATTN_AVX512_VNNI inline void int16_tile(int64_t j0, int64_t k2, const uin
 }
 
 template <int R>
-SPARSE_ATTN_AVX512_VNNI void gemm_a_bt_rows_int16(int64_t n16, int64_t k2, const uint32_t* a2, int64_t lda2,
-                                                  const float* scale_a, const uint32_t* bt2, int64_t ldt,
-                                                  const float* scale_b, float* c, int64_t ldc) {
+SPARSE_ATTN_AVX512_VNNI void gemm_a_bt_rows_int16(int64_t n16, int64_t k2, const uint32_t* ap, const float* scale_a,
+                                                  const uint32_t* bt2, int64_t ldt, const float* scale_b, float* c,
+                                                  int64_t ldc) {
   int64_t j0 = 0;
-  for (; j0 + 32 <= n16; j0 += 32) int16_tile<R, true>(j0, k2, a2, lda2, scale_a, bt2, ldt, scale_b, c, ldc);
-  if (j0 < n16) int16_tile<R, false>(j0, k2, a2, lda2, scale_a, bt2, ldt, scale_b, c, ldc);
+  for (; j0 + 32 <= n16; j0 += 32) int16_tile<R, true>(j0, k2, ap, scale_a, bt2, ldt, scale_b, c, ldc);
+  if (j0 < n16) int16_tile<R, false>(j0, k2, ap, scale_a, bt2, ldt, scale_b, c, ldc);
 }
 
 // The products block estimation uses for rows of k values (unless asked for exact scores).
@@ -633,10 +644,22 @@ inline bool pack_key_tile(Products p, RowsOf keys, int64_t n, int64_t k, int64_t
   return true;
 }
 
+// Rows of k2 words (row r at rows + r * k2) as the row panels gemm_packed reads: the rows are cut into the groups
+// of for_row_groups<12>, and the group of R rows starting at row i is stored at panels + i * k2 with word e2 of its
+// row r at e2 * R + r.
+inline void to_row_panels(const uint32_t* rows, int64_t m, int64_t k2, uint32_t* panels) {
+  for_row_groups<12>(m, [&](auto group, int64_t i) {
+    constexpr int R = decltype(group)::value;
+    for (int r = 0; r < R; ++r) {
+      for (int64_t e2 = 0; e2 < k2; ++e2) panels[i * k2 + e2 * R + r] = rows[(i + r) * k2 + e2];
+    }
+  });
+}
+
 // C[m, n] = A B^T against a packed key tile (ldt columns per row), for m > 4 rows of A: floats `a` (fp32, lda per
-// row) or channel-pair words `a2` (bf16; int16 with scales `scale_a`; k / 2 words per row). C's rows have room for
-// round_up(n, 16) columns.
-inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint32_t* a2,
+// row) or channel-pair words in row panels `ap` (to_row_panels; bf16, int16 with per-row scales `scale_a`). C's
+// rows have room for round_up(n, 16) columns.
+inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint32_t* ap,
                         const float* scale_a, const uint32_t* bt, int64_t ldt, const float* scale_b, float* c,
                         int64_t ldc) {
   const int64_t n16 = (n + 15) / 16 * 16, k2 = k / 2;
@@ -645,9 +668,9 @@ inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const float
     if (p == Products::kFp32) {
       gemm_a_bt_rows<R>(n16, k, a + i * lda, lda, reinterpret_cast<const float*>(bt), ldt, c + i * ldc, ldc);
     } else if (p == Products::kBf16) {
-      gemm_a_bt_rows_bf16<R>(n16, k2, a2 + i * k2, k2, bt, ldt, c + i * ldc, ldc);
+      gemm_a_bt_rows_bf16<R>(n16, k2, ap + i * k2, bt, ldt, c + i * ldc, ldc);
     } else {
-      gemm_a_bt_rows_int16<R>(n16, k2, a2 + i * k2, k2, scale_a + i, bt, ldt, scale_b, c + i * ldc, ldc);
+      gemm_a_bt_rows_int16<R>(n16, k2, ap + i * k2, scale_a + i, bt, ldt, scale_b, c + i * ldc, ldc);
     }
   });
 }
@@ -663,6 +686,7 @@ inline int64_t packed_words(Products p, int64_t k) { return p == Products::kFp32
 inline bool pack_key_tile(Products, RowsOf, int64_t, int64_t, int64_t, uint32_t*, float*, uint32_t*) { return false; }
 inline void gemm_packed(Products, int64_t, int64_t, int64_t, const float*, int64_t, const uint32_t*, const float*,
                         const uint32_t*, int64_t, const float*, float*, int64_t) {}
+inline void to_row_panels(const uint32_t*, int64_t, int64_t, uint32_t*) {}
 inline bool to_int16_pairs(RowsOf, int64_t, int64_t, int64_t, float, uint32_t*, float*) { return false; }
 inline float int16_limit(int64_t) { return 0.0f; }
 inline bool gemm_ab_acc_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
