@@ -319,7 +319,8 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = per_kv * chunk_blocks * rows;
     std::vector<float> qt(max_rows * dim), s(max_rows * tile_cols), bt(tile_cols * dim);
-    std::vector<uint32_t> q_words(products == Products::kFp32 ? 0 : max_rows * dim / 2), q_pairs(q_words.size()),
+    std::vector<uint32_t> q_words(products == Products::kFp32 ? 0 : max_rows * dim / 2),
+        q_panels(max_rows * packed_words(products, dim)),
         tile(prepack ? 0 : tile_words), tmp(prepack ? 0 : tile_keys * dim / 2);
     std::vector<float> kt(std::is_same_v<T, float> ? 0 : tile_keys * dim);
     std::vector<float> q_scale(max_rows), k_scale(prepack ? 0 : tile_cols);
@@ -342,7 +343,11 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
         packed_rows = to_int16_pairs(RowsOf(qt.data(), dim), m, m, dim, int16_limit(dim), q_words.data(),
                                      q_scale.data());
       }
-      if (packed_rows && products != Products::kFp32) to_row_panels(q_words.data(), m, dim / 2, q_pairs.data());
+      if (packed_rows && products == Products::kFp32) {
+        to_row_panels(qt.data(), dim, m, dim, reinterpret_cast<float*>(q_panels.data()));
+      } else if (packed_rows) {
+        to_row_panels(q_words.data(), dim / 2, m, dim / 2, q_panels.data());
+      }
       std::fill(bmax.begin(), bmax.begin() + m * nk, kNegInf);
       std::fill(bsum.begin(), bsum.begin() + m * nk, 0.0f);
       std::fill(ref.begin(), ref.begin() + m, kNegInf);
@@ -358,8 +363,8 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
           kb = tile.data(), kb_scale = k_scale.data();
         }
         if (kb != nullptr) {
-          gemm_packed(products, m, n, dim, qt.data(), dim, q_pairs.data(), q_scale.data(), kb, tile_cols, kb_scale,
-                      s.data(), tile_cols);
+          gemm_packed(products, m, n, dim, q_panels.data(), q_scale.data(), kb, tile_cols, kb_scale, s.data(),
+                      tile_cols);
         } else {
           gemm_abt(blas, m, n, dim, qt.data(), dim, key_rows(ch.kv_head, start, n, kt.data()), s.data(), tile_cols,
                    bt.data());

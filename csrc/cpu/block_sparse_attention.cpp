@@ -220,6 +220,7 @@ void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks,
 // Per-thread scratch, sized once per call for the tallest Q tile.
 struct Scratch {
   std::vector<float> q, s, acc, k, v, kt, row_max, row_sum;  // kt: a tile's keys transposed (tall products)
+  std::vector<float> q_panels;  // the Q tile as row panels (tall products: kernel_utils.h, to_row_panels)
   std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
   std::vector<const float*> k_first, v_first;  // ... of the item's first KV head, and the strides to the others
   std::vector<int64_t> k_head_stride, v_head_stride;
@@ -230,7 +231,7 @@ struct Scratch {
   float sink = 0.0f;  // the loads of touch_lines land here
   Scratch(int64_t q_rows, int64_t dim)
       : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), k_rows(kTileKeys),
+        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), q_panels(q_rows * dim), k_rows(kTileKeys),
         v_rows(kTileKeys), k_first(kTileKeys), v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
         key_bits(kTileKeys) {}
 };
@@ -260,6 +261,7 @@ class BlockSparseAttention {
         to_float(q_ + g[0].q_start * p_.q_stride_t + (item.head0 + c * group + j) * p_.q_stride_h, p_.q_stride_t,
                  span * rows, dim, p_.scale * kLog2e, w.q.data() + (c * m + j * span * rows) * dim);
       }
+      if (p_.tall && m > 4) to_row_panels(w.q.data() + c * m * dim, dim, m, dim, w.q_panels.data() + c * m * dim);
     }
 
     // The blocks to read: one mask row, or the union of the stacked rows with their membership bits.
@@ -434,7 +436,8 @@ class BlockSparseAttention {
             int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
-    gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr);
+    gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr,
+             w.q_panels.data() + row0 * dim);
     const int64_t units = item.units();
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query

@@ -125,6 +125,20 @@ inline void for_row_groups(int64_t m, F&& f) {
   }
 }
 
+// The rows of the tall products' A operand as row panels: the m rows (row r at rows + r * lda, k 32-bit values)
+// are cut into the groups of for_row_groups<12>, and the group of R rows starting at row i is stored at
+// panels + i * k with value e of its row r at e * R + r. The register tiles then read a group's values at fixed
+// offsets from one pointer (row pointers of their own would take more general registers than there are).
+template <typename W>
+inline void to_row_panels(const W* rows, int64_t lda, int64_t m, int64_t k, W* panels) {
+  for_row_groups<12>(m, [&](auto group, int64_t i) {
+    constexpr int R = decltype(group)::value;
+    for (int r = 0; r < R; ++r) {
+      for (int64_t e = 0; e < k; ++e) panels[i * k + e * R + r] = rows[(i + r) * lda + e];
+    }
+  });
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SPARSE_ATTN_AVX512 __attribute__((target("avx512f")))
 inline bool has_avx512() {
@@ -404,10 +418,10 @@ SPARSE_ATTN_AVX512 inline void transpose_rows(int64_t n, int64_t k, RowsOf b, fl
   }
 }
 
-// C[R, n16] = A[R, k] Bt[k, n16] for one group of R rows (n16 a multiple of 16).
+// C[R, n16] = A[R, k] Bt[k, n16] for one row panel of R rows (ap[e * R + r], to_row_panels; n16 a multiple of 16).
 template <int R>
-SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, int64_t lda, const float* bt,
-                                       int64_t ldt, float* c, int64_t ldc) {
+SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* ap, const float* bt, int64_t ldt,
+                                       float* c, int64_t ldc) {
   for (int64_t j0 = 0; j0 < n16; j0 += 32) {
     if (j0 + 32 <= n16) {
       __m512 acc[R][2];
@@ -415,7 +429,7 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, i
       for (int64_t e = 0; e < k; ++e) {
         const __m512 y0 = _mm512_loadu_ps(bt + e * ldt + j0), y1 = _mm512_loadu_ps(bt + e * ldt + j0 + 16);
         for (int r = 0; r < R; ++r) {
-          const __m512 x = _mm512_set1_ps(a[r * lda + e]);
+          const __m512 x = _mm512_set1_ps(ap[e * R + r]);
           acc[r][0] = _mm512_fmadd_ps(x, y0, acc[r][0]);
           acc[r][1] = _mm512_fmadd_ps(x, y1, acc[r][1]);
         }
@@ -429,7 +443,7 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, i
       for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t e = 0; e < k; ++e) {
         const __m512 y = _mm512_loadu_ps(bt + e * ldt + j0);
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + e]), y, acc[r]);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ap[e * R + r]), y, acc[r]);
       }
       for (int r = 0; r < R; ++r) _mm512_storeu_ps(c + r * ldc + j0, acc[r]);
     }
@@ -439,16 +453,16 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* a, i
 // Whether the tall products below run for rows of k values (AVX-512, k a multiple of 16).
 inline bool tall_products_fast(int64_t k) { return k % 16 == 0 && has_avx512(); }
 
-// C[m, n] = A[m, k] B[n, k]^T for m > 4 rows; `bt` holds k * round_up(n, 16) floats of scratch, and C's rows have
-// room for round_up(n, 16) columns (those past n get zeros). False when it does not apply (no AVX-512, k not a
-// multiple of 16, m <= 4).
-inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-                               int64_t ldc, float* bt) {
+// C[m, n] = A[m, k] B[n, k]^T for m > 4 rows of A given as row panels (to_row_panels); `bt` holds
+// k * round_up(n, 16) floats of scratch, and C's rows have room for round_up(n, 16) columns (those past n get
+// zeros). False when it does not apply (no AVX-512, k not a multiple of 16, m <= 4).
+inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* ap, RowsOf b, float* c, int64_t ldc,
+                               float* bt) {
   if (m <= 4 || !tall_products_fast(k)) return false;
   const int64_t n16 = (n + 15) / 16 * 16;
   transpose_rows(n, k, b, bt, n16);
   for_row_groups<12>(m, [&](auto rows, int64_t i) {  // 24 accumulators of the 32 vector registers
-    gemm_a_bt_rows<decltype(rows)::value>(n16, k, a + i * lda, lda, bt, n16, c + i * ldc, ldc);
+    gemm_a_bt_rows<decltype(rows)::value>(n16, k, ap + i * k, bt, n16, c + i * ldc, ldc);
   });
   return true;
 }
@@ -644,29 +658,17 @@ inline bool pack_key_tile(Products p, RowsOf keys, int64_t n, int64_t k, int64_t
   return true;
 }
 
-// Rows of k2 words (row r at rows + r * k2) as the row panels gemm_packed reads: the rows are cut into the groups
-// of for_row_groups<12>, and the group of R rows starting at row i is stored at panels + i * k2 with word e2 of its
-// row r at e2 * R + r.
-inline void to_row_panels(const uint32_t* rows, int64_t m, int64_t k2, uint32_t* panels) {
-  for_row_groups<12>(m, [&](auto group, int64_t i) {
-    constexpr int R = decltype(group)::value;
-    for (int r = 0; r < R; ++r) {
-      for (int64_t e2 = 0; e2 < k2; ++e2) panels[i * k2 + e2 * R + r] = rows[(i + r) * k2 + e2];
-    }
-  });
-}
-
-// C[m, n] = A B^T against a packed key tile (ldt columns per row), for m > 4 rows of A: floats `a` (fp32, lda per
-// row) or channel-pair words in row panels `ap` (to_row_panels; bf16, int16 with per-row scales `scale_a`). C's
-// rows have room for round_up(n, 16) columns.
-inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint32_t* ap,
-                        const float* scale_a, const uint32_t* bt, int64_t ldt, const float* scale_b, float* c,
-                        int64_t ldc) {
+// C[m, n] = A B^T against a packed key tile (ldt columns per row), for m > 4 rows of A in row panels
+// (to_row_panels): of k floats (fp32) or of k / 2 channel-pair words (bf16; int16 with per-row scales `scale_a`).
+// C's rows have room for round_up(n, 16) columns.
+inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const uint32_t* ap, const float* scale_a,
+                        const uint32_t* bt, int64_t ldt, const float* scale_b, float* c, int64_t ldc) {
   const int64_t n16 = (n + 15) / 16 * 16, k2 = k / 2;
   for_row_groups<12>(m, [&](auto rows, int64_t i) {  // 24 accumulators of the 32 vector registers
     constexpr int R = decltype(rows)::value;
     if (p == Products::kFp32) {
-      gemm_a_bt_rows<R>(n16, k, a + i * lda, lda, reinterpret_cast<const float*>(bt), ldt, c + i * ldc, ldc);
+      gemm_a_bt_rows<R>(n16, k, reinterpret_cast<const float*>(ap) + i * k, reinterpret_cast<const float*>(bt), ldt,
+                        c + i * ldc, ldc);
     } else if (p == Products::kBf16) {
       gemm_a_bt_rows_bf16<R>(n16, k2, ap + i * k2, bt, ldt, c + i * ldc, ldc);
     } else {
@@ -677,16 +679,15 @@ inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const float
 #else
 inline bool tall_products_fast(int64_t) { return false; }
 inline void to_bf16_pairs(RowsOf, int64_t, int64_t, uint32_t*) {}
-inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t, float*) {
+inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, RowsOf, float*, int64_t, float*) {
   return false;
 }
 enum class Products { kFp32, kBf16, kInt16 };
 inline Products estimate_products(int64_t) { return Products::kFp32; }
 inline int64_t packed_words(Products p, int64_t k) { return p == Products::kFp32 ? k : k / 2; }
 inline bool pack_key_tile(Products, RowsOf, int64_t, int64_t, int64_t, uint32_t*, float*, uint32_t*) { return false; }
-inline void gemm_packed(Products, int64_t, int64_t, int64_t, const float*, int64_t, const uint32_t*, const float*,
-                        const uint32_t*, int64_t, const float*, float*, int64_t) {}
-inline void to_row_panels(const uint32_t*, int64_t, int64_t, uint32_t*) {}
+inline void gemm_packed(Products, int64_t, int64_t, int64_t, const uint32_t*, const float*, const uint32_t*, int64_t,
+                        const float*, float*, int64_t) {}
 inline bool to_int16_pairs(RowsOf, int64_t, int64_t, int64_t, float, uint32_t*, float*) { return false; }
 inline float int16_limit(int64_t) { return 0.0f; }
 inline bool gemm_ab_acc_tall_fast(int64_t, int64_t, int64_t, const float*, int64_t, RowsOf, float*, int64_t) {
@@ -712,13 +713,15 @@ void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
 }
 
 // Row-major products. With register-tile scratch (`tall_scratch`: k * round_up(n, 16) floats, C's rows room for
-// round_up(n, 16) columns) products of more than 4 rows run on the AVX-512 register tiles where the CPU has them;
-// otherwise through column-major sgemm (a row-major [r, c] matrix is its column-major transpose). Products with
-// fewer than 4 rows (decode) are memory-bound and skip the BLAS call overhead; B rows given by pointers use the
-// loops.
+// round_up(n, 16) columns) and A's rows also as row panels (`a_panels`, to_row_panels), products of more than 4
+// rows run on the AVX-512 register tiles where the CPU has them; otherwise through column-major sgemm (a row-major
+// [r, c] matrix is its column-major transpose). Products with fewer than 4 rows (decode) are memory-bound and skip
+// the BLAS call overhead; B rows given by pointers use the loops.
 void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-              int64_t ldc, float* tall_scratch = nullptr) {
-  if (tall_scratch != nullptr && gemm_abt_tall_fast(m, n, k, a, lda, b, c, ldc, tall_scratch)) return;
+              int64_t ldc, float* tall_scratch = nullptr, const float* a_panels = nullptr) {
+  if (tall_scratch != nullptr && a_panels != nullptr && gemm_abt_tall_fast(m, n, k, a_panels, b, c, ldc, tall_scratch)) {
+    return;
+  }
   if (k % 16 == 0 && (m <= 4 || !blas || b.ptrs)) {  // groups of four rows, 16 keys at a time
     for (int64_t i = 0; i < m; i += 4) {
       const int64_t rows = std::min<int64_t>(4, m - i);
