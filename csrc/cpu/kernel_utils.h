@@ -301,11 +301,14 @@ SPARSE_ATTN_AVX512 void gemm_abt_short_avx512(int64_t n, int64_t k, const float*
 }
 
 // gemm_ab_acc_short on AVX-512: a strip of up to 64 columns of each of the M rows of C stays in registers over the
-// whole K loop (one broadcast of A per row and key, one load of the B row's strip per key).
-template <int M>
-SPARSE_ATTN_AVX512 void gemm_ab_acc_short_avx512(int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
-                                                 int64_t ldc) {
+// whole K loop (one broadcast of A per row and key, one load of the B row's strip per key). LDA > 0: A's leading
+// dimension is that constant (lda is ignored), so A's rows are read at fixed offsets from one pointer instead of M
+// row pointers of their own (which take more general registers than there are).
+template <int M, int64_t LDA = 0>
+SPARSE_ATTN_AVX512 void gemm_ab_acc_short_avx512(int64_t n, int64_t k, const float* a, int64_t lda_, RowsOf b,
+                                                 float* c, int64_t ldc) {
   constexpr int64_t kLookahead = 16;
+  const int64_t lda = LDA > 0 ? LDA : lda_;
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t w = std::min<int64_t>(64, n - j0), vecs = (w + 15) / 16;
     __mmask16 lanes[4];
@@ -468,11 +471,17 @@ inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* ap,
 }
 
 // C[m, n] += A[m, k] B[k, n] for m > 4 rows: groups of six rows (24 accumulators per 64 columns).
+// A's rows 256 floats apart (the score tiles of the prefill kernel) take a register tile with that stride built in.
 inline bool gemm_ab_acc_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                                   int64_t ldc) {
   if (m <= 4 || !has_avx512()) return false;
   for_row_groups<6>(m, [&](auto rows, int64_t i) {
-    gemm_ab_acc_short_avx512<decltype(rows)::value>(n, k, a + i * lda, lda, b, c + i * ldc, ldc);
+    constexpr int R = decltype(rows)::value;
+    if (lda == 256) {
+      gemm_ab_acc_short_avx512<R, 256>(n, k, a + i * lda, lda, b, c + i * ldc, ldc);
+    } else {
+      gemm_ab_acc_short_avx512<R>(n, k, a + i * lda, lda, b, c + i * ldc, ldc);
+    }
   });
   return true;
 }
