@@ -23,6 +23,7 @@ the quantity measured here, does not depend on the values. Real densities come f
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -147,9 +148,8 @@ class EstimationRun:
             pattern = candidate.build()
             row = dict(context=context, method=name, impl=self.impl, pattern=candidate.label,
                        dense_impl=best["impl"] if best else None, dense_ms=dense_ms)
-            build = lambda: pattern.build_mask(q_lens=context, kv_lens=context, num_heads=s.heads,  # noqa: E731
-                                               q_block_size=s.block, kv_block_size=s.block, q=q_t, k=k_t,
-                                               scale=self.scale)
+            build = functools.partial(pattern.build_mask, q_lens=context, kv_lens=context, num_heads=s.heads,
+                                      q_block_size=s.block, kv_block_size=s.block, q=q_t, k=k_t, scale=self.scale)
             timing, reason = self._time(build)
             if timing is None:
                 row.update(status="skipped", reason=reason, ms=None)
