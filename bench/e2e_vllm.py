@@ -80,6 +80,7 @@ class Settings:
     time_budget_s: float | None = None
     plan: str | None = None
     batch: int = 1
+    table: str | None = None  # the README table the result fills (default: e2e_vllm, e2e_vllm_batchN)
 
     def __post_init__(self):
         if "dense" not in self.methods:
@@ -231,8 +232,8 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
                "settings": dict(asdict(settings), engine_args=ENGINE_ARGS, model="SmolLM2-135M-Instruct",
                                 prompt_tokens={p["context"]: p["tokens"] for p in made}, passkey=PASSKEY),
                "configs": configs}
-    if settings.batch > 1:  # its own README table beside the batch-1 one
-        payload["table"] = f"{NAME}_batch{settings.batch}"
+    if settings.table or settings.batch > 1:  # its own README table beside the batch-1 one
+        payload["table"] = settings.table or f"{NAME}_batch{settings.batch}"
     rows = []
     for config in common.progress(configs, desc="e2e-vllm", unit="engine"):
         measured: dict[int, dict] = {}
@@ -323,11 +324,12 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--time-budget", type=float, help="seconds; configurations after it are recorded as skipped")
     parser.add_argument("--plan", help="also run this planner plan (e.g. sparse_attn.planner.SMOLLM2_PLAN's file)")
     parser.add_argument("--batch", type=int, default=1, help="prompts served together per context")
+    parser.add_argument("--table", help="name of the README table the result fills (results of another machine)")
     args = parser.parse_args(argv)
     settings = Settings(contexts=common.parse_list(args.contexts), output_tokens=args.output_tokens,
                         methods=[m for m in args.methods.split(",") if m], depth=args.depth, timeout_s=args.timeout,
                         kvcache_space_gib=args.kvcache_space, repeats=args.repeats, time_budget_s=args.time_budget,
-                        plan=args.plan, batch=args.batch)
+                        plan=args.plan, batch=args.batch, table=args.table)
     return settings, args.out
 
 

@@ -95,6 +95,12 @@ def test_batch_rows_render_keys_found_of_the_batch():
         e2e_vllm.Settings(batch=0)
 
 
+def test_table_option_names_the_readme_table():
+    settings, out = e2e_vllm.settings_from_args(["--out", "x", "--contexts", "7500", "--table", "e2e_vllm_xeon"])
+    assert settings.table == "e2e_vllm_xeon" and settings.contexts == [7500] and out.name == "x"
+    assert e2e_vllm.settings_from_args(["--out", "x"])[0].table is None
+
+
 @pytest.mark.skipif(not HAS_VLLM and not REQUIRE_VLLM, reason="vLLM is not installed")
 def test_a_real_batch_is_served_together(tmp_path):
     settings = e2e_vllm.Settings(contexts=[200], output_tokens=6, methods=["dense"], batch=3, timeout_s=300)
