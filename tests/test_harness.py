@@ -49,7 +49,6 @@ def test_estimation_json_markdown_and_plot(estimation_run):
             assert row["status"] == "ok" and row["estimate_ms"] > 0 and row["dense_ms"] == min(dense)
             # the overhead: the median over the rounds of estimation / dense timed back to back
             assert row["overhead"] > 0 and row["overhead_rounds"] == payload["settings"]["rounds"] == 2
-            assert row["overhead"] == pytest.approx(row["estimate_ms"] / min(dense), rel=0.9)  # each its own pattern
             assert row["speedup_vs_dense"] == pytest.approx(min(dense) / (row["estimate_ms"] + row["kernel_ms"]))
             assert 0 < row["density"] <= 1
         assert rows["head_proxy"]["scoring_ms"] > 0 and rows["head_proxy_per_head"]["scoring_ms"] > 0  # timed apart
