@@ -13,6 +13,8 @@
 // One work item is (KV head, a chunk of query blocks): the sampled rows of every proxy head that reads the KV head
 // and of every query block of the chunk are stacked into one Q tile (up to kTileRows rows), so each key tile is
 // read once per chunk and the score products are tall GEMMs. A chunk reads the keys up to its last row (causal).
+// The key tiles are packed once per call in the products' layout (int16 or bf16 channel pairs, or transposed fp32;
+// kernel_utils.h: pack_key_tile) and the Q tile once per chunk (row panels), so no chunk converts a key again.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
