@@ -290,7 +290,8 @@ def markdown(payload: dict) -> str:
     lines = [title, "", common.environment_line(payload), "",
              f"fp32, batch 1, {payload.get('torch_threads')} threads; passkey prompts (key at half depth); medians of "
              f"{s['reps']} interleaved repetitions; ratios = SDPA's time / this time"
-             + (" in the same repetition, median over the repetitions" if payload.get("paired_ratios") else ", same run")
+             + (" in the same repetition, median over the repetitions" if payload.get("paired_ratios")
+                else ", same run")
              + ". Attention = time "
              "inside the attention function over the 30 layers; masks = estimation and selection within it"
              + (f" (head-proxy scores from {payload['estimate_products']} products)"

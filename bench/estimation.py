@@ -10,8 +10,9 @@ writes ``DIR/estimation.json`` and ``DIR/estimation.md``. Per context, on the sa
 - **dense attention**: every SDPA backend that runs (causal, GQA), the fastest is the baseline;
 - per estimator (the harness's methods, :mod:`bench.methods`): ``Pattern.build_mask`` timed whole (scores,
   selection and the block-list compression the kernel reads), ``overhead`` = estimation time / fastest dense
-  time, the median over ``--rounds`` rounds of the two timed back to back; HeadProxy's scoring step (:meth:`HeadProxy.estimate`) is also timed alone; then the block-sparse kernel on
-  the mask it built, and ``speedup_vs_dense`` = dense / (estimation + kernel), the prefill time a layer sees.
+  time, the median over ``--rounds`` rounds of the two timed back to back; HeadProxy's scoring step
+  (:meth:`HeadProxy.estimate`) is also timed alone; then the block-sparse kernel on the mask it built, and
+  ``speedup_vs_dense`` = dense / (estimation + kernel), the prefill time a layer sees.
 
 The METHODS.md bar (head-proxy estimation <= 5% of dense attention at 64k) is checked on a GPU run in its
 configuration (bf16, 32/8 heads, head_dim 128); on a CPU, the per-head estimator of the shipped plans is checked
@@ -237,9 +238,9 @@ def markdown(payload: dict) -> str:
     lines = ["### Estimation overhead: choosing blocks vs dense attention", "", common.environment_line(payload), "",
              f"Batch 1, {s['heads']} query / {s['kv_heads']} KV heads, head_dim {s['head_dim']}, {s['dtype']}, causal, "
              f"block {s['block']}. Estimation = `build_mask` (scores, selection, block lists); overhead = estimation / "
-             "fastest dense SDPA, the median over "
-             f"{s.get('rounds') or 1} rounds of the two timed back to back; speedup = dense / (estimation + "
-             "block-sparse kernel). " + payload["inputs_note"]
+             "fastest dense SDPA"
+             + (f", the median over {s['rounds']} rounds of the two timed back to back" if s.get("rounds") else "")
+             + "; speedup = dense / (estimation + block-sparse kernel). " + payload["inputs_note"]
              + (f" Head-proxy scores from {payload['estimate_products']} products." if payload.get("estimate_products")
                 else ""), ""]
     rows = []

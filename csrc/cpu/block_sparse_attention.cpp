@@ -231,8 +231,8 @@ struct Scratch {
   float sink = 0.0f;  // the loads of touch_lines land here
   Scratch(int64_t q_rows, int64_t dim)
       : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), q_panels(q_rows * dim), k_rows(kTileKeys),
-        v_rows(kTileKeys), k_first(kTileKeys), v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
+        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), q_panels(q_rows * dim),
+        k_rows(kTileKeys), v_rows(kTileKeys), k_first(kTileKeys), v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
         key_bits(kTileKeys) {}
 };
 

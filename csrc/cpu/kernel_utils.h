@@ -456,20 +456,6 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* ap, 
 // Whether the tall products below run for rows of k values (AVX-512, k a multiple of 16).
 inline bool tall_products_fast(int64_t k) { return k % 16 == 0 && has_avx512(); }
 
-// C[m, n] = A[m, k] B[n, k]^T for m > 4 rows of A given as row panels (to_row_panels); `bt` holds
-// k * round_up(n, 16) floats of scratch, and C's rows have room for round_up(n, 16) columns (those past n get
-// zeros). False when it does not apply (no AVX-512, k not a multiple of 16, m <= 4).
-inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* ap, RowsOf b, float* c, int64_t ldc,
-                               float* bt) {
-  if (m <= 4 || !tall_products_fast(k)) return false;
-  const int64_t n16 = (n + 15) / 16 * 16;
-  transpose_rows(n, k, b, bt, n16);
-  for_row_groups<12>(m, [&](auto rows, int64_t i) {  // 24 accumulators of the 32 vector registers
-    gemm_a_bt_rows<decltype(rows)::value>(n16, k, ap + i * k, bt, n16, c + i * ldc, ldc);
-  });
-  return true;
-}
-
 // C[m, n] += A[m, k] B[k, n] for m > 4 rows: groups of six rows (24 accumulators per 64 columns).
 // A's rows 256 floats apart (the score tiles of the prefill kernel) take a register tile with that stride built in.
 inline bool gemm_ab_acc_tall_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
@@ -685,6 +671,19 @@ inline void gemm_packed(Products p, int64_t m, int64_t n, int64_t k, const uint3
     }
   });
 }
+
+// C[m, n] = A[m, k] B[n, k]^T for m > 4 rows of A given as row panels (to_row_panels): the keys' tile packed
+// (transposed) into `bt`, k * round_up(n, 16) floats of scratch, then the packed products; C's rows have room for
+// round_up(n, 16) columns (those past n get zeros). False when it does not apply (no AVX-512, k not a multiple of
+// 16, m <= 4).
+inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* ap, RowsOf b, float* c, int64_t ldc,
+                               float* bt) {
+  const int64_t n16 = (n + 15) / 16 * 16;
+  auto* words = reinterpret_cast<uint32_t*>(bt);
+  if (m <= 4 || !pack_key_tile(Products::kFp32, b, n, k, n16, words, nullptr, nullptr)) return false;
+  gemm_packed(Products::kFp32, m, n, k, reinterpret_cast<const uint32_t*>(ap), nullptr, words, n16, nullptr, c, ldc);
+  return true;
+}
 #else
 inline bool tall_products_fast(int64_t) { return false; }
 inline void to_bf16_pairs(RowsOf, int64_t, int64_t, uint32_t*) {}
@@ -728,9 +727,8 @@ void gemm_ab_acc_loops(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
 // the BLAS call overhead; B rows given by pointers use the loops.
 void gemm_abt(bool blas, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
               int64_t ldc, float* tall_scratch = nullptr, const float* a_panels = nullptr) {
-  if (tall_scratch != nullptr && a_panels != nullptr && gemm_abt_tall_fast(m, n, k, a_panels, b, c, ldc, tall_scratch)) {
-    return;
-  }
+  const bool tall = tall_scratch != nullptr && a_panels != nullptr;
+  if (tall && gemm_abt_tall_fast(m, n, k, a_panels, b, c, ldc, tall_scratch)) return;
   if (k % 16 == 0 && (m <= 4 || !blas || b.ptrs)) {  // groups of four rows, 16 keys at a time
     for (int64_t i = 0; i < m; i += 4) {
       const int64_t rows = std::min<int64_t>(4, m - i);
