@@ -39,18 +39,24 @@ at::Tensor checked_slots(const at::Tensor& slots, const at::Tensor& dst) {
   return s;
 }
 
-void write_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& src) {
+void write_slots(at::Tensor dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs) {
   TORCH_CHECK(dst.defined() && dst.dim() == 3, "dst must have rank 3 [slots, heads, width], got shape ",
               dst.defined() ? shape_of(dst) : "none");
   check_tensor(slots, "slots", 1, {at::kLong}, dst.device());
-  check_tensor(src, "src", 3, {dst.scalar_type()}, dst.device());
-  TORCH_CHECK(src.size(0) >= slots.size(0) && src.size(1) == dst.size(1) && src.size(2) == dst.size(2),
-              "src must be [T >= ", slots.size(0), ", ", dst.size(1), ", ", dst.size(2), "], got shape ", shape_of(src));
-  TORCH_CHECK(dst.size(2) <= 1 || (dst.stride(2) == 1 && src.stride(2) == 1),
-              "dst and src must have unit stride along their last axis");
+  TORCH_CHECK(!srcs.empty(), "write_slots needs at least one source");
+  int64_t width = 0;
+  for (const auto& src : srcs) {
+    check_tensor(src, "src", 3, {dst.scalar_type()}, dst.device());
+    TORCH_CHECK(src.size(0) >= slots.size(0) && src.size(1) == dst.size(1), "each src must be [T >= ",
+                slots.size(0), ", ", dst.size(1), ", W], got shape ", shape_of(src));
+    TORCH_CHECK(src.size(2) <= 1 || src.stride(2) == 1, "src must have unit stride along its last axis");
+    width += src.size(2);
+  }
+  TORCH_CHECK(width == dst.size(2), "the sources' widths sum to ", width, ", dst is ", dst.size(2), " wide");
+  TORCH_CHECK(dst.size(2) <= 1 || dst.stride(2) == 1, "dst must have unit stride along its last axis");
   TORCH_CHECK(dst.is_cpu(), "write_slots runs on CPU tensors, got ", dst.device());
   const auto s = checked_slots(slots, dst);
-  write_slots_cpu(dst, s, src);
+  write_slots_cpu(dst, s, srcs);
 }
 
 void write_pruned_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v,
@@ -533,8 +539,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("write_slots", &sparse_attn::write_slots,
-        "write_slots(dst [S, H, W], slots int64 [n], src [T >= n, H, W]): dst[slots[i]] = src[i] where slots[i] >= 0",
-        py::arg("dst"), py::arg("slots"), py::arg("src"));
+        "write_slots(dst [S, H, W], slots int64 [n], srcs [T >= n, H, W_j] with sum(W_j) == W): dst[slots[i]] = the "
+        "sources' rows i side by side, where slots[i] >= 0",
+        py::arg("dst"), py::arg("slots"), py::arg("srcs"));
   m.def("write_pruned_slots", &sparse_attn::write_pruned_slots,
         "write_pruned_slots(dst [S, H, W], slots int64 [n], k/v [T >= n, H, D], keep): K and V pruned to their keep "
         "largest magnitudes and packed into slot slots[i] (negative: skipped)",

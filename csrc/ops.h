@@ -8,14 +8,16 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "ordered_key.h"
 
 namespace sparse_attn {
 
-// write_slots(dst [S, H, W], slots int64 [n], src [T >= n, H, W], same dtype; unit stride along W): dst[slots[i]] =
-// src[i] for slots[i] >= 0 (negative slots are padding), in place.
-void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const at::Tensor& src);
+// write_slots(dst [S, H, W], slots int64 [n], srcs: tensors [T >= n, H, W_j] with sum(W_j) == W, same dtype; unit
+// stride along the last axis): dst[slots[i]] = cat(srcs[j][i] along the last axis) for slots[i] >= 0 (negative
+// slots are padding), in place (e.g. a token's K and V into one page slot, one pass).
+void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs);
 
 // write_pruned_slots(dst [S, H, W], slots int64 [n], k/v [T >= n, H, D] in dst's dtype, keep): slot slots[i] of
 // head h gets K's and V's `keep` largest-magnitude values (channel order; ties: the lower channel), then their keep

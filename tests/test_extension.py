@@ -44,32 +44,46 @@ def test_missing_extension_error_names_the_fix(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_tokens_cpp_matches_index_put(dtype):
     """write_tokens on CPU pages runs the C++ op: K and V written into strided views of vLLM's token-major pages
-    (labels after them), padding slots (-1) skipped, extra value rows ignored; same pages as PyTorch's index_put."""
-    from sparse_attn.decode.paged import write_tokens
+    (labels after them), separately or side by side in one pass, padding slots (-1) skipped, extra value rows
+    ignored; the same pages as PyTorch's index_put, which writes pages that do not merge into one view of slots."""
+    from sparse_attn.decode.paged import flat_slots, write_tokens
 
     torch.manual_seed(0)
     num_pages, page, hkv, d, r = 5, 4, 3, 8, 2
-    kv = torch.randn(num_pages, hkv, page, 2 * d + r, dtype=dtype).transpose(1, 2)  # [P, page, Hkv, C] view
+    kv = torch.randn(num_pages, page, hkv, 2 * d + r, dtype=dtype)  # LBNHC: token-major pages [P, page, Hkv, C]
+    assert flat_slots(kv[..., :d]) is not None  # the C++ path
     want = kv.clone()
     slots = torch.tensor([3, -1, 17, 0, 19, -1])
     k_new, v_new = torch.randn(8, hkv, d, dtype=dtype), torch.randn(8, hkv, d, dtype=dtype)  # 2 rows past the slots
-    write_tokens(kv[..., :d], slots, k_new)
-    write_tokens(kv[..., d : 2 * d], slots, v_new)
     real = slots >= 0
     for values, cols in ((k_new, slice(0, d)), (v_new, slice(d, 2 * d))):
         want[slots[real] // page, slots[real] % page, :, cols] = values[:6][real]
-    assert torch.equal(kv, want)
+    separate, both = kv.clone(), kv.clone()
+    write_tokens(separate[..., :d], slots, k_new)
+    write_tokens(separate[..., d : 2 * d], slots, v_new)
+    write_tokens(both[..., : 2 * d], slots, k_new, v_new)
+    assert torch.equal(separate, want) and torch.equal(both, want)
+    strided = torch.randn(2 * num_pages, page, hkv, 2 * d, dtype=dtype)[::2]  # every other page: no view of slots
+    assert flat_slots(strided) is None
+    expected = strided.clone()
+    expected[slots[real] // page, slots[real] % page] = torch.cat([k_new, v_new], -1)[:6][real]
+    write_tokens(strided, slots, k_new, v_new)
+    assert torch.equal(strided, expected)
+    with pytest.raises(ValueError, match="summing to 16"):
+        write_tokens(strided, slots, k_new)
 
 
 @requires_extension
 def test_write_slots_checks_its_arguments():
     dst = torch.zeros(8, 2, 4)
     with pytest.raises(RuntimeError, match=r"slots\[1\] = 8 is past the cache's 8 slots"):
-        extension().write_slots(dst, torch.tensor([0, 8]), torch.zeros(2, 2, 4))
+        extension().write_slots(dst, torch.tensor([0, 8]), [torch.zeros(2, 2, 4)])
     with pytest.raises(RuntimeError, match="src must be"):
-        extension().write_slots(dst, torch.tensor([0, 1]), torch.zeros(1, 2, 4))
+        extension().write_slots(dst, torch.tensor([0, 1]), [torch.zeros(1, 2, 4)])
     with pytest.raises(RuntimeError, match="src has unsupported dtype"):
-        extension().write_slots(dst, torch.tensor([0]), torch.zeros(1, 2, 4, dtype=torch.float64))
+        extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 4, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match="widths sum to 3, dst is 4 wide"):
+        extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 2), torch.zeros(1, 2, 1)])
     assert not dst.any()  # nothing written by a refused call
 
 

@@ -217,7 +217,10 @@ void merge_rows(const MaskRow* rows, int64_t span, std::vector<int32_t>& blocks,
   });
 }
 
-// Per-thread scratch, sized once per call for the tallest Q tile.
+// Per-thread scratch for the tallest Q tile of a call. Each thread keeps its own between calls (Scratch::local):
+// a decode step calls the kernel once per layer with a few hundred keys per thread, and allocating and clearing the
+// tile buffers (over 100 KB) on every call cost as much as reading the keys. Every buffer is written before it is
+// read within a tile, so no call depends on what an earlier one left.
 struct Scratch {
   std::vector<float> q, s, acc, k, v, kt, row_max, row_sum;  // kt: a tile's keys transposed (tall products)
   std::vector<float> q_panels;  // the Q tile as row panels (tall products: kernel_utils.h, to_row_panels)
@@ -229,11 +232,26 @@ struct Scratch {
   std::vector<int32_t> union_blocks;
   int64_t tiles = 0, skipped = 0;
   float sink = 0.0f;  // the loads of touch_lines land here
-  Scratch(int64_t q_rows, int64_t dim)
-      : q(q_rows * dim), s(q_rows * kTileKeys), acc(q_rows * dim), k(kTileKeys * dim), v(kTileKeys * dim),
-        kt(q_rows > 4 ? kTileKeys * dim : 0), row_max(q_rows), row_sum(q_rows), q_panels(q_rows * dim),
-        k_rows(kTileKeys), v_rows(kTileKeys), k_first(kTileKeys), v_first(kTileKeys), k_head_stride(kTileKeys), v_head_stride(kTileKeys), key_pos(kTileKeys),
-        key_bits(kTileKeys) {}
+
+  // This thread's scratch, grown (never shrunk) to hold a Q tile of q_rows rows of head dimension dim; counters reset.
+  static Scratch& local(int64_t q_rows, int64_t dim) {
+    thread_local Scratch w;
+    w.reserve(q_rows, dim);
+    w.tiles = w.skipped = 0;
+    return w;
+  }
+
+ private:
+  void reserve(int64_t q_rows, int64_t dim) {
+    const auto grow = [](auto& buffer, int64_t size) {
+      if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+    };
+    grow(q, q_rows * dim), grow(s, q_rows * kTileKeys), grow(acc, q_rows * dim), grow(k, kTileKeys * dim);
+    grow(v, kTileKeys * dim), grow(kt, q_rows > 4 ? kTileKeys * dim : 0), grow(row_max, q_rows), grow(row_sum, q_rows);
+    grow(q_panels, q_rows * dim), grow(k_rows, kTileKeys), grow(v_rows, kTileKeys), grow(k_first, kTileKeys);
+    grow(v_first, kTileKeys), grow(k_head_stride, kTileKeys), grow(v_head_stride, kTileKeys), grow(key_pos, kTileKeys);
+    grow(key_bits, kTileKeys);
+  }
 };
 
 template <typename T>
@@ -766,7 +784,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
                                             partial_lse.data());
     std::atomic<int64_t> next{0};
     auto worker = [&](int64_t, int64_t) {
-      Scratch scratch(tile_rows, dim);
+      Scratch& scratch = Scratch::local(tile_rows, dim);
       for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) op.run(items[i], scratch);
       tiles += scratch.tiles;
       skipped += scratch.skipped;

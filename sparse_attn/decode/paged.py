@@ -55,8 +55,10 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, b, token_idx: 
     return cache[pages, token_idx % page_size]
 
 
-def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values[i]`` (``[T, *cache.shape[2:]]``) to flat slot ``slot_mapping[i]`` of a paged cache, in place.
+def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor, *more: torch.Tensor) -> None:
+    """Write ``values[i]`` (``[T, *cache.shape[2:]]``) to flat slot ``slot_mapping[i]`` of a paged cache, in place;
+    with ``more`` tensors, the sources side by side along the last axis fill it (``[T, Hkv, W_j]``, widths summing to
+    the cache's: a token's K and V into one K|V page slot in one pass).
 
     One C++ pass on CPU pages whose slots are rows of one strided view (vLLM's), else an index_put (any device, any
     cache strides). Slots < 0 are padding (vLLM's ``PAD_SLOT_ID``) and are
@@ -66,19 +68,26 @@ def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
     if slot_mapping.dim() != 1:
         raise ValueError(f"slot_mapping must be 1-D [T], got shape {tuple(slot_mapping.shape)}")
     n = slot_mapping.shape[0]
-    if values.shape[0] < n or tuple(values.shape[1:]) != tuple(cache.shape[2:]):
-        raise ValueError(
-            f"values must be [T >= {n}, {', '.join(map(str, cache.shape[2:]))}] to match the cache pages, got {tuple(values.shape)}"
-        )
+    sources = (values, *more)
+    width = sum(src.shape[-1] for src in sources)
+    for src in sources:
+        if src.dim() != cache.dim() - 1 or src.shape[0] < n or tuple(src.shape[1:-1]) != tuple(cache.shape[2:-1]) \
+                or width != cache.shape[-1]:
+            shape = ", ".join(map(str, cache.shape[2:]))
+            raise ValueError(f"values must be [T >= {n}, {shape}] to match the cache pages (side by side: their last "
+                             f"axes summing to {cache.shape[-1]}), got {', '.join(str(tuple(x.shape)) for x in sources)}")
     if cache.device.type == "cpu" and cache.dim() == 4 and slot_mapping.device.type == "cpu":
         flat = flat_slots(cache)
-        if flat is not None and write_slots_cpu(flat, slot_mapping, values.to(cache.dtype)):
+        if flat is not None and write_slots_cpu(flat, slot_mapping, *(src.to(cache.dtype) for src in sources)):
             return
     page_size = cache.shape[1]
     slots = slot_mapping.long()
     real = slots >= 0
-    slots, rows = slots[real], values[:n][real]
-    cache[slots // page_size, slots % page_size] = rows.to(cache.dtype)
+    slots, column = slots[real], 0
+    for src in sources:
+        w = src.shape[-1]
+        cache[slots // page_size, slots % page_size, ..., column : column + w] = src[:n][real].to(cache.dtype)
+        column += w
 
 
 def flat_slots(cache: torch.Tensor) -> torch.Tensor | None:

@@ -89,15 +89,18 @@ def _lengths_arg(name: str, t, batch: int, device: torch.device, upper: int | No
     return t.to(torch.int32).contiguous()
 
 
-def write_slots_cpu(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> bool:
-    """``dst[slots[i]] = src[i]`` for ``slots[i] >= 0`` in place, by the C++ op (dst ``[S, H, W]`` and src
-    ``[T >= n, H, W]`` of one dtype on the CPU, unit stride along W). Returns False, writing nothing, where the op
-    does not apply (no extension, other strides or dtypes): the caller writes another way."""
+def write_slots_cpu(dst: torch.Tensor, slots: torch.Tensor, *srcs: torch.Tensor) -> bool:
+    """``dst[slots[i]] = cat(src[i] for src in srcs, -1)`` for ``slots[i] >= 0`` in place, by the C++ op (dst
+    ``[S, H, W]`` and each src ``[T >= n, H, W_j]``, widths summing to W, of one dtype on the CPU, unit stride along
+    the last axis). Returns False, writing nothing, where the op does not apply (no extension, other strides or
+    dtypes): the caller writes another way."""
     ext = cuda_extension()
-    if (ext is None or not hasattr(ext, "write_slots") or dst.dim() != 3 or src.dim() != 3
-            or src.dtype != dst.dtype or (dst.shape[2] > 1 and (dst.stride(2) != 1 or src.stride(2) != 1))):
+    if ext is None or not hasattr(ext, "write_slots") or dst.dim() != 3 or (dst.shape[2] > 1 and dst.stride(2) != 1):
         return False
-    ext.write_slots(dst, slots.long(), src)
+    for src in srcs:
+        if src.dim() != 3 or src.dtype != dst.dtype or (src.shape[2] > 1 and src.stride(2) != 1):
+            return False
+    ext.write_slots(dst, slots.long(), list(srcs))
     return True
 
 

@@ -359,8 +359,7 @@ class PagedAttentionLayer:
         if self._slot.pruned:
             self._slot.write(views.kv, slot_mapping, key, value)
         else:
-            write_tokens(views.k, slot_mapping, key)
-            write_tokens(views.v, slot_mapping, value)
+            write_tokens(views.kv, slot_mapping, key, value)  # K | V of a slot, one pass
         if self.writes_labels:
             labels.write(key.to(views.labels.dtype), slot_mapping)
 
