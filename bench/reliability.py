@@ -691,7 +691,9 @@ CAUSES = [
      "sparse prefill (the plan's per-head patterns; `default` from 2048 tokens of context): a chunk's queries are cut "
      "into mask blocks from the chunk's first token, so when vLLM's token budget starts a chunk at a position that is "
      "not a multiple of the block size (continuous batching, a preempted request recomputed), queries fall into other "
-     "blocks and read other KV blocks. Page-aligned chunks (prefix-cache hits, steps of one page) do not move them."),
+     "blocks and read other KV blocks. Page-aligned chunks (prefix-cache hits, steps of one page) do not move them. "
+     "A budget that is a fraction of the context is a fraction of the chunk's context (up to its last token), so a "
+     "chunk that ends elsewhere also gives its query blocks other budgets."),
     (("kv_pruning", "plan_kv_pruning"),
      "KV pruning: a step attends its own new tokens exactly and every earlier token pruned, so an answer depends on "
      "where the prompt's chunks start, which batching, preemption and cache hits at other boundaries move."),

@@ -33,9 +33,10 @@ the continuation, not run into other letters or digits (case-insensitive).
   ``sparse_attn.calibrate_double_sparsity(model, tokenizer)``); ``ds_r32i8``: the same with r=32 channels
   whose labels are stored as int8 (the label bytes of r=16 in fp16); ``kvp50``, ``kvp70``: dense prefill, KV pruning at
   50% / 70% (the settings of :mod:`bench.accuracy_decode`);
-- ``vllm_dense``, ``vllm_default``, ``vllm_no_plan``, ``vllm_plan`` (only when named): the vLLM engine (one process
-  per configuration, :mod:`bench.vllm_worker`): vLLM's own backend; our ``sparse`` backend without options, with
-  ``{"auto_plan": false}``, with ``{"plan": SMOLLM2_PLAN}``. The answer is judged on the same number of new tokens.
+- ``vllm_dense``, ``vllm_default``, ``vllm_no_plan``, ``vllm_plan``, ``vllm_kvp50``, ``vllm_kvp50_cached`` (only
+  when named): the vLLM engine (one process per configuration, :mod:`bench.vllm_worker`): vLLM's own backend; our
+  ``sparse`` backend without options, with ``{"auto_plan": false}``, with ``{"plan": SMOLLM2_PLAN}``, with dense
+  attention over pages pruned to 50% (``kv_pruning.new_tokens`` "exact", then "cached"). The answer is judged on the same number of new tokens.
 
 **Densities.** Prefill density: the mean over layers of ``SparseAttention.last_density`` after the prompt's
 forward (the fraction of the causal block area read; 1.0 for a layer that ran dense). Decode read: the mean over
@@ -80,7 +81,9 @@ MAX_LISTED_LOSSES = 12
 
 HF_CONFIGS = ("dense", "default", "no_plan", "plan", "head_proxy", "vertical_slash", "a_shape", "ds", "ds_r32i8",
               "kvp50", "kvp70")
-VLLM_CONFIGS = ("vllm_dense", "vllm_default", "vllm_no_plan", "vllm_plan")
+VLLM_CONFIGS = ("vllm_dense", "vllm_default", "vllm_no_plan", "vllm_plan", "vllm_kvp50", "vllm_kvp50_cached")
+#: KV pruning in vLLM at 50%, dense attention (the e2e benchmark's ``kvp50``).
+VLLM_KVP50 = {"prefill": "dense", "decode": "dense", "dense_below": 0, "kv_pruning": {"sparsity": 0.5}}
 #: Prefill patterns run at their bench.methods setting, 64-token blocks, dense_below 0 (as bench.accuracy runs them).
 PATTERN_CONFIGS = ("head_proxy", "vertical_slash", "a_shape")
 #: Decode configurations -> bench.accuracy_decode method names (dense prefill).
@@ -366,6 +369,11 @@ def vllm_configs(names: list[str], plan: str | None = None) -> list[dict]:
                              pattern="sparse backend, auto_plan false"),
         "vllm_plan": dict(attention_backend="sparse", additional_config={"sparse_attn": {"plan": str(plan)}},
                           pattern=f"sparse backend, plan {plan.name}"),
+        "vllm_kvp50": dict(attention_backend="sparse", additional_config={"sparse_attn": VLLM_KVP50},
+                           pattern="sparse backend, dense attention, KV pruning 50% (new tokens exact)"),
+        "vllm_kvp50_cached": dict(attention_backend="sparse", additional_config={"sparse_attn": {
+            **VLLM_KVP50, "kv_pruning": {"sparsity": 0.5, "new_tokens": "cached"}}},
+            pattern="sparse backend, dense attention, KV pruning 50% (new tokens as cached)"),
     }
     return [dict(name=n, **table[n]) for n in names]
 

@@ -98,7 +98,10 @@ def test_options_build_patterns_and_per_layer_choices():
     ({"dense_layers": "0"}, "dense_layers must be a list"),
     ({"op_backend": "gpu"}, "op_backend must be one of"),
     ({"kv_pruning": {"sparsity": 1.0}}, "kv_pruning.sparsity must be a number in [0, 1), got 1.0"),
-    ({"kv_pruning": {"sparsity": 0.5, "recent_tokens": 32}}, "kv_pruning must be an object {\"sparsity\": s}"),
+    ({"kv_pruning": {"sparsity": 0.5, "recent_tokens": 32}}, "kv_pruning must be an object {\"sparsity\": s, "),
+    ({"kv_pruning": {"new_tokens": "cached"}}, "kv_pruning must be an object {\"sparsity\": s, "),
+    ({"kv_pruning": {"sparsity": 0.5, "new_tokens": "pruned"}},
+     "kv_pruning.new_tokens must be one of ('exact', 'cached'), got 'pruned'"),
     ({"kv_pruning": 0.5}, "no dense recent window"),
     ({"prefil": "dense"}, "unknown option(s) ['prefil']"),
 ])

@@ -74,15 +74,13 @@ class Step:
         layer.write(self.kv_cache, self.key, self.value, slot_mapping)
         return slot_mapping
 
-    def run(self, layer: PagedAttentionLayer, gen, dense_below: int = 0, pass_new_tokens: bool = True) -> torch.Tensor:
-        """One step; the forward gets the step's new key/value (as vLLM passes them) unless ``pass_new_tokens`` is
-        False."""
+    def run(self, layer: PagedAttentionLayer, gen, dense_below: int = 0) -> torch.Tensor:
+        """One step; the forward gets the step's new key/value, as vLLM passes them."""
         slot_mapping = self.fill(layer, gen)
         meta = plan_step(self.query_start_loc, [s for _, s in self.rows], self.block_table, slot_mapping,
                          page_size=PAGE, dense_below=dense_below, num_actual_tokens=self.num_new + 3)
         output = torch.full_like(self.query, float("nan"))
-        new = (self.key, self.value) if pass_new_tokens else (None, None)
-        layer.forward(self.query, self.kv_cache, meta, output, *new)
+        layer.forward(self.query, self.kv_cache, meta, output, self.key, self.value)
         assert torch.all(output[self.num_new : self.num_new + 3] == 0)  # padding rows are zeroed
         assert torch.isnan(output[self.num_new + 3 :]).all()  # rows past num_actual_tokens are not written
         return output
@@ -337,10 +335,10 @@ def test_kv_pruning_attends_the_pruned_paged_context(rng, backend, setting):
         channels = torch.stack([torch.randperm(D, generator=gen)[:6] for _ in range(HKV)])
         decode = DecodeSelection(label_config(r=6), channels)
     step = Step(ROWS, label_width, gen, kv_width=fmt.width)
-    layer = PagedAttentionLayer(HQ, HKV, D, D ** -0.5, prefill=prefill, decode=decode, block_size=16,
-                                label_width=label_width, kv_sparsity=0.5, op_backend=backend)
     exact_new = setting != "dense, new tokens read pruned"
-    output = step.run(layer, gen, pass_new_tokens=exact_new)
+    layer = PagedAttentionLayer(HQ, HKV, D, D ** -0.5, prefill=prefill, decode=decode, block_size=16,
+                                label_width=label_width, kv_sparsity=0.5, kv_exact_new=exact_new, op_backend=backend)
+    output = step.run(layer, gen)  # the step's new key/value passed, as vLLM passes them
 
     pages = step.kv_cache.transpose(1, 2)
     for row, (_, seq_len) in enumerate(ROWS):
@@ -360,6 +358,36 @@ def test_kv_pruning_attends_the_pruned_paged_context(rng, backend, setting):
             exact = masked_reference(step.row_query(r), step.k[r], step.v[r], None, D ** -0.5)
             same = torch.allclose(output[start : start + q_len].double(), exact, **TOL)
             assert same == (exact_new and q_len == seq_len), f"row {r}, seed {seed}"
+
+
+@pytest.mark.parametrize("exact_new", [True, False])
+def test_kv_pruning_new_tokens_cached_makes_answers_independent_of_chunking(rng, exact_new):
+    """One prompt attended in one step and in chunks cut off the block grid (as vLLM's token budget cuts them): with
+    the step's own tokens read as cached (pruned) every row attends the same K/V either way, so the outputs agree;
+    with them read exactly, the later chunks' rows read the earlier chunks pruned and differ."""
+    gen, seed = rng
+    fmt = PrunedSlotFormat.for_sparsity(D, 0.5, torch.float32)
+    n = 70
+    k, v = (torch.randn(n, HKV, D, generator=gen).to(DEVICE) for _ in range(2))
+    q = torch.randn(n, HQ, D, generator=gen).to(DEVICE)
+    pages = -(-n // PAGE)
+    table = torch.randperm(pages + 2, generator=gen)[:pages].to(torch.int32)[None].to(DEVICE)
+
+    def attend(bounds):
+        kv_cache = torch.zeros(pages + 2, PAGE, HKV, fmt.width).to(DEVICE).permute(0, 2, 1, 3)
+        layer = PagedAttentionLayer(HQ, HKV, D, D ** -0.5, block_size=16, kv_sparsity=0.5, kv_exact_new=exact_new)
+        out = torch.empty(n, HQ, D, device=DEVICE)
+        for a, b in zip(bounds, bounds[1:]):
+            positions = torch.arange(a, b, device=DEVICE)
+            slots = table[0, positions // PAGE].long() * PAGE + positions % PAGE
+            layer.write(kv_cache, k[a:b], v[a:b], slots)
+            meta = plan_step([0, b - a], [b], table, slots, page_size=PAGE, dense_below=0)
+            layer.forward(q[a:b], kv_cache, meta, out[a:b], k[a:b], v[a:b])
+        return out
+
+    whole, chunked = attend([0, n]), attend([0, 23, 41, n])
+    assert torch.allclose(chunked[:23], whole[:23], **TOL)  # the first chunk is the same step either way
+    assert torch.allclose(chunked, whole, **TOL) == (not exact_new), f"seed {seed}"
 
 
 def test_kv_pruning_at_sparsity_zero_is_the_dense_page(rng):

@@ -24,7 +24,8 @@ With KV pruning every token is written pruned; a group reads its rows' context u
 step's own new tokens (the forward's key/value arguments) replace their pruned copies: a prompt (or a chunk of one)
 attends to itself exactly and each decode step to its own token exactly, as Mustafar's prefill runs on unpruned K/V.
 Fixed-size slots leave no room for Mustafar's dense window of recent tokens, so earlier tokens, including earlier
-chunks of a chunked prefill, are read pruned. Token-selection decode then works on that dense context (exact scores
+chunks of a chunked prefill, are read pruned. With ``kv_exact_new=False`` the step's own tokens are read pruned too,
+so what a token attends to does not depend on which step it shared with which tokens. Token-selection decode then works on that dense context (exact scores
 over the pruned keys, or the page's unpruned labels with Double Sparsity).
 """
 
@@ -290,12 +291,13 @@ class PagedAttentionLayer:
     """One attention layer on paged KV: writes new tokens, attends per row group. Head counts are this rank's.
 
     ``kv_sparsity``: KV pruning, the fraction of each token's K and V values dropped (0: dense pages); the slot format
-    follows from it, the head size and the page dtype (:class:`PrunedSlotFormat`)."""
+    follows from it, the head size and the page dtype (:class:`PrunedSlotFormat`). ``kv_exact_new``: with KV pruning,
+    a step reads its own new tokens unpruned (the forward's key/value) rather than as the pages hold them."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, *,
                  prefill: Pattern = Dense(), decode: Pattern | DecodeSelection = Dense(), block_size: int = 64,
-                 label_width: int = 0, kv_sparsity: float = 0.0, op_backend: str | None = None,
-                 layer_index: int | None = None):
+                 label_width: int = 0, kv_sparsity: float = 0.0, kv_exact_new: bool = True,
+                 op_backend: str | None = None, layer_index: int | None = None):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         if isinstance(decode, DecodeSelection):
@@ -314,6 +316,7 @@ class PagedAttentionLayer:
         self.prefill, self.decode = prefill, decode
         self.block_size, self.label_width, self.op_backend = block_size, label_width, op_backend
         self.kv_sparsity = check_sparsity(kv_sparsity)
+        self.kv_exact_new = bool(kv_exact_new)
         self.layer_index = layer_index
         self.stats = SparsityStats()
         self._views_key = None
@@ -369,7 +372,8 @@ class PagedAttentionLayer:
         ``value`` ``[T, Hkv, D]``: the step's new tokens as written; with KV pruning they are attended unpruned
         (None: read pruned from the pages like the rest of the context)."""
         views, labels = self.page_views(kv_cache)
-        fresh = (key, value) if key is not None and value is not None and self._slot.pruned else None
+        fresh = (key, value) if key is not None and value is not None and self._slot.pruned and self.kv_exact_new \
+            else None
         for group in meta.groups:
             q = group.take(query)
             if group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection):
@@ -511,6 +515,7 @@ def layer_from_options(options: SparseAttnOptions, layer_index: int | None, num_
         decode = DecodeSelection(*decode)
     return PagedAttentionLayer(
         num_heads, num_kv_heads, head_size, scale, prefill=prefill, decode=decode, block_size=options.block_size,
-        label_width=options.label_width, kv_sparsity=options.kv_sparsity, op_backend=options.op_backend,
+        label_width=options.label_width, kv_sparsity=options.kv_sparsity,
+        kv_exact_new=options.kv_new_tokens == "exact", op_backend=options.op_backend,
         layer_index=layer_index,
     )
