@@ -34,7 +34,9 @@ Configurations (``--configs`` for 1-2, ``--server-configs`` for 3):
   Sparsity decode reading labels stored in the KV pages (16 fixed channels per KV head, written next to the results:
   this checks serving, not accuracy; at least 96 tokens read);
 - ``kv_pruning``: our defaults with a KV cache pruned to half of each token's values (``{"sparsity": 0.5}``);
-- ``plan_kv_pruning``: the shipped plan (``dense_below`` 0) with KV pruning at 0.5.
+- ``plan_kv_pruning``: the shipped plan (``dense_below`` 0) with KV pruning at 0.5;
+- ``kv_pruning_cached``, ``plan_kv_pruning_cached``: the same with ``"new_tokens": "cached"`` (a step reads its own
+  new tokens pruned, as the page holds them).
 
 Prompts are token ids cut from licence and Python standard-library text (the retrieval suite's haystacks), each
 followed by a question, so lengths are exact. ``--quick`` is the small version (minutes on a CPU): 2 prefix pairs
@@ -76,7 +78,7 @@ RUNNER = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0]
 MAX_POSITIONS = 8192  # SmolLM2-135M
 PAGE = 128  # vLLM's CPU block size
 SCENARIOS = ("prefix", "preemption", "server")
-CONFIGS = ("cpu_attn", "default", "plan", "kv_pruning", "plan_kv_pruning")
+CONFIGS = ("cpu_attn", "default", "plan", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning", "plan_kv_pruning_cached")
 OFFLINE_CONFIGS = ("default", "plan", "kv_pruning")
 SERVER_CONFIGS = ("default", "plan_kv_pruning", "cpu_attn")
 QUESTION = "\n\nQuestion: in one sentence, what is the text above about?\nAnswer:"
@@ -169,10 +171,18 @@ def configuration(name: str, folder: Path) -> dict:
                    "decode": {"pattern": "double_sparsity", "channels": str(channels_file(folder)), "min_budget": 96}}
         return dict(name=name, attention_backend="sparse", options=options,
                     setting=f"plan {SMOLLM2_PLAN.name}, Double Sparsity decode (labels in pages), dense_below 0")
+    if name == "kv_pruning_cached":
+        return dict(name=name, attention_backend="sparse",
+                    options={"kv_pruning": {"sparsity": 0.5, "new_tokens": "cached"}},
+                    setting="defaults, KV pruning 0.5, new tokens read as cached")
     if name == "plan_kv_pruning":
         return dict(name=name, attention_backend="sparse",
                     options={"plan": plan, "dense_below": 0, "kv_pruning": {"sparsity": 0.5}},
                     setting=f"plan {SMOLLM2_PLAN.name}, KV pruning 0.5, dense_below 0")
+    if name == "plan_kv_pruning_cached":
+        return dict(name=name, attention_backend="sparse",
+                    options={"plan": plan, "dense_below": 0, "kv_pruning": {"sparsity": 0.5, "new_tokens": "cached"}},
+                    setting=f"plan {SMOLLM2_PLAN.name}, KV pruning 0.5 (new tokens read as cached), dense_below 0")
     raise ValueError(f"unknown configuration {name!r}")
 
 
@@ -687,7 +697,7 @@ def markdown(payload: dict) -> str:
 
 #: Why answers of a configuration can depend on scheduling (batching, chunk boundaries, preemption).
 CAUSES = [
-    (("plan", "default", "plan_kv_pruning"),
+    (("plan", "default", "plan_kv_pruning", "plan_kv_pruning_cached"),
      "sparse prefill (the plan's per-head patterns; `default` from 2048 tokens of context): a chunk's queries are cut "
      "into mask blocks from the chunk's first token, so when vLLM's token budget starts a chunk at a position that is "
      "not a multiple of the block size (continuous batching, a preempted request recomputed), queries fall into other "
@@ -695,9 +705,10 @@ CAUSES = [
      "A budget that is a fraction of the context is a fraction of the chunk's context (up to its last token), so a "
      "chunk that ends elsewhere also gives its query blocks other budgets."),
     (("kv_pruning", "plan_kv_pruning"),
-     "KV pruning: a step attends its own new tokens exactly and every earlier token pruned, so an answer depends on "
-     "where the prompt's chunks start, which batching, preemption and cache hits at other boundaries move."),
-    (("plan", "default", "kv_pruning", "plan_kv_pruning"),
+     "KV pruning with `new_tokens` \"exact\": a step attends its own new tokens exactly and every earlier token "
+     "pruned, so an answer depends on where the prompt's chunks start, which batching, preemption and cache hits at "
+     "other boundaries move (`new_tokens` \"cached\" reads them as cached: no such dependence)."),
+    (("plan", "default", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning", "plan_kv_pruning_cached"),
      "sparse decode (Double Sparsity, top-k; `default` from 2048 tokens of context): after a preemption vLLM "
      "recomputes the tokens generated so far as a prefill, so their K/V come from prefill attention instead of the "
      "decode selection that produced them, and later tokens can differ."),
