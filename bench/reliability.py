@@ -2,7 +2,8 @@
 must not depend on what else the engine is doing.
 
     python -m bench reliability --out DIR [--quick] [--scenarios prefix,preemption,server]
-                                [--configs default,plan,kv_pruning] [--server-configs default,plan_kv_pruning,cpu_attn]
+                                [--configs default,plan,kv_pruning,kv_pruning_cached]
+                                [--server-configs default,plan_kv_pruning,plan_kv_pruning_cached,cpu_attn]
                                 [--clients 64] [--requests 400] [--max-prompt-tokens 7000] [--min-prompt-tokens 50]
                                 [--max-output-tokens 32] [--request-timeout 1800] [--seed 0]
 
@@ -79,8 +80,8 @@ MAX_POSITIONS = 8192  # SmolLM2-135M
 PAGE = 128  # vLLM's CPU block size
 SCENARIOS = ("prefix", "preemption", "server")
 CONFIGS = ("cpu_attn", "default", "plan", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning", "plan_kv_pruning_cached")
-OFFLINE_CONFIGS = ("default", "plan", "kv_pruning")
-SERVER_CONFIGS = ("default", "plan_kv_pruning", "cpu_attn")
+OFFLINE_CONFIGS = ("default", "plan", "kv_pruning", "kv_pruning_cached")
+SERVER_CONFIGS = ("default", "plan_kv_pruning", "plan_kv_pruning_cached", "cpu_attn")
 QUESTION = "\n\nQuestion: in one sentence, what is the text above about?\nAnswer:"
 ENGINE_ARGS = dict(dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True, seed=0,
                    enable_prefix_caching=True, distributed_executor_backend="uni")
