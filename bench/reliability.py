@@ -79,7 +79,8 @@ RUNNER = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0]
 MAX_POSITIONS = 8192  # SmolLM2-135M
 PAGE = 128  # vLLM's CPU block size
 SCENARIOS = ("prefix", "preemption", "server")
-CONFIGS = ("cpu_attn", "default", "plan", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning", "plan_kv_pruning_cached")
+CONFIGS = ("cpu_attn", "default", "plan", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning",
+           "plan_kv_pruning_cached")
 OFFLINE_CONFIGS = ("default", "plan", "kv_pruning", "kv_pruning_cached")
 SERVER_CONFIGS = ("default", "plan_kv_pruning", "plan_kv_pruning_cached", "cpu_attn")
 QUESTION = "\n\nQuestion: in one sentence, what is the text above about?\nAnswer:"

@@ -36,7 +36,8 @@ the continuation, not run into other letters or digits (case-insensitive).
 - ``vllm_dense``, ``vllm_default``, ``vllm_no_plan``, ``vllm_plan``, ``vllm_kvp50``, ``vllm_kvp50_cached`` (only
   when named): the vLLM engine (one process per configuration, :mod:`bench.vllm_worker`): vLLM's own backend; our
   ``sparse`` backend without options, with ``{"auto_plan": false}``, with ``{"plan": SMOLLM2_PLAN}``, with dense
-  attention over pages pruned to 50% (``kv_pruning.new_tokens`` "exact", then "cached"). The answer is judged on the same number of new tokens.
+  attention over pages pruned to 50% (``kv_pruning.new_tokens`` "exact", then "cached"). The answer is judged on the
+  same number of new tokens.
 
 **Densities.** Prefill density: the mean over layers of ``SparseAttention.last_density`` after the prompt's
 forward (the fraction of the causal block area read; 1.0 for a layer that ran dense). Decode read: the mean over

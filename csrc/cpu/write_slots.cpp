@@ -1,6 +1,6 @@
 // Writes rows into slots of a paged cache on the CPU: row i of each source goes to slot slots[i] of dst, the sources
-// side by side (negative slots are padding and skipped). One pass, no temporaries: the per-layer K/V (and label) write of a serving step; with KV
-// pruning, each token's K and V pruned and packed into its slot in the same pass.
+// side by side (negative slots are padding and skipped). One pass, no temporaries: the per-layer K/V (and label)
+// write of a serving step; with KV pruning, each token's K and V pruned and packed into its slot in the same pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

@@ -69,13 +69,12 @@ def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
         raise ValueError(f"slot_mapping must be 1-D [T], got shape {tuple(slot_mapping.shape)}")
     n = slot_mapping.shape[0]
     sources = (values, *more)
-    width = sum(src.shape[-1] for src in sources)
-    for src in sources:
-        if src.dim() != cache.dim() - 1 or src.shape[0] < n or tuple(src.shape[1:-1]) != tuple(cache.shape[2:-1]) \
-                or width != cache.shape[-1]:
-            shape = ", ".join(map(str, cache.shape[2:]))
-            raise ValueError(f"values must be [T >= {n}, {shape}] to match the cache pages (side by side: their last "
-                             f"axes summing to {cache.shape[-1]}), got {', '.join(str(tuple(x.shape)) for x in sources)}")
+    fits = all(src.dim() == cache.dim() - 1 and src.shape[0] >= n and src.shape[1:-1] == cache.shape[2:-1]
+               for src in sources)
+    if not fits or sum(src.shape[-1] for src in sources) != cache.shape[-1]:
+        shape, got = ", ".join(map(str, cache.shape[2:])), ", ".join(str(tuple(x.shape)) for x in sources)
+        raise ValueError(f"values must be [T >= {n}, {shape}] to match the cache pages (side by side: their last axes "
+                         f"summing to {cache.shape[-1]}), got {got}")
     if cache.device.type == "cpu" and cache.dim() == 4 and slot_mapping.device.type == "cpu":
         flat = flat_slots(cache)
         if flat is not None and write_slots_cpu(flat, slot_mapping, *(src.to(cache.dtype) for src in sources)):

@@ -31,9 +31,10 @@ Two sources, both JSON objects of the same shape: the environment variable ``SPA
   attends to itself exactly (as Mustafar prefills), but a token then attends to an earlier one exactly or pruned
   depending on whether they fell in one step, which chunked prefill, prefix-cache hits and preemption move: answers
   can depend on scheduling. ``"cached"`` reads every token as the page holds it, the step's own too (as vLLM's
-  quantized KV caches are read), so answers do not depend on scheduling. Without it a plan's per-layer ``kv_pruning`` entries apply: vLLM gives every layer one page
-  format, so the page is sized by the smallest sparsity of any layer (a layer without an entry keeps every value, so
-  then nothing is pruned) and every layer keeps that many values. ``dense_layers`` choose attention patterns, not
+  quantized KV caches are read), so answers do not depend on scheduling. Without the option a plan's per-layer
+  ``kv_pruning`` entries apply: vLLM gives every layer one page format, so the page is sized by the smallest sparsity
+  of any layer (a layer without an entry keeps every value, so then nothing is pruned) and every layer keeps that
+  many values. ``dense_layers`` choose attention patterns, not
   storage: their KV is pruned too. ``s = 0`` keeps the dense page, bit for bit.
 
 This module does not import vLLM, so the options can be checked (and tested) without it.
@@ -154,7 +155,7 @@ class SparseAttnOptions:
     kv_sparsity: float = 0.0
     kv_pruning_source: str | None = field(default=None, compare=False)
     #: With KV pruning: the step's own new tokens read unpruned ("exact") or as the page holds them ("cached").
-    kv_new_tokens: str = "exact"
+    kv_new_tokens: str = KV_NEW_TOKENS[0]
     #: Loaded once; ``channels[layer]`` LongTensor [Hkv (all ranks), r] from a channels file.
     plan: Plan | None = field(default=None, compare=False, repr=False)
     channels: dict[int, torch.Tensor] | None = field(default=None, compare=False, repr=False)
@@ -166,7 +167,8 @@ class SparseAttnOptions:
         text = (f"prefill {prefill}, decode {decode}, dense below {self.dense_below} tokens, "
                 f"dense layers {sorted(self.dense_layers)}, block size {self.block_size}")
         if self.kv_sparsity or self.kv_pruning_source:
-            text += f", KV pruning sparsity {self.kv_sparsity:g} ({self.kv_pruning_source}; new tokens {self.kv_new_tokens})"
+            text += (f", KV pruning sparsity {self.kv_sparsity:g} ({self.kv_pruning_source}; "
+                     f"new tokens {self.kv_new_tokens})")
         return text
 
     def slot_format(self, head_size: int, dtype: torch.dtype) -> PrunedSlotFormat:
@@ -446,40 +448,41 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
     op_backend = raw.get("op_backend")
     if op_backend is not None and op_backend not in BACKENDS + ("auto",):
         raise SparseAttnConfigError(f"{where}: op_backend must be one of {('auto',) + BACKENDS}, got {op_backend!r}")
-    kv_sparsity, kv_source, kv_new_tokens = _kv_pruning(raw.get("kv_pruning"), plan, where)
+    kv_sparsity, kv_source = _kv_pruning(raw.get("kv_pruning"), plan, where)
+    kv_new_tokens = (raw.get("kv_pruning") or {}).get("new_tokens", KV_NEW_TOKENS[0])  # checked by _kv_pruning
     return SparseAttnOptions(prefill, decode, dense_below, dense_layers, block_size, op_backend, plan_path,
                              kv_sparsity=kv_sparsity, kv_pruning_source=kv_source, kv_new_tokens=kv_new_tokens,
                              plan=plan, channels=channels)
 
 
-def _kv_pruning(spec: Any, plan: Plan | None, where: str) -> tuple[float, str | None, str]:
-    """(sparsity of every layer's page, a description of where it came from, how a step reads its own new tokens)
-    from the ``kv_pruning`` option, else from the plan's per-layer entries: the smallest sparsity of any layer, since
-    all layers share one page format."""
+def _kv_pruning(spec: Any, plan: Plan | None, where: str) -> tuple[float, str | None]:
+    """(sparsity of every layer's page, a description of where it came from) from the ``kv_pruning`` option (its
+    ``new_tokens`` checked too), else from the plan's per-layer entries: the smallest sparsity of any layer, since all
+    layers share one page format."""
     if spec is not None:
         if not isinstance(spec, Mapping) or "sparsity" not in spec or set(spec) - {"sparsity", "new_tokens"}:
             raise SparseAttnConfigError(
                 f"{where}: kv_pruning must be an object {{\"sparsity\": s, \"new_tokens\": \"exact\" or \"cached\"}} "
                 f"with s in [0, 1), got {spec!r} (the vLLM pages hold a fixed number of values per token: no dense "
                 "recent window or batched compression)")
-        new_tokens = spec.get("new_tokens", "exact")
+        new_tokens = spec.get("new_tokens", KV_NEW_TOKENS[0])
         if new_tokens not in KV_NEW_TOKENS:
             raise SparseAttnConfigError(f"{where}: kv_pruning.new_tokens must be one of {KV_NEW_TOKENS}, got "
                                         f"{new_tokens!r}")
         try:
-            return check_sparsity(spec["sparsity"]), "the kv_pruning option", new_tokens
+            return check_sparsity(spec["sparsity"]), "the kv_pruning option"
         except ValueError as e:
             raise SparseAttnConfigError(f"{where}: kv_pruning.{e}") from None
     if plan is None or not plan.decode or not any(entry and "kv_pruning" in entry for entry in plan.decode):
-        return 0.0, None, "exact"
+        return 0.0, None
     per_layer = [plan.kv_pruning(i) for i in range(len(plan.decode))]
     whole = [i for i, config in enumerate(per_layer) if config is None]
     if whole:
         return 0.0, (f"the plan prunes {len(per_layer) - len(whole)} layers but keeps layers {whole} whole, and all "
-                     "layers share one page format: nothing is pruned; pass kv_pruning to prune every layer"), "exact"
+                     "layers share one page format: nothing is pruned; pass kv_pruning to prune every layer")
     sparsity = min(config.sparsity for config in per_layer)
     return sparsity, (f"the smallest of the plan's per-layer sparsities "
-                      f"{sorted({c.sparsity for c in per_layer})}: every layer keeps that many values"), "exact"
+                      f"{sorted({c.sparsity for c in per_layer})}: every layer keeps that many values")
 
 
 def merged_raw_options(additional_config: Any) -> tuple[dict[str, Any], str]:

@@ -25,8 +25,8 @@ step's own new tokens (the forward's key/value arguments) replace their pruned c
 attends to itself exactly and each decode step to its own token exactly, as Mustafar's prefill runs on unpruned K/V.
 Fixed-size slots leave no room for Mustafar's dense window of recent tokens, so earlier tokens, including earlier
 chunks of a chunked prefill, are read pruned. With ``kv_exact_new=False`` the step's own tokens are read pruned too,
-so what a token attends to does not depend on which step it shared with which tokens. Token-selection decode then works on that dense context (exact scores
-over the pruned keys, or the page's unpruned labels with Double Sparsity).
+so what a token attends to does not depend on which step it shared with which tokens. Token-selection decode then
+works on that dense context (exact scores over the pruned keys, or the page's unpruned labels with Double Sparsity).
 """
 
 from __future__ import annotations
@@ -372,8 +372,8 @@ class PagedAttentionLayer:
         ``value`` ``[T, Hkv, D]``: the step's new tokens as written; with KV pruning they are attended unpruned
         (None: read pruned from the pages like the rest of the context)."""
         views, labels = self.page_views(kv_cache)
-        fresh = (key, value) if key is not None and value is not None and self._slot.pruned and self.kv_exact_new \
-            else None
+        exact_new = self._slot.pruned and self.kv_exact_new and key is not None and value is not None
+        fresh = (key, value) if exact_new else None
         for group in meta.groups:
             q = group.take(query)
             if group.phase == "decode" and not group.dense and isinstance(self.decode, DecodeSelection):
