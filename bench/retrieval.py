@@ -696,7 +696,12 @@ def merge(paths: list[Path | str], out_dir: Path | str, command: str | None = No
     if not rows:
         raise ValueError(f"no rows of {only} in {[str(p) for p in paths]}")
     ids = {r["id"] for r in rows}
-    cases = [c for c in load_cases(sources[0]["settings"]["cases"])["cases"] if c["id"] in ids]
+    # The run recorded the case list of the checkout it ran from; where that checkout is gone, this one's list.
+    recorded = Path(sources[0]["settings"]["cases"])
+    cases = [c for c in load_cases(recorded if recorded.exists() else CASES_FILE)["cases"] if c["id"] in ids]
+    missing = sorted(ids - {c["id"] for c in cases})
+    if missing:
+        raise ValueError(f"cases {missing[:5]} of the results are not in the case list {recorded}")
     runs = [run for s in sources  # each source run (an earlier merge: its runs) holding a kept configuration
             for run in (s.get("merged_from") or [{k: s.get(k) for k in ("command", "commit", "timestamp", "device",
                                                                          "settings")}])
