@@ -3,13 +3,20 @@ token and output tokens/s, vLLM's own attention backend and ours (dense setting 
 
     python -m bench.e2e_vllm --out DIR [--contexts 1024,4096] [--output-tokens 32]
                              [--methods dense,dense_kernel,head_proxy,vertical_slash,a_shape] [--depth 0.5]
-                             [--repeats 1] [--timeout 1200] [--plan PLAN.json] [--batch 1]
+                             [--repeats 1] [--schedule paired|sequential] [--timeout 1200] [--plan PLAN.json]
+                             [--batch 1]
 
 writes ``DIR/e2e_vllm.json``, ``DIR/e2e_vllm.md`` and each engine's log under ``DIR/e2e_vllm_logs/``.
 
-Each configuration runs in its own process (:mod:`bench.vllm_worker`, one engine start of about 45 s each, memory
-freed when it exits) with the offline ``LLM`` API: greedy, batch 1, prefix caching off (every prompt is prefilled
-in full), one scheduler step per prompt (``max_num_batched_tokens`` >= the prompt). The prompts are passkey prompts
+Each configuration runs in its own process (:mod:`bench.vllm_worker`, one engine start of about 20-45 s each) with
+the offline ``LLM`` API: greedy, batch 1, prefix caching off (every prompt is prefilled in full), one scheduler step
+per prompt (``max_num_batched_tokens`` >= the prompt). The default schedule, ``paired``, starts every engine first
+and then runs ``--repeats`` rounds; in a round each engine serves each prompt once, the engines taking turns in a
+rotating order, so every ratio is taken between requests served minutes apart at most, and reported as the median
+over the rounds of the ratio within each round (on a shared machine the speed drifts by 10-20% between engines run
+one after the other). Idle engines wait on their command pipe and use no CPU; they do hold their memory
+(``--kvcache-space`` GiB each on a CPU), so ``--schedule sequential`` runs one engine at a time instead, all its
+rounds, and divides medians. ``--timeout`` bounds each engine start and each request. The prompts are passkey prompts
 (:func:`sparse_attn.models.make_passkey_prompt`, key at ``--depth``), so the greedy outputs also say whether each
 configuration still finds the key. ``--batch N`` serves N prompts of each length together (each with its own key; the
 engine runs up to N sequences, so their decode steps are batched): TTFT and TPOT are the medians over the requests
@@ -32,7 +39,7 @@ and output tokens/s is the batch's output tokens over the wall time of the whole
   decode methods (``dense_below`` 0).
 
 Ratios divide the dense time by the configuration's (> 1 is faster) and compare the generated token ids with the
-dense ones.
+dense ones; each row keeps every round's times (``*_samples``, with ``rounds``).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ import argparse
 import importlib.util
 import json
 import os
+import select
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,9 +83,10 @@ class Settings:
     output_tokens: int = 32
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     depth: float = 0.5
-    timeout_s: float = 1200.0
+    timeout_s: float = 1200.0  # per engine start and per request
     kvcache_space_gib: int = 1
     repeats: int = 1
+    schedule: str = "paired"  # "paired": every engine up, one request each per round; "sequential": one at a time
     time_budget_s: float | None = None
     plan: str | None = None
     batch: int = 1
@@ -96,6 +106,8 @@ class Settings:
             raise ValueError(f"depth must lie in [0, 1], got {self.depth}")
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}")
+        if self.schedule not in ("paired", "sequential"):
+            raise ValueError(f"schedule must be 'paired' or 'sequential', got {self.schedule!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not 1 <= self.batch <= 64:
             raise ValueError(f"batch must be an int in [1, 64], got {self.batch!r}")
         if self.plan is not None:
@@ -165,41 +177,130 @@ def prompts(model_dir: str, s: Settings) -> tuple[list[dict], str]:
     return made, warmup
 
 
-def run_config(config: dict, model_dir: str, made: list[dict], warmup: str, s: Settings, log_dir: Path,
-               timeout_s: float) -> dict:
-    """Start the worker for one configuration; its result (rows, engine start time) or the failure with the log."""
-    max_len = min(MAX_POSITIONS, max(p["tokens"] for p in made) + s.output_tokens + 64)
-    worker_config = dict(name=config["name"], model=model_dir, attention_backend=config["attention_backend"],
-                         additional_config=config["additional_config"], kvcache_space_gib=s.kvcache_space_gib,
-                         engine_args=dict(ENGINE_ARGS, max_model_len=max_len, max_num_batched_tokens=max_len,
-                                          max_num_seqs=s.batch),
-                         output_tokens=s.output_tokens, repeats=s.repeats, warmup_prompt=warmup,
-                         prompts=[dict(context=p["context"], key=p["key"], prompt=p["prompt"], keys=p["keys"],
-                                       prompts=p["prompts"]) for p in made])
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{config['name']}.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(s.kvcache_space_gib))
-    env.pop("SPARSE_ATTN_VLLM_CONFIG", None)  # the configuration comes from additional_config only
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:  # cwd outside the checkout (module docstring)
-        config_path, result_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
-        config_path.write_text(json.dumps(worker_config))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(WORKER), str(config_path), str(result_path)],
-                                    cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One engine configuration served by :mod:`bench.vllm_worker` in a process of its own (module docstring):
+    started once, asked for one measurement at a time, stopped at the end."""
+
+    def __init__(self, config: dict, model_dir: str, made: list[dict], warmup: str, s: Settings, log_dir: Path,
+                 engines: int = 1):
+        self.config = config
+        max_len = min(MAX_POSITIONS, max(p["tokens"] for p in made) + s.output_tokens + 64)
+        engine_args = dict(ENGINE_ARGS, max_model_len=max_len, max_num_batched_tokens=max_len, max_num_seqs=s.batch)
+        if torch.cuda.is_available() and s.schedule == "paired":  # every engine holds its share of the GPU at once
+            engine_args["gpu_memory_utilization"] = min(ENGINE_ARGS["gpu_memory_utilization"], 0.8 / engines)
+        self.worker_config = dict(
+            name=config["name"], model=model_dir, attention_backend=config["attention_backend"],
+            additional_config=config["additional_config"], kvcache_space_gib=s.kvcache_space_gib,
+            engine_args=engine_args, output_tokens=s.output_tokens, warmup_prompt=warmup,
+            prompts=[dict(context=p["context"], key=p["key"], prompt=p["prompt"], keys=p["keys"], prompts=p["prompts"])
+                     for p in made])
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{config['name']}.log"
+        self.kvcache_space_gib = s.kvcache_space_gib
+        self.proc = None
+        self._buffer = b""
+
+    def start(self, timeout_s: float) -> float:
+        """Start the engine and wait for it (and its warm-up); its start-up time in seconds."""
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.kvcache_space_gib))
+        env.pop("SPARSE_ATTN_VLLM_CONFIG", None)  # the configuration comes from additional_config only
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-vllm-")  # cwd outside the checkout (module docstring)
+        config_path = Path(self._tmp.name) / "config.json"
+        config_path.write_text(json.dumps(self.worker_config))
+        command_read, self._command = os.pipe()
+        self._reply, reply_write = os.pipe()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", RUNNER, str(WORKER), str(config_path), str(command_read), str(reply_write)],
+                cwd=self._tmp.name, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                pass_fds=(command_read, reply_write))
+        os.close(command_read), os.close(reply_write)
+        return self._receive("ready", timeout_s)["engine_start_s"]
+
+    def measure(self, prompt: int, timeout_s: float) -> dict:
+        """One measurement of prompt ``prompt`` (the worker's row)."""
+        message = (json.dumps({"prompt": prompt}) + "\n").encode()
+        try:
+            os.write(self._command, message)
+        except OSError as error:
+            raise self._failure(f"the worker is gone ({error})") from None
+        return self._receive("row", timeout_s)["row"]
+
+    def _receive(self, event: str, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._reply], [], [], left)[0]:
+                raise self._failure(f"timed out after {timeout_s:.0f} s")
+            chunk = os.read(self._reply, 65536)
+            if not chunk:
+                raise self._failure(f"exit status {self.proc.wait()}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if message.get("event") != event:
+            raise self._failure(message.get("reason", f"unexpected reply {message}"))
+        return message
+
+    def _failure(self, why: str) -> WorkerError:
+        self.stop(grace_s=0)
+        tail = " ".join(self.log_path.read_text(errors="ignore").split()[-60:])
+        return WorkerError(f"{why}; log tail: {tail}")
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """Ask the worker to shut its engine down; kill its process group if it has not exited within grace_s."""
+        if self.proc is None:
+            return
+        try:
+            os.write(self._command, b'{"cmd": "stop"}\n')
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.poll() is None or grace_s == 0:
             try:
-                returncode = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the engine's own children are in the worker's session
-                proc.wait()
-                returncode = None
-        result = json.loads(result_path.read_text()) if result_path.exists() else {"rows": []}
-    result.update(seconds=time.monotonic() - start, log=str(log_path))
-    if returncode != 0 or result.get("status") != "ok":
-        why = "timed out" if returncode is None else f"exit status {returncode}"
-        result.update(status="error", reason=f"{why}; log tail: " + " ".join(log_path.read_text(errors="ignore")
-                                                                             .split()[-60:]))
-    return result
+                os.killpg(self.proc.pid, 9)  # the engine's own children are in the worker's session
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        for fd in (self._command, self._reply):
+            os.close(fd)
+        self._tmp.cleanup()
+        self.proc = None
+
+
+def median_row(samples: list[dict]) -> dict:
+    """The first sample's outputs with the median of each time over the samples (greedy outputs do not change), and
+    every sample's times in the order they were taken (round by round)."""
+    row = dict(samples[0])
+    for key in ("ttft_s", "tpot_s", "output_tokens_per_s", "decode_tokens_per_s", "generate_s"):
+        values = sorted(s[key] for s in samples if s.get(key) is not None)
+        row[key] = statistics.median(values) if values else None
+        if len(samples) > 1:
+            row[f"{key}_samples"] = [s.get(key) for s in samples]
+    row["repeats"] = len(samples)
+    row["same_tokens_every_repeat"] = all(s["token_ids"] == row["token_ids"] for s in samples)
+    return row
+
+
+def _speedup(base: dict, row: dict, key: str, invert: bool = False) -> float | None:
+    """base / row for a time (row / base for a rate, ``invert``): the median over the rounds both were measured in,
+    each round's ratio taken within the round (paired schedule), else the ratio of the medians."""
+    if not base.get(key) or not row.get(key):
+        return None
+    ours, theirs = row.get(f"{key}_samples"), base.get(f"{key}_samples")
+    if ours and theirs and row.get("rounds") and base.get("rounds"):
+        by_round = dict(zip(base["rounds"], theirs))
+        pairs = [(by_round[r], t) for r, t in zip(row["rounds"], ours) if by_round.get(r) and t]
+        if pairs:
+            return statistics.median(t / b if invert else b / t for b, t in pairs)
+    return row[key] / base[key] if invert else base[key] / row[key]
 
 
 def ratios(rows: list[dict]) -> None:
@@ -210,13 +311,75 @@ def ratios(rows: list[dict]) -> None:
             b = base.get(row["context"])
             if row["status"] != "ok" or b is None:
                 continue
-            row[f"vs_{ref}"] = dict(
-                ttft_speedup=b["ttft_s"] / row["ttft_s"] if row["ttft_s"] else None,
-                tpot_speedup=b["tpot_s"] / row["tpot_s"] if row.get("tpot_s") and b.get("tpot_s") else None,
-                tokens_per_s_ratio=(row["output_tokens_per_s"] / b["output_tokens_per_s"]
-                                    if row.get("output_tokens_per_s") and b.get("output_tokens_per_s") else None),
-                same_tokens=row["token_ids"] == b["token_ids"],
-            )
+            row[f"vs_{ref}"] = dict(ttft_speedup=_speedup(b, row, "ttft_s"), tpot_speedup=_speedup(b, row, "tpot_s"),
+                                    tokens_per_s_ratio=_speedup(b, row, "output_tokens_per_s", invert=True),
+                                    same_tokens=row["token_ids"] == b["token_ids"])
+
+
+def measure_all(configs: list[dict], model_dir: str, made: list[dict], warmup: str, s: Settings, log_dir: Path,
+                deadline: float | None) -> dict[str, dict[int, list[dict]]]:
+    """Every runnable configuration's samples per prompt (each tagged with its round), in the settings' schedule:
+    ``paired`` starts every engine, then runs round after round, each round one request per engine and prompt, the
+    engines taking turns (a rotating order); ``sequential`` runs one engine at a time, all its rounds, then stops it.
+    Configuration entries get their status, engine start-up time and log."""
+    runnable = [c for c in configs if not c.get("skip_reason")]
+    for config in configs:
+        if config.get("skip_reason"):
+            config.update(status="skipped", reason=config["skip_reason"])
+    samples: dict[str, dict[int, list[dict]]] = {c["name"]: {i: [] for i in range(len(made))} for c in runnable}
+    workers: dict[str, Worker] = {}
+
+    def expired() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
+    def start(config: dict) -> None:
+        if expired():
+            config.update(status="skipped", reason="time budget exhausted")
+            return
+        worker = Worker(config, model_dir, made, warmup, s, log_dir, engines=len(runnable))
+        config.update(log=str(worker.log_path))
+        try:
+            config.update(engine_start_s=worker.start(s.timeout_s), status="ok")
+            workers[config["name"]] = worker
+        except WorkerError as error:
+            config.update(status="error", reason=str(error))
+
+    def request(config: dict, prompt: int, round_: int) -> None:
+        worker = workers.get(config["name"])
+        if worker is None:
+            return
+        try:
+            row = worker.measure(prompt, s.timeout_s)
+        except WorkerError as error:
+            config.update(status="error", reason=str(error))
+            del workers[config["name"]]
+            return
+        samples[config["name"]][prompt].append(dict(row, round=round_))
+
+    try:
+        if s.schedule == "paired":
+            for config in common.progress(runnable, desc="e2e-vllm engines", unit="engine"):
+                start(config)
+            for round_ in common.progress(range(s.repeats), desc="e2e-vllm rounds", unit="round"):
+                if expired():
+                    break
+                order = runnable[round_ % len(runnable):] + runnable[: round_ % len(runnable)]
+                for prompt in range(len(made)):
+                    for config in order:
+                        request(config, prompt, round_)
+        else:
+            for config in common.progress(runnable, desc="e2e-vllm", unit="engine"):
+                start(config)
+                for prompt in range(len(made)):
+                    for round_ in range(s.repeats):
+                        if not expired():
+                            request(config, prompt, round_)
+                if config["name"] in workers:
+                    workers.pop(config["name"]).stop()
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    return samples
 
 
 def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> dict:
@@ -234,26 +397,22 @@ def run(settings: Settings, out_dir: Path | str, command: str | None = None) -> 
                "configs": configs}
     if settings.table or settings.batch > 1:  # its own README table beside the batch-1 one
         payload["table"] = settings.table or f"{NAME}_batch{settings.batch}"
+    samples = measure_all(configs, model_dir, made, warmup, settings, out_dir / f"{NAME}_logs", deadline)
     rows = []
-    for config in common.progress(configs, desc="e2e-vllm", unit="engine"):
-        measured: dict[int, dict] = {}
-        left = None if deadline is None else deadline - time.monotonic()
-        if config.get("skip_reason") or (left is not None and left <= 0):
-            config.update(status="skipped", reason=config.get("skip_reason") or "time budget exhausted")
-        else:
-            timeout = settings.timeout_s if left is None else min(settings.timeout_s, left)
-            result = run_config(config, model_dir, made, warmup, settings, out_dir / f"{NAME}_logs", timeout)
-            config.update({k: result.get(k) for k in ("status", "reason", "engine_start_s", "seconds", "log")})
-            measured = {r["context"]: r for r in result["rows"]}
-        for p in made:
+    for config in configs:
+        for i, p in enumerate(made):
             row = dict(method=config["name"], pattern=config["pattern"], context=p["context"])
-            found = measured.get(p["context"]) if config["status"] != "skipped" else None
-            if found is None:
-                row.update(status="skipped", reason=config.get("reason") or "not measured")
+            taken = samples.get(config["name"], {}).get(i)
+            if not taken:
+                row.update(status="error" if config.get("status") == "error" else "skipped",
+                           reason=config.get("reason") or "not measured")
             else:
-                row.update(found, status="ok")
+                measured = median_row(taken)
+                measured.pop("round")
+                if settings.schedule == "paired":  # which samples were taken side by side
+                    measured["rounds"] = [t["round"] for t in taken]
+                row.update(measured, status="ok")
             rows.append(row)
-        common.write_json(out_dir / f"{NAME}.json", dict(payload, results=rows))  # keep what ran so far
     ratios(rows)
     payload["results"] = rows
     common.write_outputs(out_dir, NAME, payload, markdown(payload))
@@ -265,23 +424,29 @@ def markdown(payload: dict) -> str:
     if payload.get("status") == "skipped":
         return common.skipped_markdown(title, payload)
     s = payload["settings"]
+    paired = s.get("schedule") == "paired" and s.get("repeats", 1) > 1
     notes: list[str] = []
     lines = [title, "", common.environment_line(payload) + f" · vLLM {payload['versions'].get('vllm')}", "",
              f"Offline `LLM` API, one engine process per configuration, batch {s.get('batch', 1)}, greedy, "
-             f"{s['output_tokens']} output tokens, prefix caching off, median of {s.get('repeats', 1)} run(s) per "
-             f"prompt; passkey prompts (key {s['passkey']} at depth {s['depth']:.0%}"
+             f"{s['output_tokens']} output tokens, prefix caching off, "
+             + (f"every engine up at once and {s['repeats']} rounds, each engine serving each prompt once per round "
+                f"in turn; times are medians over the rounds" if paired else
+                f"engines run one after the other, median of {s.get('repeats', 1)} run(s) per prompt")
+             + f"; passkey prompts (key {s['passkey']} at depth {s['depth']:.0%}"
              + (f"; the batch's prompts hold keys {s['passkey']}..{s['passkey'] + s['batch'] - 1}" if s.get("batch", 1) > 1
                 else "") + "). "
              + ("TTFT and TPOT: medians over the batch's requests, which share the engine's steps (a request's TPOT "
                 "includes the steps that prefill the others); output tok/s: the batch's output tokens over the wall "
                 "time of its generate. " if s.get("batch", 1) > 1 else "")
-             + "Ratios: dense (vLLM's own backend) time / this time, same run; `same` = greedy tokens identical to "
-             "dense.", ""]
+             + ("Ratios: dense (vLLM's own backend) time / this time within each round, median over the rounds; "
+                if paired else "Ratios: dense (vLLM's own backend) time / this time, same run; ")
+             + "`same` = greedy tokens identical to dense.", ""]
     table = []
     for r in payload["results"]:
         if r["status"] != "ok":
-            table.append([r["method"], f"`{r['pattern']}`", prefill._tokens(r["context"]), prefill._ms(r, notes)]
-                         + ["–"] * 6)
+            note = prefill._ms(r, notes)  # "skipped [n]", n the footnote with the reason
+            table.append([r["method"], f"`{r['pattern']}`", prefill._tokens(r["context"]),
+                          note.replace("skipped", "failed", 1) if r["status"] == "error" else note] + ["–"] * 6)
             continue
         vs = r.get("vs_dense", {})
         table.append([r["method"], f"`{r['pattern']}`", f"{prefill._tokens(r['context'])} ({r['prompt_tokens']})",
@@ -318,9 +483,12 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--depth", type=float, default=0.5, help="where the passkey sits in the prompt")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per engine configuration")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per engine start and per request")
     parser.add_argument("--kvcache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, GiB")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per prompt; times are their medians")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds: runs per prompt; times are their medians")
+    parser.add_argument("--schedule", choices=("paired", "sequential"), default="paired",
+                        help="paired: every engine up at once, one request each per round (ratios within rounds); "
+                             "sequential: one engine at a time (less memory)")
     parser.add_argument("--time-budget", type=float, help="seconds; configurations after it are recorded as skipped")
     parser.add_argument("--plan", help="also run this planner plan (e.g. sparse_attn.planner.SMOLLM2_PLAN's file)")
     parser.add_argument("--batch", type=int, default=1, help="prompts served together per context")
@@ -328,7 +496,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     args = parser.parse_args(argv)
     settings = Settings(contexts=common.parse_list(args.contexts), output_tokens=args.output_tokens,
                         methods=[m for m in args.methods.split(",") if m], depth=args.depth, timeout_s=args.timeout,
-                        kvcache_space_gib=args.kvcache_space, repeats=args.repeats, time_budget_s=args.time_budget,
+                        kvcache_space_gib=args.kvcache_space, repeats=args.repeats, schedule=args.schedule, time_budget_s=args.time_budget,
                         plan=args.plan, batch=args.batch, table=args.table)
     return settings, args.out
 

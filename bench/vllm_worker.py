@@ -1,20 +1,25 @@
-"""One vLLM engine configuration, measured in a process of its own (started by :mod:`bench.e2e_vllm`).
+"""One vLLM engine configuration in a process of its own, serving the measurements :mod:`bench.e2e_vllm` asks for.
 
     python -c "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \\
-        bench/vllm_worker.py CONFIG.json RESULT.json
+        bench/vllm_worker.py CONFIG.json COMMAND_FD REPLY_FD
 
 Run by path from a folder outside the checkout: vLLM imports any top-level module named ``triton_kernels``, and the
 checkout has a folder of that name, so the repository root must not be on ``sys.path`` (this file therefore imports
 nothing from ``bench``). vLLM's CPU engine spawns processes: everything runs under the ``__main__`` guard.
 
 CONFIG holds the model folder, the attention backend and its ``additional_config``, the engine arguments, the
-prompts and the number of output tokens. For each prompt, one greedy generate of ``output_tokens`` tokens
-(``ignore_eos``) gives the output and, from vLLM's per-request metrics (``disable_log_stats=False``; engine-core
-timestamps), the time to first token (first token - scheduled) and the time per output token
-((last token - first token) / (tokens - 1)). Where the metrics are not populated, TTFT is the wall time of a
-generate with ``max_tokens=1`` and TPOT the rest of the long generate's wall time per token. With ``repeats`` > 1
-each prompt runs that many times and each time is the median (on a shared CPU single runs vary by tens of
-percent). RESULT is rewritten after every prompt, so a run stopped by its timeout keeps what it measured.
+prompts and the number of output tokens. The worker starts the engine, runs a short warm-up generate (first-call
+costs stay out of the measurements) and replies ``{"event": "ready", "engine_start_s": ...}`` on REPLY_FD; then, for
+each command ``{"prompt": i}`` read from COMMAND_FD (one JSON object per line), it runs prompt i once and replies
+``{"event": "row", "row": ...}``, until ``{"cmd": "stop"}`` or the pipe closes. A failure replies ``{"event":
+"error", "reason": ...}`` (the traceback goes to the log). So the driver decides the order of the measurements: with
+several workers up at once it can interleave them, one request per engine per round.
+
+One measurement is one greedy generate of ``output_tokens`` tokens (``ignore_eos``); vLLM's per-request metrics
+(``disable_log_stats=False``; engine-core timestamps) give the time to first token (first token - scheduled) and the
+time per output token ((last token - first token) / (tokens - 1)). Where the metrics are not populated, TTFT is the
+wall time of a generate with ``max_tokens=1`` and TPOT the rest of the long generate's wall time per token. A
+prompt with a batch of prompts is served as one generate (:func:`measure_batch`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-
-def write(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def measure(llm, prompt: str, output_tokens: int) -> dict:
@@ -92,20 +91,6 @@ def measure_batch(llm, prompts: list[str], output_tokens: int) -> dict:
                 decode_tokens_per_s=len(outs) / statistics.median(tpot) if tpot else None)
 
 
-def median_row(samples: list[dict]) -> dict:
-    """The first run's outputs with the median of each time over the runs (greedy outputs do not change), and
-    every run's times."""
-    row = dict(samples[0])
-    for key in ("ttft_s", "tpot_s", "output_tokens_per_s", "decode_tokens_per_s", "generate_s"):
-        values = sorted(s[key] for s in samples if s.get(key) is not None)
-        row[key] = statistics.median(values) if values else None
-        if len(samples) > 1:
-            row[f"{key}_samples"] = [s.get(key) for s in samples]
-    row["repeats"] = len(samples)
-    row["same_tokens_every_repeat"] = all(s["token_ids"] == row["token_ids"] for s in samples)
-    return row
-
-
 def start_engine(config: dict):
     """The ``LLM`` of a worker CONFIG (``model``, ``engine_args``, ``attention_backend``, ``additional_config``) with
     per-request metrics on, and its start-up time in seconds."""
@@ -121,39 +106,61 @@ def start_engine(config: dict):
     return llm, time.perf_counter() - start
 
 
-def main(config_path: str, result_path: str) -> int:
+def reply(fd: int, message: dict) -> None:
+    """One JSON line to the driver (a single write: the driver reads whole lines)."""
+    data = (json.dumps(message) + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def requests(fd: int):
+    """The driver's commands, one JSON object per line, until the pipe closes."""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        buffer = b""
+        while True:
+            chunk = pipe.read(65536)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                yield json.loads(line)
+
+
+def main(config_path: str, command_fd: str, reply_fd: str) -> int:
     config = json.loads(Path(config_path).read_text())
-    result_file = Path(result_path)
-    result = {"status": "starting", "rows": []}
-    write(result_file, result)
+    out = int(reply_fd)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config["kvcache_space_gib"]))
-    llm, seconds = start_engine(config)
-    result.update(status="running", engine_start_s=seconds)
-    write(result_file, result)
+    try:
+        llm, seconds = start_engine(config)
+    except BaseException as error:  # the driver records why; the log holds the traceback
+        reply(out, {"event": "error", "reason": f"engine start failed: {type(error).__name__}: {error}"})
+        raise
     try:
         measure(llm, config["warmup_prompt"], 4)  # first-call costs stay out of the first measurement
-        for prompt in config["prompts"]:
+        reply(out, {"event": "ready", "engine_start_s": seconds})
+        for command in requests(int(command_fd)):
+            if command.get("cmd") == "stop":
+                break
+            prompt = config["prompts"][command["prompt"]]
             batch = prompt.get("prompts") or [prompt["prompt"]]
             if len(batch) > 1:
-                samples = [measure_batch(llm, batch, config["output_tokens"]) for _ in range(config.get("repeats", 1))]
+                row = measure_batch(llm, batch, config["output_tokens"])
+                row["retrieved"] = [str(key) in text for key, text in zip(prompt["keys"], row["text"])]
             else:
-                samples = [measure(llm, prompt["prompt"], config["output_tokens"]) for _ in range(config.get("repeats", 1))]
-            row = median_row(samples)
-            if len(batch) > 1:
-                row.update(context=prompt["context"], retrieved=[str(key) in text for key, text in
-                                                                 zip(prompt["keys"], row["text"])])
-            else:
-                row.update(context=prompt["context"], retrieved=str(prompt["key"]) in row["text"])
-            result["rows"].append(row)
-            write(result_file, result)
+                row = measure(llm, prompt["prompt"], config["output_tokens"])
+                row["retrieved"] = str(prompt["key"]) in row["text"]
+            row["context"] = prompt["context"]
             print(f"[{config['name']}] context {prompt['context']}: {row['prompt_tokens']} prompt tokens, "
                   f"TTFT {row['ttft_s']:.3f} s, TPOT {row['tpot_s'] or float('nan'):.4f} s", flush=True)
-        result["status"] = "ok"
+            reply(out, {"event": "row", "row": row})
+    except BaseException as error:
+        reply(out, {"event": "error", "reason": f"{type(error).__name__}: {error}"})
+        raise
     finally:
-        write(result_file, result)
         llm.llm_engine.engine_core.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], sys.argv[2]))
+    raise SystemExit(main(*sys.argv[1:4]))

@@ -61,24 +61,53 @@ def test_a_plan_is_one_more_configuration(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_VLLM and not REQUIRE_VLLM, reason="vLLM is not installed")
-def test_one_real_engine_run(tmp_path):
-    settings = e2e_vllm.Settings(contexts=[256], output_tokens=8, methods=["dense"], repeats=2, timeout_s=300)
+def test_real_engines_served_in_paired_rounds(tmp_path, monkeypatch):
+    settings = e2e_vllm.Settings(contexts=[256], output_tokens=8, methods=["dense", "dense_kernel"], repeats=2,
+                                 timeout_s=300)
+    # one more engine, whose options fail at start-up: recorded with the reason, the others still measured
+    bad = dict(name="bad", pattern="bad", attention_backend="sparse",
+               additional_config={"sparse_attn": {"prefill": {"pattern": "no_such_pattern"}}})
+    configurations = e2e_vllm.configurations
+    monkeypatch.setattr(e2e_vllm, "configurations", lambda names, plan=None: [bad, *configurations(names, plan)])
     payload = e2e_vllm.run(settings, tmp_path)
     assert payload["status"] == "ok" and payload["versions"]["vllm"]
-    (result,) = payload["results"]
-    assert result["status"] == "ok", payload["configs"]
-    assert 200 <= result["prompt_tokens"] <= 300 and result["output_tokens"] == 8 and len(result["token_ids"]) == 8
-    assert result["ttft_s"] > 0 and result["tpot_s"] > 0 and result["output_tokens_per_s"] > 0
-    assert result["timing_source"].startswith("vllm request metrics")  # populated on CPU with log stats on
-    assert result["retrieved"], result["text"]  # dense attention finds the key at 256 tokens
-    assert result["repeats"] == 2 and result["same_tokens_every_repeat"] and len(result["ttft_s_samples"]) == 2
-    assert min(result["ttft_s_samples"]) <= result["ttft_s"] <= max(result["ttft_s_samples"])
-    assert result["vs_dense"]["ttft_speedup"] == 1.0 and result["vs_dense"]["same_tokens"]
-    (config,) = payload["configs"]
-    assert config["engine_start_s"] > 0 and (tmp_path / "e2e_vllm_logs" / "dense.log").exists()
-    assert json.loads((tmp_path / "e2e_vllm.json").read_text())["results"][0]["ttft_s"] == result["ttft_s"]
+    failed, dense, ours = payload["results"]
+    assert failed["status"] == "error" and "no_such_pattern" in failed["reason"], failed
+    assert "no_such_pattern" in report.render(payload)
+    for result in (dense, ours):
+        assert result["status"] == "ok", payload["configs"]
+        assert 200 <= result["prompt_tokens"] <= 300 and result["output_tokens"] == 8 and len(result["token_ids"]) == 8
+        assert result["ttft_s"] > 0 and result["tpot_s"] > 0 and result["output_tokens_per_s"] > 0
+        assert result["timing_source"].startswith("vllm request metrics")  # populated on CPU with log stats on
+        assert result["retrieved"], result["text"]  # dense attention finds the key at 256 tokens
+        assert result["repeats"] == 2 and result["same_tokens_every_repeat"] and result["rounds"] == [0, 1]
+        assert min(result["ttft_s_samples"]) <= result["ttft_s"] <= max(result["ttft_s_samples"])
+    assert dense["vs_dense"]["ttft_speedup"] == 1.0 and dense["vs_dense"]["same_tokens"]
+    # our dense setting: token-identical to vLLM's backend; its ratio the median of the two rounds' own ratios
+    assert ours["vs_dense"]["same_tokens"], (ours["text"], dense["text"])
+    within = [d / o for d, o in zip(dense["ttft_s_samples"], ours["ttft_s_samples"])]
+    assert ours["vs_dense"]["ttft_speedup"] == pytest.approx(sum(within) / 2)
+    for config in payload["configs"][1:]:
+        assert config["status"] == "ok" and config["engine_start_s"] > 0
+        assert (tmp_path / "e2e_vllm_logs" / f"{config['name']}.log").exists()
+    assert json.loads((tmp_path / "e2e_vllm.json").read_text())["results"][1]["ttft_s"] == dense["ttft_s"]
     assert report.render(payload) == (tmp_path / "e2e_vllm.md").read_text().strip()
-    assert plots.plot_e2e_vllm(payload, tmp_path / "e2e_vllm.png") is None  # nothing but the baseline to plot
+    assert "2 rounds" in report.render(payload)
+    assert plots.plot_e2e_vllm(payload, tmp_path / "e2e_vllm.png") is not None
+
+
+def test_paired_ratios_are_taken_within_rounds():
+    base = dict(row("dense", 1024, 10.0, 0.1, [1], 1.0), ttft_s_samples=[10.0, 20.0, 12.0], rounds=[0, 1, 2])
+    ours = dict(row("default", 1024, 9.0, 0.1, [1], 1.0), ttft_s_samples=[9.0, 5.0, 11.0], rounds=[0, 1, 2])
+    rows = [base, ours]
+    e2e_vllm.ratios(rows)
+    # rounds: 1.11, 4.0, 1.09 -> median 1.11 (the ratio of the medians, 12 / 9, would mix rounds)
+    assert ours["vs_dense"]["ttft_speedup"] == pytest.approx(10.0 / 9.0)
+    ours.update(ttft_s_samples=[5.0, 9.0], rounds=[0, 2])  # a round it missed is left out
+    e2e_vllm.ratios(rows)
+    assert ours["vs_dense"]["ttft_speedup"] == pytest.approx((2.0 + 12.0 / 9.0) / 2)
+    with pytest.raises(ValueError, match="schedule"):
+        e2e_vllm.Settings(schedule="random")
 
 
 def test_batch_rows_render_keys_found_of_the_batch():
