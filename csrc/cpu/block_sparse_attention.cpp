@@ -42,6 +42,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -91,6 +92,10 @@ struct Problem {
   // Decode over token-major rows (the KV heads of a key side by side, as in vLLM's pages) with one mask row for
   // every head: one item reads all KV heads of its keys, tile by tile, so memory streams whole rows.
   bool all_kv_heads;
+  // The cached keys packed once per call as chunks of 16 positions (kernel_utils.h: pack_key_chunk), for the tall
+  // score products: sequence b's KV head h starts at key_chunks + chunk_base[b * kv_heads + h]. Null: not packed.
+  const float* key_chunks;
+  const int64_t* chunk_base;
 
   bool dense() const { return num_blocks == nullptr; }
 
@@ -454,8 +459,14 @@ class BlockSparseAttention {
             int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
     float* s = w.s.data();
-    gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr,
-             w.q_panels.data() + row0 * dim);
+    // Scores: from the keys packed once per call where the tile's runs start on chunks, else from its own keys.
+    const float* chunks = p_.key_chunks == nullptr ? nullptr
+        : p_.key_chunks + p_.chunk_base[item.seq * p_.kv_heads + item.head0 / (p_.q_heads / p_.kv_heads)];
+    if (chunks == nullptr ||
+        !gemm_abt_chunks(m, n, dim, w.q_panels.data() + row0 * dim, chunks, w.key_pos.data(), s, kTileKeys)) {
+      gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr,
+               w.q_panels.data() + row0 * dim);
+    }
     const int64_t units = item.units();
     for (int64_t i = 0; i < span; ++i) {
       const bool causal = p_.causal && w.key_pos[n - 1] > g[i].first_pos;  // the tile reaches past the first query
@@ -762,6 +773,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
                                   : std::numeric_limits<float>::infinity();
   p.blas = in.use_blas && sgemm_ != nullptr;
   p.tall = in.use_blas;
+
+  // fp32 prefill on AVX-512: the keys packed once (chunks of 16 positions), read in place by every tile's score
+  // products where its runs of keys start on a chunk (blocks of a multiple of 16 keys), so no tile transposes its
+  // keys: a key read by several query blocks or heads is packed once, not once per tile.
+  std::vector<int64_t> chunk_base;
+  std::unique_ptr<float[]> key_chunks;
+  if (q.scalar_type() == at::kFloat && p.tall && tall_products_fast(dim) && p.slot_keep == 0 && !p.has_fresh &&
+      !p.all_kv_heads && p.kv_block % 16 == 0 && p.max_rows * group > 4) {
+    chunk_base.resize(p.batch * p.kv_heads);
+    int64_t total = 0;
+    for (int64_t bh = 0; bh < p.batch * p.kv_heads; ++bh) {
+      chunk_base[bh] = total;
+      total += (int64_t{p.kv_lens[bh / p.kv_heads]} + 15) / 16 * 16 * dim;
+    }
+    key_chunks.reset(new float[std::max<int64_t>(total, 1)]);
+    const float* k = in.k.data_ptr<float>();
+    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+      const float* rows[16];
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads, len = p.kv_lens[b];
+        for (int64_t t0 = 0; t0 < len; t0 += 16) {
+          const int64_t live = std::min<int64_t>(16, len - t0);
+          for (int64_t i = 0; i < live; ++i) rows[i] = k + p.key_row(b, t0 + i) * p.k_stride_t + h * p.k_stride_h;
+          pack_key_chunk(RowsOf(rows), live, dim, key_chunks.get() + chunk_base[bh] + t0 * dim);
+        }
+      }
+    });
+    p.key_chunks = key_chunks.get();
+    p.chunk_base = chunk_base.data();
+  }
 
   const int64_t threads = at::get_num_threads();
   int64_t num_partials = 0;

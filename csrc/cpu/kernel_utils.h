@@ -422,15 +422,26 @@ SPARSE_ATTN_AVX512 inline void transpose_rows(int64_t n, int64_t k, RowsOf b, fl
 }
 
 // C[R, n16] = A[R, k] Bt[k, n16] for one row panel of R rows (ap[e * R + r], to_row_panels; n16 a multiple of 16).
+// Bt's columns come in panels of 16: column j of row e at bt + (j / 16) * panel + e * ldt + j % 16 (panel 16: one
+// row-major matrix; panel 16 k with ldt 16: key chunks, see gemm_abt_chunks). With n >= 0 only C's first n columns
+// are stored (masked stores), else all n16.
+// Stores columns [j, j + 16) of a row at `at`, only those below n (all with n < 0).
+SPARSE_ATTN_AVX512 inline void store_columns(float* at, int64_t j, int64_t n, __m512 x) {
+  if (n < 0 || j + 16 <= n) return _mm512_storeu_ps(at, x);
+  _mm512_mask_storeu_ps(at, n > j ? static_cast<__mmask16>((1u << (n - j)) - 1) : 0, x);
+}
+
 template <int R>
 SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* ap, const float* bt, int64_t ldt,
-                                       float* c, int64_t ldc) {
+                                       float* c, int64_t ldc, int64_t panel = 16, int64_t n = -1) {
   for (int64_t j0 = 0; j0 < n16; j0 += 32) {
+    const float* b0 = bt + (j0 / 16) * panel;
     if (j0 + 32 <= n16) {
+      const float* b1 = b0 + panel;
       __m512 acc[R][2];
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
       for (int64_t e = 0; e < k; ++e) {
-        const __m512 y0 = _mm512_loadu_ps(bt + e * ldt + j0), y1 = _mm512_loadu_ps(bt + e * ldt + j0 + 16);
+        const __m512 y0 = _mm512_loadu_ps(b0 + e * ldt), y1 = _mm512_loadu_ps(b1 + e * ldt);
         for (int r = 0; r < R; ++r) {
           const __m512 x = _mm512_set1_ps(ap[e * R + r]);
           acc[r][0] = _mm512_fmadd_ps(x, y0, acc[r][0]);
@@ -438,23 +449,55 @@ SPARSE_ATTN_AVX512 void gemm_a_bt_rows(int64_t n16, int64_t k, const float* ap, 
         }
       }
       for (int r = 0; r < R; ++r) {
-        _mm512_storeu_ps(c + r * ldc + j0, acc[r][0]);
-        _mm512_storeu_ps(c + r * ldc + j0 + 16, acc[r][1]);
+        store_columns(c + r * ldc + j0, j0, n, acc[r][0]);
+        store_columns(c + r * ldc + j0 + 16, j0 + 16, n, acc[r][1]);
       }
     } else {  // the last 16 columns
       __m512 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t e = 0; e < k; ++e) {
-        const __m512 y = _mm512_loadu_ps(bt + e * ldt + j0);
+        const __m512 y = _mm512_loadu_ps(b0 + e * ldt);
         for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ap[e * R + r]), y, acc[r]);
       }
-      for (int r = 0; r < R; ++r) _mm512_storeu_ps(c + r * ldc + j0, acc[r]);
+      for (int r = 0; r < R; ++r) store_columns(c + r * ldc + j0, j0, n, acc[r]);
     }
   }
 }
 
 // Whether the tall products below run for rows of k values (AVX-512, k a multiple of 16).
 inline bool tall_products_fast(int64_t k) { return k % 16 == 0 && has_avx512(); }
+
+// Keys as chunks of 16 consecutive positions, each chunk transposed: value e of the chunk's key i at
+// chunk + e * 16 + i (16 k floats per chunk, chunks of consecutive positions adjacent). Packed once per call
+// (pack_key_chunk), they let the tall score products read any run of keys that starts at a multiple of 16 in place,
+// instead of transposing each tile's keys (gemm_abt_tall_fast).
+SPARSE_ATTN_AVX512 inline void pack_key_chunk(RowsOf keys, int64_t live, int64_t k, float* chunk) {
+  transpose_rows(live, k, keys, chunk, 16);  // columns past `live` are zero
+}
+
+// C[m, n] = A[m, k] K[n, k]^T for m > 4 rows of A as row panels (to_row_panels), where the n keys are the chunked
+// keys (pack_key_chunk, starting at `chunks`) at positions pos[0..n): maximal runs of consecutive positions, each
+// of which must start at a multiple of 16 (false, nothing written, when one does not, or without AVX-512 / k a
+// multiple of 16). Only C's first n columns are written.
+inline bool gemm_abt_chunks(int64_t m, int64_t n, int64_t k, const float* ap, const float* chunks, const int64_t* pos,
+                            float* c, int64_t ldc) {
+  if (m <= 4 || !tall_products_fast(k)) return false;
+  for (int64_t j = 0; j < n; ++j) {
+    if (pos[j] % 16 != 0 && (j == 0 || pos[j] != pos[j - 1] + 1)) return false;
+  }
+  for (int64_t j0 = 0; j0 < n;) {
+    int64_t j1 = j0 + 1;
+    while (j1 < n && pos[j1] == pos[j1 - 1] + 1) ++j1;
+    const float* bt = chunks + (pos[j0] / 16) * 16 * k;
+    const int64_t len = j1 - j0, len16 = (len + 15) / 16 * 16;
+    for_row_groups<12>(m, [&](auto rows, int64_t i) {
+      constexpr int R = decltype(rows)::value;
+      gemm_a_bt_rows<R>(len16, k, ap + i * k, bt, 16, c + i * ldc + j0, ldc, 16 * k, len);
+    });
+    j0 = j1;
+  }
+  return true;
+}
 
 // C[m, n] += A[m, k] B[k, n] for m > 4 rows: groups of six rows (24 accumulators per 64 columns).
 // A's rows 256 floats apart (the score tiles of the prefill kernel) take a register tile with that stride built in.
@@ -686,6 +729,10 @@ inline bool gemm_abt_tall_fast(int64_t m, int64_t n, int64_t k, const float* ap,
 }
 #else
 inline bool tall_products_fast(int64_t) { return false; }
+inline void pack_key_chunk(RowsOf, int64_t, int64_t, float*) {}
+inline bool gemm_abt_chunks(int64_t, int64_t, int64_t, const float*, const float*, const int64_t*, float*, int64_t) {
+  return false;
+}
 inline void to_bf16_pairs(RowsOf, int64_t, int64_t, uint32_t*) {}
 inline bool gemm_abt_tall_fast(int64_t, int64_t, int64_t, const float*, RowsOf, float*, int64_t, float*) {
   return false;
