@@ -230,6 +230,8 @@ struct Scratch {
   std::vector<float> q, s, acc, k, v, kt, row_max, row_sum;  // kt: a tile's keys transposed (tall products)
   std::vector<float> q_panels;  // the Q tile as row panels (tall products: kernel_utils.h, to_row_panels)
   std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
+  std::vector<const float*> slot_rows;  // pruned slots whose V half is expanded in the P V product (v_rows null)
+  bool v_slots = false;  // the current tile has such keys
   std::vector<const float*> k_first, v_first;  // ... of the item's first KV head, and the strides to the others
   std::vector<int64_t> k_head_stride, v_head_stride;
   std::vector<int64_t> key_pos;
@@ -243,6 +245,7 @@ struct Scratch {
     thread_local Scratch w;
     w.reserve(q_rows, dim);
     w.tiles = w.skipped = 0;
+    w.v_slots = false;
     return w;
   }
 
@@ -253,7 +256,8 @@ struct Scratch {
     };
     grow(q, q_rows * dim), grow(s, q_rows * kTileKeys), grow(acc, q_rows * dim), grow(k, kTileKeys * dim);
     grow(v, kTileKeys * dim), grow(kt, q_rows > 4 ? kTileKeys * dim : 0), grow(row_max, q_rows), grow(row_sum, q_rows);
-    grow(q_panels, q_rows * dim), grow(k_rows, kTileKeys), grow(v_rows, kTileKeys), grow(k_first, kTileKeys);
+    grow(q_panels, q_rows * dim), grow(k_rows, kTileKeys), grow(v_rows, kTileKeys),
+    grow(slot_rows, kTileKeys), grow(k_first, kTileKeys);
     grow(v_first, kTileKeys), grow(k_head_stride, kTileKeys), grow(v_head_stride, kTileKeys), grow(key_pos, kTileKeys);
     grow(key_bits, kTileKeys);
   }
@@ -339,11 +343,11 @@ class BlockSparseAttention {
             w.k_rows[i] = w.k_first[i] + c * w.k_head_stride[i];
             w.v_rows[i] = w.v_first[i] == nullptr ? nullptr : w.v_first[i] + c * w.v_head_stride[i];
           }
-          if (unpack_late) unpack_tile(gathered, w);
+          if (unpack_late) unpack_tile(gathered, m, w);
           tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w, c * m);
         }
       } else if (direct) {
-        if (unpack_late) unpack_tile(gathered, w);
+        if (unpack_late) unpack_tile(gathered, m, w);
         tile(item, g, gathered, RowsOf(w.k_rows.data()), RowsOf(w.v_rows.data()), w, 0);
       } else {
         tile(item, g, gathered, RowsOf(w.k.data(), dim), RowsOf(w.v.data(), dim), w, 0);
@@ -436,19 +440,31 @@ class BlockSparseAttention {
 
  private:
   // Unpacks the tile's pruned slots (keys whose v_rows entry is null; k_rows holds the slot) into the scratch rows.
-  void unpack_tile(int64_t n, Scratch& w) const {
+  // Short Q tiles (m <= kDirectMaxRows: decode) unpack the keys only: their P V product expands each slot's V
+  // half in registers (gemm_ab_acc_slots), so V is never stored and read back; the slots stay in w.slot_rows and
+  // w.v_slots says the tile has some.
+  void unpack_tile(int64_t n, int64_t m, Scratch& w) const {
     constexpr int64_t kLookahead = 16;
     const int64_t dim = p_.dim, slot_bytes = int64_t{sizeof(T)} * (2 * p_.slot_keep) + 2 * p_.bitmap_bytes;
+    const bool v_in_registers = m <= kDirectMaxRows && ab_acc_slots_fast(dim);
+    w.v_slots = false;
     for (int64_t i = 0; i < n; ++i) {
       if (i + kLookahead < n && w.v_rows[i + kLookahead] == nullptr) {
         prefetch_bytes(w.k_rows[i + kLookahead], slot_bytes + 63);  // + 63: a slot may straddle one more line
       }
       if (w.v_rows[i] != nullptr) continue;
+      const float* slot = reinterpret_cast<const float*>(w.k_rows[i]);
       float* k = w.k.data() + i * dim;
-      float* v = w.v.data() + i * dim;
-      unpack_kv_slot(reinterpret_cast<const float*>(w.k_rows[i]), dim, p_.slot_keep, k, v);
+      if (v_in_registers) {
+        unpack_k_slot(slot, dim, p_.slot_keep, k);
+        w.slot_rows[i] = slot;
+        w.v_slots = true;
+      } else {
+        float* v = w.v.data() + i * dim;
+        unpack_kv_slot(slot, dim, p_.slot_keep, k, v);
+        w.v_rows[i] = v;
+      }
       w.k_rows[i] = k;
-      w.v_rows[i] = v;
     }
   }
 
@@ -458,6 +474,8 @@ class BlockSparseAttention {
   void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, RowsOf k, RowsOf v, Scratch& w,
             int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
+    const bool slots = w.v_slots;  // set by unpack_tile for this tile only
+    w.v_slots = false;
     float* s = w.s.data();
     // Scores: from the keys packed once per call where the tile's runs start on chunks, else from its own keys.
     const float* chunks = p_.key_chunks == nullptr ? nullptr
@@ -486,7 +504,12 @@ class BlockSparseAttention {
       ++w.skipped;
       return;
     }
-    gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim, p_.tall);
+    if (slots) {  // pruned V halves expanded in registers (unpack_tile)
+      gemm_ab_acc_slots(m, n, dim, p_.slot_keep, s, kTileKeys, v.ptrs, w.slot_rows.data(), w.acc.data() + row0 * dim,
+                        dim);
+    } else {
+      gemm_ab_acc(p_.blas, m, dim, n, s, kTileKeys, v, w.acc.data() + row0 * dim, dim, p_.tall);
+    }
   }
 
   // Writes out = acc / l and lse for the rows of query block g of head h, held at row `tile_row` of the Q tile: into
@@ -774,13 +797,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
   p.blas = in.use_blas && sgemm_ != nullptr;
   p.tall = in.use_blas;
 
-  // fp32 prefill on AVX-512: the keys packed once (chunks of 16 positions), read in place by every tile's score
-  // products where its runs of keys start on a chunk (blocks of a multiple of 16 keys), so no tile transposes its
-  // keys: a key read by several query blocks or heads is packed once, not once per tile.
+  // fp32 prefill on AVX-512: the keys packed once (chunks of 16 positions; pruned slots unpacked, the step's own
+  // tokens from new_k), read in place by every tile's score products where its runs of keys start on a chunk
+  // (blocks of a multiple of 16 keys), so no tile transposes (or unpacks) its keys: a key read by several query
+  // blocks or heads is packed once, not once per tile.
   std::vector<int64_t> chunk_base;
   std::unique_ptr<float[]> key_chunks;
-  if (q.scalar_type() == at::kFloat && p.tall && tall_products_fast(dim) && p.slot_keep == 0 && !p.has_fresh &&
-      !p.all_kv_heads && p.kv_block % 16 == 0 && p.max_rows * group > 4) {
+  if (q.scalar_type() == at::kFloat && p.tall && tall_products_fast(dim) && !p.all_kv_heads &&
+      p.kv_block % 16 == 0 && p.max_rows * group > 4) {
     chunk_base.resize(p.batch * p.kv_heads);
     int64_t total = 0;
     for (int64_t bh = 0; bh < p.batch * p.kv_heads; ++bh) {
@@ -789,13 +813,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
     }
     key_chunks.reset(new float[std::max<int64_t>(total, 1)]);
     const float* k = in.k.data_ptr<float>();
+    const float* new_k = p.has_fresh ? in.new_k.data_ptr<float>() : nullptr;
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
       const float* rows[16];
+      std::vector<float> unpacked(p.slot_keep > 0 ? 16 * dim : 0);
       for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads, len = p.kv_lens[b];
+        const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads, len = p.kv_lens[b], fresh = p.fresh_start(b);
         for (int64_t t0 = 0; t0 < len; t0 += 16) {
           const int64_t live = std::min<int64_t>(16, len - t0);
-          for (int64_t i = 0; i < live; ++i) rows[i] = k + p.key_row(b, t0 + i) * p.k_stride_t + h * p.k_stride_h;
+          for (int64_t i = 0, t = t0; i < live; ++i, ++t) {
+            if (t >= fresh) {
+              rows[i] = new_k + (p.cu_q[b] + t - fresh) * p.nk_stride_t + h * p.nk_stride_h;
+            } else if (p.slot_keep > 0) {
+              unpack_k_slot(k + p.key_row(b, t) * p.k_stride_t + h * p.k_stride_h, dim, p.slot_keep,
+                            unpacked.data() + i * dim);
+              rows[i] = unpacked.data() + i * dim;
+            } else {
+              rows[i] = k + p.key_row(b, t) * p.k_stride_t + h * p.k_stride_h;
+            }
+          }
           pack_key_chunk(RowsOf(rows), live, dim, key_chunks.get() + chunk_base[bh] + t0 * dim);
         }
       }

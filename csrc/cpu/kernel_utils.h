@@ -892,6 +892,19 @@ SPARSE_ATTN_AVX512 inline void unpack_kv_slot_avx512(const float* slot, int64_t 
   const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep);
   const float* k = slot;
   const float* v = slot + keep;
+  if (dim == 64) {  // each chunk's first value from a popcount of the bitmap's lower bits: no chain of additions
+    uint64_t km, vm;
+    std::memcpy(&km, bits, 8);
+    std::memcpy(&vm, bits + 8, 8);
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t below = j == 0 ? 0 : (uint64_t{1} << (16 * j)) - 1;
+      _mm512_storeu_ps(k_dst + 16 * j, _mm512_maskz_expandloadu_ps(static_cast<uint16_t>(km >> (16 * j)),
+                                                                     k + __builtin_popcountll(km & below)));
+      _mm512_storeu_ps(v_dst + 16 * j, _mm512_maskz_expandloadu_ps(static_cast<uint16_t>(vm >> (16 * j)),
+                                                                     v + __builtin_popcountll(vm & below)));
+    }
+    return;
+  }
   for (int64_t j = 0; j < dim / 16; ++j) {
     uint16_t k_mask, v_mask;
     std::memcpy(&k_mask, bits + 2 * j, 2);
@@ -902,7 +915,103 @@ SPARSE_ATTN_AVX512 inline void unpack_kv_slot_avx512(const float* slot, int64_t 
     v += __builtin_popcount(v_mask);
   }
 }
+
+// The K half of a pruned fp32 slot (unpack_kv_slot_avx512) into a dense row of `dim` values.
+SPARSE_ATTN_AVX512 inline void unpack_k_slot_avx512(const float* slot, int64_t dim, int64_t keep, float* k_dst) {
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep);
+  const float* k = slot;
+  for (int64_t j = 0; j < dim / 16; ++j) {
+    uint16_t mask;
+    std::memcpy(&mask, bits + 2 * j, 2);
+    _mm512_storeu_ps(k_dst + 16 * j, _mm512_maskz_expandloadu_ps(mask, k));
+    k += __builtin_popcount(mask);
+  }
+}
+
+// C[R, 16 Cn] += P[R, n] V[n, 16 Cn] for one group of R rows, where key e's V row is the dense row v[e] or, where
+// v[e] is null, the V half of the pruned slot slots[e] (keep values and a bitmap of 2 Cn bytes), expanded into
+// registers 16 channels at a time and never stored: C's R x Cn vectors stay in registers over all n keys.
+template <int R, int Cn>
+SPARSE_ATTN_AVX512 void gemm_ab_acc_slots_rows(int64_t n, int64_t keep, const float* p, int64_t ldp,
+                                               const float* const* v, const float* const* slots, float* c,
+                                               int64_t ldc) {
+  __m512 acc[R][Cn];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < Cn; ++j) acc[r][j] = _mm512_loadu_ps(c + r * ldc + 16 * j);
+  }
+  for (int64_t e = 0; e < n; ++e) {
+    __m512 x[Cn];
+    if (v[e] != nullptr) {
+      for (int j = 0; j < Cn; ++j) x[j] = _mm512_loadu_ps(v[e] + 16 * j);
+    } else {
+      const float* values = slots[e] + keep;
+      const uint8_t* bits = reinterpret_cast<const uint8_t*>(slots[e] + 2 * keep) + 2 * Cn;
+      for (int j = 0; j < Cn; ++j) {
+        uint16_t mask;
+        std::memcpy(&mask, bits + 2 * j, 2);
+        x[j] = _mm512_maskz_expandloadu_ps(mask, values);
+        values += __builtin_popcount(mask);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ldp + e]);
+      for (int j = 0; j < Cn; ++j) acc[r][j] = _mm512_fmadd_ps(pr, x[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < Cn; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+  }
+}
+
+template <int Cn>
+SPARSE_ATTN_AVX512 void gemm_ab_acc_slots_cn(int64_t m, int64_t n, int64_t keep, const float* p, int64_t ldp,
+                                             const float* const* v, const float* const* slots, float* c,
+                                             int64_t ldc) {
+  for_row_groups<16 / Cn>(m, [&](auto rows, int64_t i) {  // at most 16 accumulators
+    constexpr int R = decltype(rows)::value;
+    gemm_ab_acc_slots_rows<R, Cn>(n, keep, p + i * ldp, ldp, v, slots, c + i * ldc, ldc);
+  });
+}
 #endif
+
+// Whether gemm_ab_acc_slots runs on this machine for heads of `dim` channels (AVX-512, dim 16 to 128, a multiple of
+// 16).
+inline bool ab_acc_slots_fast(int64_t dim) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return dim % 16 == 0 && dim <= 128 && has_avx512();
+#else
+  (void)dim;
+  return false;
+#endif
+}
+
+// C[m, dim] += P[m, n] V[n, dim] with V rows dense (v[e]) or pruned slots (slots[e] where v[e] is null): see
+// gemm_ab_acc_slots_rows. Only where ab_acc_slots_fast(dim).
+inline void gemm_ab_acc_slots(int64_t m, int64_t n, int64_t dim, int64_t keep, const float* p, int64_t ldp,
+                              const float* const* v, const float* const* slots, float* c, int64_t ldc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (dim / 16) {
+    case 1: return gemm_ab_acc_slots_cn<1>(m, n, keep, p, ldp, v, slots, c, ldc);
+    case 2: return gemm_ab_acc_slots_cn<2>(m, n, keep, p, ldp, v, slots, c, ldc);
+    case 3: return gemm_ab_acc_slots_cn<3>(m, n, keep, p, ldp, v, slots, c, ldc);
+    case 4: return gemm_ab_acc_slots_cn<4>(m, n, keep, p, ldp, v, slots, c, ldc);
+    case 5: return gemm_ab_acc_slots_cn<5>(m, n, keep, p, ldp, v, slots, c, ldc);
+    case 6: return gemm_ab_acc_slots_cn<6>(m, n, keep, p, ldp, v, slots, c, ldc);
+    case 7: return gemm_ab_acc_slots_cn<7>(m, n, keep, p, ldp, v, slots, c, ldc);
+    default: return gemm_ab_acc_slots_cn<8>(m, n, keep, p, ldp, v, slots, c, ldc);
+  }
+#else
+  (void)m, (void)n, (void)dim, (void)keep, (void)p, (void)ldp, (void)v, (void)slots, (void)c, (void)ldc;
+#endif
+}
+
+inline void unpack_k_slot(const float* slot, int64_t dim, int64_t keep, float* k_dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unpack_k_slot_avx512(slot, dim, keep, k_dst);
+#else
+  (void)slot, (void)dim, (void)keep, (void)k_dst;
+#endif
+}
 
 // Whether unpack_kv_slot runs on this machine for heads of `dim` channels.
 inline bool unpack_kv_slot_fast(int64_t dim) {
