@@ -27,10 +27,15 @@
 // Threshold skipping (optional): a tile whose scores all lie more than `skip` below their rows' running maxima
 // contributes at most n 2^-skip of each row's mass; its exponentials and its P V product are skipped.
 //
-// On AVX-512 the two products per tile run on register tiles (kernel_utils.h: gemm_abt_tall_fast, whose keys come
-// through pointers, so fp32 keys are never copied into the tile); elsewhere through the BLAS sgemm that torch's CPU
-// library carries (MKL on x86, resolved as a weak symbol: the same routine torch's own CPU flash attention reaches
-// through at::native::cpublas::gemm, which an extension cannot link) and otherwise through vectorized loops.
+// On AVX-512 the two products per tile run on register tiles; the score products of fp32 prefill read the keys
+// packed once per call as transposed chunks of 16 positions (kernel_utils.h: gemm_abt_chunks; pruned slots
+// unpacked and the step's own tokens taken from new_k while packing), so no tile transposes, copies or unpacks its
+// keys, and a key read by several query blocks or heads is packed once (tiles whose runs do not start on a chunk
+// transpose their own: gemm_abt_tall_fast). Decode tiles over pruned slots unpack the K halves and expand the V
+// halves in registers inside the P V product (gemm_ab_acc_slots). Elsewhere products go through the BLAS sgemm
+// that torch's CPU library carries (MKL on x86, resolved as a weak symbol: the same routine torch's own CPU flash
+// attention reaches through at::native::cpublas::gemm, which an extension cannot link) and otherwise through
+// vectorized loops.
 // Softmax and accumulation are fp32. Each output row is computed by one thread in a fixed order, so results do not
 // depend on the thread count.
 #include <ATen/Dispatch.h>
