@@ -400,7 +400,7 @@ def measure_with_stats(llm, prompt, output_tokens):
 
 worker.measure = measure_with_stats
 if __name__ == "__main__":
-    raise SystemExit(worker.main(sys.argv[1], sys.argv[2]))
+    raise SystemExit(worker.main(*sys.argv[1:4]))
 """
 
 
@@ -429,17 +429,20 @@ def run_vllm(names: list[str], cases: list[dict], prompts: dict[str, R.Prompt], 
     output_tokens = max(MAX_NEW_TOKENS.values())
     made = [dict(context=c["id"], key=c["answers"][0], keys=[c["answers"][0]], prompt=prompts[c["id"]].text,
                  prompts=[prompts[c["id"]].text], tokens=prompts[c["id"]].tokens) for c in cases]
-    settings = SimpleNamespace(output_tokens=output_tokens, kvcache_space_gib=1, repeats=1, batch=1)
+    settings = SimpleNamespace(output_tokens=output_tokens, kvcache_space_gib=1, repeats=1, batch=1,
+                               schedule="sequential", timeout_s=timeout_s)
     for config in vllm_configs(names, plan):
         log(f"[{config['name']}] starting the engine over {len(made)} prompts")
+        start = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
             worker = Path(tmp) / "retrieval_vllm_worker.py"
             worker.write_text(STATS_WORKER.format(worker=str(e2e_vllm.WORKER)))
             with mock.patch.object(e2e_vllm, "WORKER", worker):
-                result = e2e_vllm.run_config(config, model_dir, made, "Hello, the pass key is 11111.", settings,
-                                             out_dir / f"{NAME}_logs", timeout_s)
-        status[config["name"]] = {k: result.get(k) for k in ("status", "reason", "engine_start_s", "seconds", "log")}
-        measured = {r["context"]: r for r in result.get("rows", [])}
+                samples = e2e_vllm.measure_all([config], model_dir, made, "Hello, the pass key is 11111.", settings,
+                                               out_dir / f"{NAME}_logs", None)
+        status[config["name"]] = dict({k: config.get(k) for k in ("status", "reason", "engine_start_s", "log")},
+                                      seconds=time.monotonic() - start)
+        measured = {made[i]["context"]: taken[0] for i, taken in samples.get(config["name"], {}).items() if taken}
         for case in cases:
             prompt, got = prompts[case["id"]], measured.get(case["id"])
             if got is None:
@@ -525,7 +528,7 @@ class Settings:
     ids: list[str] | None = None
     rebuild_pool: bool = False
     seed: int = POOL_SEED
-    vllm_timeout_s: float = 7200.0
+    vllm_timeout_s: float = 7200.0  # per engine start and per request
     plan: str | None = None  # the plan file of ``plan`` and ``vllm_plan`` (None: the shipped SmolLM2 plan)
 
     def __post_init__(self):
@@ -660,7 +663,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--plan", help="plan file for the plan and vllm_plan configurations (default: the shipped "
                                        "SmolLM2 plan)")
-    parser.add_argument("--vllm-timeout", type=float, default=7200.0, help="seconds per vLLM engine configuration")
+    parser.add_argument("--vllm-timeout", type=float, default=7200.0,
+                        help="seconds per vLLM engine start and per request")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,11 +31,11 @@
 // packed once per call as transposed chunks of 16 positions (kernel_utils.h: gemm_abt_chunks; pruned slots
 // unpacked and the step's own tokens taken from new_k while packing), so no tile transposes, copies or unpacks its
 // keys, and a key read by several query blocks or heads is packed once (tiles whose runs do not start on a chunk
-// transpose their own: gemm_abt_tall_fast). Decode tiles over pruned slots unpack the K halves and expand the V
-// halves in registers inside the P V product (gemm_ab_acc_slots). Elsewhere products go through the BLAS sgemm
-// that torch's CPU library carries (MKL on x86, resolved as a weak symbol: the same routine torch's own CPU flash
-// attention reaches through at::native::cpublas::gemm, which an extension cannot link) and otherwise through
-// vectorized loops.
+// transpose their own: gemm_abt_tall_fast). Decode tiles over pruned slots expand their K and V halves in
+// registers inside the two products (gemm_abt_slots, gemm_ab_acc_slots): no slot is unpacked into memory.
+// Elsewhere products go through the BLAS sgemm that torch's CPU library carries (MKL on x86, resolved as a weak
+// symbol: the same routine torch's own CPU flash attention reaches through at::native::cpublas::gemm, which an
+// extension cannot link) and otherwise through vectorized loops.
 // Softmax and accumulation are fp32. Each output row is computed by one thread in a fixed order, so results do not
 // depend on the thread count.
 #include <ATen/Dispatch.h>
@@ -235,7 +235,7 @@ struct Scratch {
   std::vector<float> q, s, acc, k, v, kt, row_max, row_sum;  // kt: a tile's keys transposed (tall products)
   std::vector<float> q_panels;  // the Q tile as row panels (tall products: kernel_utils.h, to_row_panels)
   std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
-  std::vector<const float*> slot_rows;  // pruned slots whose V half is expanded in the P V product (v_rows null)
+  std::vector<const float*> slot_rows;  // pruned slots expanded inside the products (k_rows and v_rows null)
   bool v_slots = false;  // the current tile has such keys
   std::vector<const float*> k_first, v_first;  // ... of the item's first KV head, and the strides to the others
   std::vector<int64_t> k_head_stride, v_head_stride;
@@ -445,9 +445,9 @@ class BlockSparseAttention {
 
  private:
   // Unpacks the tile's pruned slots (keys whose v_rows entry is null; k_rows holds the slot) into the scratch rows.
-  // Short Q tiles (m <= kDirectMaxRows: decode) unpack the keys only: their P V product expands each slot's V
-  // half in registers (gemm_ab_acc_slots), so V is never stored and read back; the slots stay in w.slot_rows and
-  // w.v_slots says the tile has some.
+  // Short Q tiles (m <= kDirectMaxRows: decode) unpack nothing: their score and P V products expand each slot's K
+  // and V halves in registers (gemm_abt_slots, gemm_ab_acc_slots), so no slot is stored and read back; the slots
+  // stay in w.slot_rows (k_rows and v_rows null) and w.v_slots says the tile has some.
   void unpack_tile(int64_t n, int64_t m, Scratch& w) const {
     constexpr int64_t kLookahead = 16;
     const int64_t dim = p_.dim, slot_bytes = int64_t{sizeof(T)} * (2 * p_.slot_keep) + 2 * p_.bitmap_bytes;
@@ -459,17 +459,17 @@ class BlockSparseAttention {
       }
       if (w.v_rows[i] != nullptr) continue;
       const float* slot = reinterpret_cast<const float*>(w.k_rows[i]);
-      float* k = w.k.data() + i * dim;
-      if (v_in_registers) {
-        unpack_k_slot(slot, dim, p_.slot_keep, k);
+      if (v_in_registers) {  // k_rows and v_rows null: both halves read from the slot
         w.slot_rows[i] = slot;
+        w.k_rows[i] = nullptr;
         w.v_slots = true;
       } else {
+        float* k = w.k.data() + i * dim;
         float* v = w.v.data() + i * dim;
         unpack_kv_slot(slot, dim, p_.slot_keep, k, v);
+        w.k_rows[i] = k;
         w.v_rows[i] = v;
       }
-      w.k_rows[i] = k;
     }
   }
 
@@ -485,8 +485,10 @@ class BlockSparseAttention {
     // Scores: from the keys packed once per call where the tile's runs start on chunks, else from its own keys.
     const float* chunks = p_.key_chunks == nullptr ? nullptr
         : p_.key_chunks + p_.chunk_base[item.seq * p_.kv_heads + item.head0 / (p_.q_heads / p_.kv_heads)];
-    if (chunks == nullptr ||
-        !gemm_abt_chunks(m, n, dim, w.q_panels.data() + row0 * dim, chunks, w.key_pos.data(), s, kTileKeys)) {
+    if (slots) {  // pruned K halves expanded in registers (unpack_tile)
+      gemm_abt_slots(m, n, dim, p_.slot_keep, w.q.data() + row0 * dim, dim, k.ptrs, w.slot_rows.data(), s, kTileKeys);
+    } else if (chunks == nullptr ||
+               !gemm_abt_chunks(m, n, dim, w.q_panels.data() + row0 * dim, chunks, w.key_pos.data(), s, kTileKeys)) {
       gemm_abt(p_.blas, m, n, dim, w.q.data() + row0 * dim, dim, k, s, kTileKeys, p_.tall ? w.kt.data() : nullptr,
                w.q_panels.data() + row0 * dim);
     }

@@ -963,6 +963,66 @@ SPARSE_ATTN_AVX512 void gemm_ab_acc_slots_rows(int64_t n, int64_t keep, const fl
   }
 }
 
+// dots16 where key j is the dense row rows[j] or, where rows[j] is null, the K half of the pruned slot slots[j]
+// (keep values; the bitmaps after both halves), expanded 16 channels at a time into registers, never stored.
+template <int M>
+SPARSE_ATTN_AVX512 inline void dots16_slots(const float* a, int64_t lda, int64_t k, int64_t keep,
+                                            const float* const* rows, const float* const* slots, __m512* out) {
+  __m512 quad[M][4];
+  for (int g = 0; g < 4; ++g) {
+    const float* dense[4];
+    const float* values[4];
+    const uint8_t* bits[4];
+    for (int t = 0; t < 4; ++t) {
+      dense[t] = rows[4 * g + t];
+      values[t] = slots[4 * g + t];
+      bits[t] = dense[t] != nullptr ? nullptr : reinterpret_cast<const uint8_t*>(values[t] + 2 * keep);
+    }
+    __m512 d[M][4];
+    for (int i = 0; i < M; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < k; e += 16) {
+      __m512 y[4];
+      for (int t = 0; t < 4; ++t) {
+        if (dense[t] != nullptr) {
+          y[t] = _mm512_loadu_ps(dense[t] + e);
+        } else {
+          uint16_t mask;
+          std::memcpy(&mask, bits[t] + e / 8, 2);
+          y[t] = _mm512_maskz_expandloadu_ps(mask, values[t]);
+          values[t] += __builtin_popcount(mask);
+        }
+      }
+      for (int i = 0; i < M; ++i) {
+        const __m512 x = _mm512_loadu_ps(a + i * lda + e);
+        for (int t = 0; t < 4; ++t) d[i][t] = _mm512_fmadd_ps(x, y[t], d[i][t]);
+      }
+    }
+    for (int i = 0; i < M; ++i) quad[i][g] = sum4(d[i][0], d[i][1], d[i][2], d[i][3]);
+  }
+  for (int i = 0; i < M; ++i) out[i] = combine4(quad[i][0], quad[i][1], quad[i][2], quad[i][3]);
+}
+
+// C[M, n] = A[M, k] K[n, k]^T with keys dense (rows[j]) or pruned slots (slots[j] where rows[j] is null): 16 keys
+// at a time through dots16_slots.
+template <int M>
+SPARSE_ATTN_AVX512 void gemm_abt_slots_rows(int64_t n, int64_t k, int64_t keep, const float* a, int64_t lda,
+                                            const float* const* rows, const float* const* slots, float* c,
+                                            int64_t ldc) {
+  const float* r16[16];
+  const float* s16[16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t w = std::min<int64_t>(16, n - j0);
+    for (int64_t t = 0; t < 16; ++t) {  // lanes past n repeat a key, not stored
+      r16[t] = rows[j0 + (t < w ? t : 0)];
+      s16[t] = slots[j0 + (t < w ? t : 0)];
+    }
+    __m512 out[M];
+    dots16_slots<M>(a, lda, k, keep, r16, s16, out);
+    const __mmask16 live = static_cast<__mmask16>((1u << w) - 1);
+    for (int i = 0; i < M; ++i) _mm512_mask_storeu_ps(c + i * ldc + j0, live, out[i]);
+  }
+}
+
 template <int Cn>
 SPARSE_ATTN_AVX512 void gemm_ab_acc_slots_cn(int64_t m, int64_t n, int64_t keep, const float* p, int64_t ldp,
                                              const float* const* v, const float* const* slots, float* c,
@@ -1002,6 +1062,21 @@ inline void gemm_ab_acc_slots(int64_t m, int64_t n, int64_t dim, int64_t keep, c
   }
 #else
   (void)m, (void)n, (void)dim, (void)keep, (void)p, (void)ldp, (void)v, (void)slots, (void)c, (void)ldc;
+#endif
+}
+
+// C[m, n] = A[m, k] K[n, k]^T, key j dense (rows[j]) or the K half of the pruned slot slots[j] (rows[j] null),
+// expanded in registers (gemm_abt_slots_rows), in groups of at most four rows. Only where ab_acc_slots_fast(k).
+inline void gemm_abt_slots(int64_t m, int64_t n, int64_t k, int64_t keep, const float* a, int64_t lda,
+                           const float* const* rows, const float* const* slots, float* c, int64_t ldc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  for (int64_t i = 0; i < m; i += 4) {
+    with_rows<4>(std::min<int64_t>(4, m - i), [&](auto group) {
+      gemm_abt_slots_rows<decltype(group)::value>(n, k, keep, a + i * lda, lda, rows, slots, c + i * ldc, ldc);
+    });
+  }
+#else
+  (void)m, (void)n, (void)k, (void)keep, (void)a, (void)lda, (void)rows, (void)slots, (void)c, (void)ldc;
 #endif
 }
 
