@@ -187,7 +187,6 @@ class Worker:
 
     def __init__(self, config: dict, model_dir: str, made: list[dict], warmup: str, s: Settings, log_dir: Path,
                  engines: int = 1):
-        self.config = config
         max_len = min(MAX_POSITIONS, max(p["tokens"] for p in made) + s.output_tokens + 64)
         engine_args = dict(ENGINE_ARGS, max_model_len=max_len, max_num_batched_tokens=max_len, max_num_seqs=s.batch)
         if torch.cuda.is_available() and s.schedule == "paired":  # every engine holds its share of the GPU at once

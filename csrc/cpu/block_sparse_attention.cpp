@@ -236,7 +236,7 @@ struct Scratch {
   std::vector<float> q_panels;  // the Q tile as row panels (tall products: kernel_utils.h, to_row_panels)
   std::vector<const float*> k_rows, v_rows;  // the tile's keys and values, read in place (short Q tiles)
   std::vector<const float*> slot_rows;  // pruned slots expanded inside the products (k_rows and v_rows null)
-  bool v_slots = false;  // the current tile has such keys
+  bool slot_keys = false;  // the current tile reads some of its keys from slot_rows
   std::vector<const float*> k_first, v_first;  // ... of the item's first KV head, and the strides to the others
   std::vector<int64_t> k_head_stride, v_head_stride;
   std::vector<int64_t> key_pos;
@@ -250,7 +250,7 @@ struct Scratch {
     thread_local Scratch w;
     w.reserve(q_rows, dim);
     w.tiles = w.skipped = 0;
-    w.v_slots = false;
+    w.slot_keys = false;
     return w;
   }
 
@@ -447,22 +447,22 @@ class BlockSparseAttention {
   // Unpacks the tile's pruned slots (keys whose v_rows entry is null; k_rows holds the slot) into the scratch rows.
   // Short Q tiles (m <= kDirectMaxRows: decode) unpack nothing: their score and P V products expand each slot's K
   // and V halves in registers (gemm_abt_slots, gemm_ab_acc_slots), so no slot is stored and read back; the slots
-  // stay in w.slot_rows (k_rows and v_rows null) and w.v_slots says the tile has some.
+  // stay in w.slot_rows (k_rows and v_rows null) and w.slot_keys says the tile has some.
   void unpack_tile(int64_t n, int64_t m, Scratch& w) const {
     constexpr int64_t kLookahead = 16;
     const int64_t dim = p_.dim, slot_bytes = int64_t{sizeof(T)} * (2 * p_.slot_keep) + 2 * p_.bitmap_bytes;
-    const bool v_in_registers = m <= kDirectMaxRows && ab_acc_slots_fast(dim);
-    w.v_slots = false;
+    const bool in_registers = m <= kDirectMaxRows && ab_acc_slots_fast(dim);
+    w.slot_keys = false;
     for (int64_t i = 0; i < n; ++i) {
       if (i + kLookahead < n && w.v_rows[i + kLookahead] == nullptr) {
         prefetch_bytes(w.k_rows[i + kLookahead], slot_bytes + 63);  // + 63: a slot may straddle one more line
       }
       if (w.v_rows[i] != nullptr) continue;
       const float* slot = reinterpret_cast<const float*>(w.k_rows[i]);
-      if (v_in_registers) {  // k_rows and v_rows null: both halves read from the slot
+      if (in_registers) {  // k_rows and v_rows null: both halves read from the slot
         w.slot_rows[i] = slot;
         w.k_rows[i] = nullptr;
-        w.v_slots = true;
+        w.slot_keys = true;
       } else {
         float* k = w.k.data() + i * dim;
         float* v = w.v.data() + i * dim;
@@ -479,8 +479,8 @@ class BlockSparseAttention {
   void tile(const WorkItem& item, const BlockGeometry* g, int64_t n, RowsOf k, RowsOf v, Scratch& w,
             int64_t row0) const {
     const int64_t span = item.span, rows = g[0].rows, m = item.heads * span * rows, dim = p_.dim;
-    const bool slots = w.v_slots;  // set by unpack_tile for this tile only
-    w.v_slots = false;
+    const bool slots = w.slot_keys;  // set by unpack_tile for this tile only
+    w.slot_keys = false;
     float* s = w.s.data();
     // Scores: from the keys packed once per call where the tile's runs start on chunks, else from its own keys.
     const float* chunks = p_.key_chunks == nullptr ? nullptr
@@ -832,8 +832,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_cpu(const 
             if (t >= fresh) {
               rows[i] = new_k + (p.cu_q[b] + t - fresh) * p.nk_stride_t + h * p.nk_stride_h;
             } else if (p.slot_keep > 0) {
-              unpack_k_slot(k + p.key_row(b, t) * p.k_stride_t + h * p.k_stride_h, dim, p.slot_keep,
-                            unpacked.data() + i * dim);
+              unpack_slots(k + p.key_row(b, t) * p.k_stride_t + h * p.k_stride_h, p.k_stride_t, 1, dim,
+                           p.slot_keep, p.bitmap_bytes, 0, unpacked.data() + i * dim);
               rows[i] = unpacked.data() + i * dim;
             } else {
               rows[i] = k + p.key_row(b, t) * p.k_stride_t + h * p.k_stride_h;

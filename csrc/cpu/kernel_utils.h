@@ -892,19 +892,6 @@ SPARSE_ATTN_AVX512 inline void unpack_kv_slot_avx512(const float* slot, int64_t 
   const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep);
   const float* k = slot;
   const float* v = slot + keep;
-  if (dim == 64) {  // each chunk's first value from a popcount of the bitmap's lower bits: no chain of additions
-    uint64_t km, vm;
-    std::memcpy(&km, bits, 8);
-    std::memcpy(&vm, bits + 8, 8);
-    for (int j = 0; j < 4; ++j) {
-      const uint64_t below = j == 0 ? 0 : (uint64_t{1} << (16 * j)) - 1;
-      _mm512_storeu_ps(k_dst + 16 * j, _mm512_maskz_expandloadu_ps(static_cast<uint16_t>(km >> (16 * j)),
-                                                                     k + __builtin_popcountll(km & below)));
-      _mm512_storeu_ps(v_dst + 16 * j, _mm512_maskz_expandloadu_ps(static_cast<uint16_t>(vm >> (16 * j)),
-                                                                     v + __builtin_popcountll(vm & below)));
-    }
-    return;
-  }
   for (int64_t j = 0; j < dim / 16; ++j) {
     uint16_t k_mask, v_mask;
     std::memcpy(&k_mask, bits + 2 * j, 2);
@@ -913,18 +900,6 @@ SPARSE_ATTN_AVX512 inline void unpack_kv_slot_avx512(const float* slot, int64_t 
     _mm512_storeu_ps(v_dst + 16 * j, _mm512_maskz_expandloadu_ps(v_mask, v));
     k += __builtin_popcount(k_mask);
     v += __builtin_popcount(v_mask);
-  }
-}
-
-// The K half of a pruned fp32 slot (unpack_kv_slot_avx512) into a dense row of `dim` values.
-SPARSE_ATTN_AVX512 inline void unpack_k_slot_avx512(const float* slot, int64_t dim, int64_t keep, float* k_dst) {
-  const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep);
-  const float* k = slot;
-  for (int64_t j = 0; j < dim / 16; ++j) {
-    uint16_t mask;
-    std::memcpy(&mask, bits + 2 * j, 2);
-    _mm512_storeu_ps(k_dst + 16 * j, _mm512_maskz_expandloadu_ps(mask, k));
-    k += __builtin_popcount(mask);
   }
 }
 
@@ -1077,14 +1052,6 @@ inline void gemm_abt_slots(int64_t m, int64_t n, int64_t k, int64_t keep, const 
   }
 #else
   (void)m, (void)n, (void)k, (void)keep, (void)a, (void)lda, (void)rows, (void)slots, (void)c, (void)ldc;
-#endif
-}
-
-inline void unpack_k_slot(const float* slot, int64_t dim, int64_t keep, float* k_dst) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  unpack_k_slot_avx512(slot, dim, keep, k_dst);
-#else
-  (void)slot, (void)dim, (void)keep, (void)k_dst;
 #endif
 }
 
