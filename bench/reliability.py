@@ -30,7 +30,8 @@ writes ``DIR/reliability.json``, ``DIR/reliability.md`` and every engine's and s
 Configurations (``--configs`` for 1-2, ``--server-configs`` for 3):
 
 - ``cpu_attn``: vLLM's own CPU attention (CPU_ATTN; FLASH_ATTN on a GPU);
-- ``default``: our backend without options (the shipped plan chosen automatically, dense below 2048 tokens);
+- ``default``: our backend without options (the shipped plan chosen automatically; prompt rows dense below 2048 tokens, decode
+  rows below 4096);
 - ``plan``: the shipped SmolLM2 plan's per-head prefill patterns on every row (``dense_below`` 0) and Double
   Sparsity decode reading labels stored in the KV pages (16 fixed channels per KV head, written next to the results:
   this checks serving, not accuracy; at least 96 tokens read);
@@ -711,7 +712,7 @@ CAUSES = [
      "pruned, so an answer depends on where the prompt's chunks start, which batching, preemption and cache hits at "
      "other boundaries move (`new_tokens` \"cached\" reads them as cached: no such dependence)."),
     (("plan", "default", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning", "plan_kv_pruning_cached"),
-     "sparse decode (Double Sparsity, top-k; `default` from 2048 tokens of context): after a preemption vLLM "
+     "sparse decode (Double Sparsity, top-k; `default` from 4096 tokens of context): after a preemption vLLM "
      "recomputes the tokens generated so far as a prefill, so their K/V come from prefill attention instead of the "
      "decode selection that produced them, and later tokens can differ."),
 ]

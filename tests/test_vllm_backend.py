@@ -52,6 +52,7 @@ def test_vllm_is_installed_where_required():
 def test_options_defaults_are_content_aware_and_dense_is_one_setting_away():
     options = parse_options({})
     assert options.prefill == default_pattern() and options.decode == TopKDecode() and options.dense_below == 2048
+    assert options.decode_dense_below == 4096  # decode rows select tokens from 4k tokens of context
     assert options.label_width == 0
     prefill, (config, channels) = options.layer_settings(0, num_heads=9)
     assert prefill == default_pattern() and channels is None  # exact q.K scores: no channels, no labels
@@ -67,7 +68,9 @@ def test_options_build_patterns_and_per_layer_choices():
     })
     assert options.prefill == AShape(64, 512)
     assert options.decode == TopKDecode()  # each phase has its own default
-    assert options.dense_below == 1024 and options.block_size == 32
+    assert options.dense_below == options.decode_dense_below == 1024 and options.block_size == 32  # one int: both
+    split = parse_options({"dense_below": {"decode": 512}})
+    assert (split.dense_below, split.decode_dense_below) == (2048, 512)
     assert options.layer_settings(2, 9) == (Dense(), Dense())
     assert options.layer_settings(1, 9)[0] == AShape(64, 512)
     assert parse_options({"prefill": "top_k_blocks", "decode": "dense"}).prefill == TopKBlocks()
@@ -95,6 +98,8 @@ def test_options_build_patterns_and_per_layer_choices():
     ({"plan": "/no/such/plan.json"}, "plan: cannot read '/no/such/plan.json'"),
     ({"block_size": 48}, "block_size must be a power of two >= 16, got 48"),
     ({"dense_below": -1}, "dense_below must be an int >= 0"),
+    ({"dense_below": {"decode": -1}}, "dense_below.decode must be an int >= 0"),
+    ({"dense_below": {"prompt": 10}}, "dense_below: unknown keys ['prompt'] (expected prefill, decode)"),
     ({"dense_layers": "0"}, "dense_layers must be a list"),
     ({"op_backend": "gpu"}, "op_backend must be one of"),
     ({"kv_pruning": {"sparsity": 1.0}}, "kv_pruning.sparsity must be a number in [0, 1), got 1.0"),
@@ -449,7 +454,7 @@ def test_forward_on_pages_matches_the_reference(raw_options):
         num_reqs=len(rows), num_actual_tokens=num_new + 3, max_query_len=max(q for q, _ in rows),
         max_seq_len=max(s for _, s in rows), block_table_tensor=block_table, slot_mapping=new_slots,
     )
-    metadata = build_metadata(common, block_size, options.dense_below)
+    metadata = build_metadata(common, block_size, options.dense_below, options.decode_dense_below)
     output = torch.full_like(query, float("nan"))
     impl.forward(None, query, key, value, kv_cache, metadata, output)
 
@@ -457,7 +462,7 @@ def test_forward_on_pages_matches_the_reference(raw_options):
     for r, (q_len, seq_len) in enumerate(rows):
         start = int(query_start_loc[r])
         q = query[start : start + q_len]
-        dense = seq_len < options.dense_below
+        dense = seq_len < (options.decode_dense_below if q_len == 1 else options.dense_below)
         pattern = Dense() if dense else (options.decode if q_len == 1 else options.prefill)
         mask = pattern.build_mask(
             q_lens=q_len, kv_lens=seq_len, num_heads=num_heads, q_block_size=block_size, kv_block_size=block_size,

@@ -417,6 +417,12 @@ def test_step_planning_groups_rows_by_phase_and_length():
     table, lens = decode.row_pages()
     assert table.tolist() == [[0, 1], [8, 9], [10, 11]] and lens.tolist() == [37, 90, 64]
     assert meta.num_actual_tokens == meta.num_scheduled_tokens == 43
+    # Decode rows may have their own threshold: rows 0 and 5 (37 and 64 tokens) fall below it too, row 4 (90) not.
+    meta = plan_step([0, 1, 24, 25, 41, 42, 43], [37, 23, 5, 70, 90, 64], block_table, torch.zeros(43),
+                     page_size=64, dense_below=30, decode_dense_below=80)
+    groups = {(g.phase, g.dense): g.rows for g in meta.groups}
+    assert groups[("decode", True)] == [0, 2, 5] and groups[("decode", False)] == [4]
+    assert groups[("prefill", False)] == [3] and groups[("prefill", True)] == [1]
     with pytest.raises(ValueError, match="one entry more than seq_lens"):
         plan_step([0, 1], [3, 4], block_table, torch.zeros(1), page_size=64, dense_below=0)
 

@@ -164,15 +164,18 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
         if time.monotonic() - self._last_log > STATS_LOG_SECONDS:
             self._last_log = time.monotonic()
             _log_stats()
-        return build_metadata(common_attn_metadata, self.page_size, self.options.dense_below)
+        return build_metadata(common_attn_metadata, self.page_size, self.options.dense_below,
+                              self.options.decode_dense_below)
 
 
-def build_metadata(cm: CommonAttentionMetadata, page_size: int, dense_below: int) -> StepMetadata:
+def build_metadata(cm: CommonAttentionMetadata, page_size: int, dense_below: int,
+                   decode_dense_below: int | None = None) -> StepMetadata:
     """One step's metadata, shared by every layer of the KV cache group."""
     query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
     seq_lens = cm.seq_lens[: cm.num_reqs].cpu().tolist()  # exact lengths (a sync on GPU, once per step)
     return plan_step(query_start_loc, seq_lens, cm.block_table_tensor, cm.slot_mapping, page_size=page_size,
-                     dense_below=dense_below, num_actual_tokens=cm.num_actual_tokens)
+                     dense_below=dense_below, decode_dense_below=decode_dense_below,
+                     num_actual_tokens=cm.num_actual_tokens)
 
 
 def _is_pattern(decode) -> bool:

@@ -19,7 +19,11 @@ Two sources, both JSON objects of the same shape: the environment variable ``SPA
 - ``auto_plan``: without ``plan`` and ``prefill``, a plan shipped with the package that matches the served model
   (:mod:`sparse_attn.planner.shipped`: head counts and configuration fingerprint) is used, and the log says so;
   ``false`` turns that off (default true).
-- ``dense_below``: rows whose context (cached plus new tokens) is shorter run dense (default 2048).
+- ``dense_below``: rows whose context (cached plus new tokens) is shorter run dense: one int for both phases, or
+  ``{"prefill": n, "decode": m}`` (default: prompt rows from 2048 tokens, decode rows from 4096, as
+  ``DoubleSparsityConfig`` decodes in transformers). Below 4k tokens a decode step's KV bytes are a small part of what
+  it reads (SmolLM2 at 3k: the cache is a fifth of the weights' bytes), so selecting tokens saves little there and
+  risks what it misses: a number copied digit by digit needs the needle's next token each step.
 - ``dense_layers``: layer indices that always run dense.
 - ``block_size``: query and KV block size of the masks (a power of two in 16..1024: the Triton kernel tiles by it, the
   C++ kernels size their scratch by it).
@@ -64,6 +68,8 @@ from ..planner.shipped import announce, find_shipped_plan
 ENV_VAR = "SPARSE_ATTN_VLLM_CONFIG"
 ADDITIONAL_CONFIG_KEY = "sparse_attn"
 DEFAULT_DENSE_BELOW = 2048
+#: Decode rows (one query token) with a shorter context read every token by default.
+DEFAULT_DECODE_DENSE_BELOW = 4096
 #: How a step reads its own new tokens with KV pruning (the first is the default).
 KV_NEW_TOKENS = ("exact", "cached")
 
@@ -156,6 +162,8 @@ class SparseAttnOptions:
     kv_pruning_source: str | None = field(default=None, compare=False)
     #: With KV pruning: the step's own new tokens read unpruned ("exact") or as the page holds them ("cached").
     kv_new_tokens: str = KV_NEW_TOKENS[0]
+    #: Decode rows (one query token) whose context is shorter run dense (``dense_below`` for prompt rows).
+    decode_dense_below: int = DEFAULT_DECODE_DENSE_BELOW
     #: Loaded once; ``channels[layer]`` LongTensor [Hkv (all ranks), r] from a channels file.
     plan: Plan | None = field(default=None, compare=False, repr=False)
     channels: dict[int, torch.Tensor] | None = field(default=None, compare=False, repr=False)
@@ -164,7 +172,8 @@ class SparseAttnOptions:
     def describe(self) -> str:
         decode = self.decode if isinstance(self.decode, (Pattern, TopKDecode)) else "from the plan"
         prefill = f"from plan {self.plan_path}" if self.plan is not None else self.prefill
-        text = (f"prefill {prefill}, decode {decode}, dense below {self.dense_below} tokens, "
+        text = (f"prefill {prefill}, decode {decode}, dense below {self.dense_below} tokens "
+                f"({self.decode_dense_below} for decode rows), "
                 f"dense layers {sorted(self.dense_layers)}, block size {self.block_size}")
         if self.kv_sparsity or self.kv_pruning_source:
             text += (f", KV pruning sparsity {self.kv_sparsity:g} ({self.kv_pruning_source}; "
@@ -434,7 +443,7 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
         elif decode.r is not None and decode.r > min(ds["r"] for ds in _plan_double_sparsity(plan).values()):
             raise SparseAttnConfigError(f"{where}: decode.r={decode.r} exceeds the plan's r of some layer")
 
-    dense_below = _non_negative_int(raw.get("dense_below", DEFAULT_DENSE_BELOW), f"{where}: dense_below")
+    dense_below, decode_dense_below = _dense_below(raw.get("dense_below"), where)
     layers = raw.get("dense_layers", [])
     if not isinstance(layers, (list, tuple)):
         raise SparseAttnConfigError(f"{where}: dense_layers must be a list of layer indices, got {layers!r}")
@@ -452,7 +461,22 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
     kv_new_tokens = (raw.get("kv_pruning") or {}).get("new_tokens", KV_NEW_TOKENS[0])  # checked by _kv_pruning
     return SparseAttnOptions(prefill, decode, dense_below, dense_layers, block_size, op_backend, plan_path,
                              kv_sparsity=kv_sparsity, kv_pruning_source=kv_source, kv_new_tokens=kv_new_tokens,
-                             plan=plan, channels=channels)
+                             decode_dense_below=decode_dense_below, plan=plan, channels=channels)
+
+
+def _dense_below(spec: Any, where: str) -> tuple[int, int]:
+    """(prompt rows', decode rows') dense threshold from the ``dense_below`` option: None (the defaults), one int for
+    both, or ``{"prefill": n, "decode": m}`` (a missing key keeps its default)."""
+    if spec is None:
+        return DEFAULT_DENSE_BELOW, DEFAULT_DECODE_DENSE_BELOW
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"prefill", "decode"})
+        if unknown:
+            raise SparseAttnConfigError(f"{where}: dense_below: unknown keys {unknown} (expected prefill, decode)")
+        return (_non_negative_int(spec.get("prefill", DEFAULT_DENSE_BELOW), f"{where}: dense_below.prefill"),
+                _non_negative_int(spec.get("decode", DEFAULT_DECODE_DENSE_BELOW), f"{where}: dense_below.decode"))
+    value = _non_negative_int(spec, f"{where}: dense_below")
+    return value, value
 
 
 def _kv_pruning(spec: Any, plan: Plan | None, where: str) -> tuple[float, str | None]:

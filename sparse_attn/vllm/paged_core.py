@@ -188,9 +188,11 @@ def plan_step(
     *,
     page_size: int,
     dense_below: int,
+    decode_dense_below: int | None = None,
     num_actual_tokens: int | None = None,
 ) -> StepMetadata:
-    """Group the rows of a step (see :class:`RowGroup`). ``query_start_loc`` [B+1] and ``seq_lens`` [B] are host
+    """Group the rows of a step (see :class:`RowGroup`): rows shorter than ``dense_below`` (decode rows:
+    ``decode_dense_below``, None: the same) run dense. ``query_start_loc`` [B+1] and ``seq_lens`` [B] are host
     lists; ``block_table`` [B, max_pages] and ``slot_mapping`` sit on the device."""
     query_start_loc, seq_lens = list(query_start_loc), list(seq_lens)
     if len(query_start_loc) != len(seq_lens) + 1:
@@ -203,7 +205,9 @@ def plan_step(
             continue  # a padding row
         if q_len < 0 or q_len > seq_len:
             raise ValueError(f"row {row}: query length {q_len} must lie in [0, seq_len={seq_len}]")
-        key = ("decode" if q_len == 1 else "prefill", seq_len < dense_below)
+        decode = q_len == 1
+        threshold = decode_dense_below if decode and decode_dense_below is not None else dense_below
+        key = ("decode" if decode else "prefill", seq_len < threshold)
         rows_by_key.setdefault(key, []).append(row)
 
     groups = []
