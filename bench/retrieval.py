@@ -502,6 +502,17 @@ def summarize(rows: list[dict], configs: list[str], cases: list[dict]) -> dict:
     return out
 
 
+def density_by_length(rows: list[dict], config: str) -> dict[str, float]:
+    """Mean prefill density of ``config``'s rows per target length (the case id's fourth field), shortest first,
+    keyed "1k", "1.5k", ..., "7.5k": the density a setting reads changes with the context, so the mean over the
+    suite hides the long cases'."""
+    groups: dict[int, list[float]] = {}
+    for r in rows:
+        if r["config"] == config and r["prefill_density"] is not None:
+            groups.setdefault(int(r["id"].split("-")[3]), []).append(r["prefill_density"])
+    return {f"{t / 1024:g}k" if t % 512 == 0 else f"{t / 1000:g}k": sum(v) / len(v) for t, v in sorted(groups.items())}
+
+
 def _bucket(tokens: int) -> str:
     """Length group of a case's target length."""
     return "1-2k" if tokens <= 2048 else "3-4k" if tokens <= 4096 else "5-7.5k"
@@ -609,7 +620,7 @@ def markdown(payload: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in comp["by_needle"].items()) + "; "
              + ", ".join(f"{v} with {k} needle{'s' if k != '1' else ''}" for k, v in comp["by_needles"].items())
              + f"; {comp['prompt_tokens'][0]}-{comp['prompt_tokens'][1]} tokens.", "",
-             "Found: every expected string in the greedy continuation. Prefill density: mean over layers of the "
+             "Found: every expected string in the greedy continuation. Prefill density: mean over layers (and cases) of the "
              "fraction of the causal block area read; decode read: mean fraction of the context read per decode "
              "step (1.0 dense).", ""]
     if suite.get("sources_differ"):
@@ -620,15 +631,20 @@ def markdown(payload: dict) -> str:
         lines += ["Runs joined: " + "; ".join(runs) + ".", ""]
     table = []
     for name, s in summary.items():
+        by_length = density_by_length(payload["results"], name)
         table.append([name, payload["configs"].get(name, {}).get("setting", ""),
                       f"{s['found']} / {s['dense_found']}",
                       "yes" if s["kept_every_dense"] else f"no ({len(s['lost'])} lost)",
-                      common.pct(s["prefill_density"]), common.pct(s["decode_read"]),
+                      common.pct(s["prefill_density"]),
+                      "100% at every length" if by_length and all(v == 1.0 for v in by_length.values())
+                      else " ".join(f"{k} {common.pct(v, 0)}" for k, v in by_length.items()),
+                      common.pct(s["decode_read"]),
                       " ".join(f"{k} {v['found']}/{v['dense_found']}" for k, v in s["by_haystack"].items()),
                       " ".join(f"{k} {v['found']}/{v['dense_found']}" for k, v in s["by_needle"].items()),
                       " ".join(f"{k} {v['found']}/{v['dense_found']}" for k, v in s["by_length"].items())])
     lines.append(common.markdown_table(["config", "setting", "found / dense-found", "keeps every dense answer",
-                                        "prefill density", "decode read", "by haystack", "by needle", "by length"],
+                                        "prefill density", "prefill density by length", "decode read",
+                                        "by haystack", "by needle", "by length"],
                                        table))
     lost = [(name, s["lost"]) for name, s in summary.items() if 0 < len(s["lost"]) <= MAX_LISTED_LOSSES]
     many = [f"{name} ({len(s['lost'])})" for name, s in summary.items() if len(s["lost"]) > MAX_LISTED_LOSSES]

@@ -159,6 +159,15 @@ def test_summary_counts_losses_against_dense():
     assert retrieval.summarize(rows[3:], ["default"], cases)["default"]["dense_found"] == 3
 
 
+def test_density_by_length_groups_by_the_case_s_target_length():
+    rows = [dict(config=c, id=f"{n:03d}-filler-number-{t}-d50", prefill_density=d)
+            for n, (c, t, d) in enumerate([("plan", 1024, 0.8), ("plan", 7500, 0.3), ("plan", 6144, 0.5),
+                                           ("plan", 3072, None), ("other", 7500, 0.9)])]
+    groups = retrieval.density_by_length(rows, "plan")
+    assert groups == pytest.approx({"1k": 0.8, "6k": 0.5, "7.5k": 0.3})
+    assert list(groups) == ["1k", "6k", "7.5k"]
+
+
 @pytest.fixture(scope="module")
 def smollm2(tokenizer):
     threads = torch.get_num_threads()
