@@ -255,6 +255,11 @@ def test_a_result_of_another_machine_fills_its_own_readme_table():
 
     settings, _ = e2e_hf_smollm2.settings_from_args(["--out", "x", "--table", "e2e_hf_smollm2_other"])
     assert settings.table == "e2e_hf_smollm2_other"
+    assert "dense_skip" not in settings.configs  # threshold skipping rows run only when named
+    named, _ = e2e_hf_smollm2.settings_from_args(["--out", "x", "--configs", "sdpa,dense_skip,plan_skip"])
+    assert named.configs == ["sdpa", "dense_skip", "plan_skip"]
+    with pytest.raises(ValueError, match="unknown"):
+        e2e_hf_smollm2.settings_from_args(["--out", "x", "--configs", "sdpa,skip"])
     root = Path(report.__file__).parent
     tables = {**report.render_dir(root / "results" / "cpu-2026-12-06"),
               **report.render_dir(root / "results" / "cpu-2026-12-06-xeon")}
