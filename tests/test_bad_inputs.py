@@ -557,8 +557,10 @@ def test_drawn_option_values_fail_with_the_option_named(key, value):
     except SparseAttnConfigError as error:
         assert key in str(error) and "(test)" in str(error), str(error)
         return
-    if key == "dense_below":
-        assert isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if key == "dense_below":  # one threshold, or one per phase
+        values = list(value.values()) if isinstance(value, dict) else [value]
+        assert not isinstance(value, dict) or set(value) <= {"prefill", "decode"}
+        assert all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
     if key == "block_size":
         assert options.block_size == value and value >= 16 and value & (value - 1) == 0
     if key == "kv_pruning":

@@ -574,9 +574,9 @@ def dense_setting(model_dir, vllm_env, prompts):
 @pytest.fixture(scope="module")
 def default_setting(model_dir, vllm_env, prompts):
     """The no-plan default (auto_plan off): head-proxy prefill and exact top-k decode, on a ~4k-token passkey prompt
-    and the short prompts."""
+    and the short prompts; decode rows select from 2048 tokens of context (by default from 4096, above this prompt)."""
     return run_engine(model_dir, "sparse", {"passkey_4k": (prompts["passkey_4k"], 8), "short": (prompts["short"], 24)},
-                      {"auto_plan": False}, engine_args=LONG_ENGINE_ARGS)
+                      {"auto_plan": False, "dense_below": {"decode": 2048}}, engine_args=LONG_ENGINE_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -658,8 +658,10 @@ def test_no_options_serve_the_shipped_plan(auto_setting):
     layers = auto_setting["layers"][0]
     assert {int(i): entry["prefill"] for i, entry in layers.items()} == {i: repr(p) for i, p in patterns.items()}
     assert str(PASSKEY) in auto_setting["passkey_4k_text"][0], auto_setting["passkey_4k_text"]
-    stats = auto_setting["stats"]["passkey_4k"][0]["prefill"]
-    assert stats["sparse_rows"] == 30 and 0.25 < stats["density"] < 0.4, stats
+    stats = auto_setting["stats"]["passkey_4k"][0]
+    assert stats["prefill"]["sparse_rows"] == 30 and 0.25 < stats["prefill"]["density"] < 0.4, stats["prefill"]
+    # Decode rows below 4096 tokens of context read every token by default (the plan's Double Sparsity starts there).
+    assert stats["decode"]["rows"] == 30 * 7 and stats["decode"]["sparse_rows"] == 0, stats["decode"]
 
 
 @needs_vllm

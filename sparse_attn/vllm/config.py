@@ -443,7 +443,7 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
         elif decode.r is not None and decode.r > min(ds["r"] for ds in _plan_double_sparsity(plan).values()):
             raise SparseAttnConfigError(f"{where}: decode.r={decode.r} exceeds the plan's r of some layer")
 
-    dense_below, decode_dense_below = _dense_below(raw.get("dense_below"), where)
+    dense_below, decode_dense_below = _dense_below(raw, where)
     layers = raw.get("dense_layers", [])
     if not isinstance(layers, (list, tuple)):
         raise SparseAttnConfigError(f"{where}: dense_layers must be a list of layer indices, got {layers!r}")
@@ -464,11 +464,12 @@ def parse_options(raw: Mapping[str, Any] | None, source: str = "options") -> Spa
                              decode_dense_below=decode_dense_below, plan=plan, channels=channels)
 
 
-def _dense_below(spec: Any, where: str) -> tuple[int, int]:
-    """(prompt rows', decode rows') dense threshold from the ``dense_below`` option: None (the defaults), one int for
-    both, or ``{"prefill": n, "decode": m}`` (a missing key keeps its default)."""
-    if spec is None:
+def _dense_below(raw: Mapping[str, Any], where: str) -> tuple[int, int]:
+    """(prompt rows', decode rows') dense threshold from the ``dense_below`` option: absent (the defaults), one int
+    for both, or ``{"prefill": n, "decode": m}`` (a missing key keeps its default)."""
+    if "dense_below" not in raw:
         return DEFAULT_DENSE_BELOW, DEFAULT_DECODE_DENSE_BELOW
+    spec = raw["dense_below"]
     if isinstance(spec, Mapping):
         unknown = sorted(set(spec) - {"prefill", "decode"})
         if unknown:
