@@ -182,19 +182,12 @@ def candidate_keeps(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Candi
             key = pattern.estimate_key
             if key not in proxy_estimates:
                 proxy_estimates[key] = pattern.estimate(seq, with_mass=True)
-            keep = dataclasses.replace(pattern, dense_tail=0).select(seq, *proxy_estimates[key])[0]
-            if tails:
-                keep = keep | _tail_blocks(seq, pattern.dense_tail)[None, :, None]
+            proxy = pattern if tails else dataclasses.replace(pattern, dense_tail=0)
+            keep = proxy.select(seq, *proxy_estimates[key])[0]
         else:
             keep = pattern.keep_blocks(seq)
         keeps.append((keep & visible).expand(num_heads, -1, -1))
     return torch.stack(keeps)
-
-
-def _tail_blocks(seq: SeqContext, dense_tail: int) -> torch.Tensor:
-    """Bool ``[num_q_blocks]``: the query blocks holding the last ``dense_tail`` query rows."""
-    _, last_row = seq.q_block_rows()
-    return last_row >= seq.kv_len - dense_tail if dense_tail else torch.zeros_like(last_row, dtype=torch.bool)
 
 
 @torch.no_grad()
