@@ -39,7 +39,8 @@ at::Tensor checked_slots(const at::Tensor& slots, const at::Tensor& dst) {
   return s;
 }
 
-void write_slots(at::Tensor dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs) {
+void write_slots(at::Tensor dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs,
+                 const std::optional<at::Tensor>& label_src, const std::optional<at::Tensor>& channels) {
   TORCH_CHECK(dst.defined() && dst.dim() == 3, "dst must have rank 3 [slots, heads, width], got shape ",
               dst.defined() ? shape_of(dst) : "none");
   check_tensor(slots, "slots", 1, {at::kLong}, dst.device());
@@ -52,11 +53,28 @@ void write_slots(at::Tensor dst, const at::Tensor& slots, const std::vector<at::
     TORCH_CHECK(src.size(2) <= 1 || src.stride(2) == 1, "src must have unit stride along its last axis");
     width += src.size(2);
   }
+  TORCH_CHECK(label_src.has_value() == channels.has_value(), "label_src and channels go together");
+  at::Tensor labels_of, chans;
+  if (channels) {
+    labels_of = *label_src;
+    chans = channels->contiguous();
+    check_tensor(labels_of, "label_src", 3, {dst.scalar_type()}, dst.device());
+    check_tensor(chans, "channels", 2, {at::kLong}, dst.device());
+    TORCH_CHECK(labels_of.size(0) >= slots.size(0) && labels_of.size(1) == dst.size(1), "label_src must be [T >= ",
+                slots.size(0), ", ", dst.size(1), ", D], got shape ", shape_of(labels_of));
+    TORCH_CHECK(chans.size(0) == dst.size(1), "channels must be [", dst.size(1), ", r], got shape ", shape_of(chans));
+    const int64_t* c = chans.data_ptr<int64_t>();
+    for (int64_t i = 0; i < chans.numel(); ++i) {
+      TORCH_CHECK(c[i] >= 0 && c[i] < labels_of.size(2), "channels must lie in [0, ", labels_of.size(2), "), got ",
+                  c[i]);
+    }
+    width += chans.size(1);
+  }
   TORCH_CHECK(width == dst.size(2), "the sources' widths sum to ", width, ", dst is ", dst.size(2), " wide");
   TORCH_CHECK(dst.size(2) <= 1 || dst.stride(2) == 1, "dst must have unit stride along its last axis");
   TORCH_CHECK(dst.is_cpu(), "write_slots runs on CPU tensors, got ", dst.device());
   const auto s = checked_slots(slots, dst);
-  write_slots_cpu(dst, s, srcs);
+  write_slots_cpu(dst, s, srcs, labels_of, chans);
 }
 
 void write_pruned_slots(at::Tensor dst, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v,
@@ -540,8 +558,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("write_slots", &sparse_attn::write_slots,
         "write_slots(dst [S, H, W], slots int64 [n], srcs [T >= n, H, W_j] with sum(W_j) == W): dst[slots[i]] = the "
-        "sources' rows i side by side, where slots[i] >= 0",
-        py::arg("dst"), py::arg("slots"), py::arg("srcs"));
+        "sources' rows i side by side, where slots[i] >= 0; with label_src [T >= n, H, D] and channels int64 [H, r], "
+        "the last r columns of head h take label_src[i, h, channels[h]] (a key's Double Sparsity label)",
+        py::arg("dst"), py::arg("slots"), py::arg("srcs"), py::arg("label_src") = py::none(),
+        py::arg("channels") = py::none());
   m.def("write_pruned_slots", &sparse_attn::write_pruned_slots,
         "write_pruned_slots(dst [S, H, W], slots int64 [n], k/v [T >= n, H, D], keep): K and V pruned to their keep "
         "largest magnitudes and packed into slot slots[i] (negative: skipped)",

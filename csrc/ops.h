@@ -16,8 +16,11 @@ namespace sparse_attn {
 
 // write_slots(dst [S, H, W], slots int64 [n], srcs: tensors [T >= n, H, W_j] with sum(W_j) == W, same dtype; unit
 // stride along the last axis): dst[slots[i]] = cat(srcs[j][i] along the last axis) for slots[i] >= 0 (negative
-// slots are padding), in place (e.g. a token's K and V into one page slot, one pass).
-void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs);
+// slots are padding), in place (e.g. a token's K and V into one page slot, one pass). With label_src [T >= n, H, D]
+// and channels int64 [H, r], the last r columns of head h take label_src[i, h, channels[h]]: K, V and the key's
+// Double Sparsity label in one pass.
+void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs,
+                     const at::Tensor& label_src = {}, const at::Tensor& channels = {});
 
 // write_pruned_slots(dst [S, H, W], slots int64 [n], k/v [T >= n, H, D] in dst's dtype, keep): slot slots[i] of
 // head h gets K's and V's `keep` largest-magnitude values (channel order; ties: the lower channel), then their keep

@@ -10,7 +10,7 @@ from sparse_attn.decode.compressed import (
     compress_kv, compressed_decode_attention, compressed_decode_attention_torch, context_tokens, keep_count,
 )
 from sparse_attn.decode.kv_pruning import KVPruningConfig, compressed_kv_attention
-from sparse_attn.ops.extension import extension, extension_available, topk_tokens
+from sparse_attn.ops.extension import extension, extension_available, topk_tokens, write_slots_cpu
 from sparse_attn.ops.reference import attention_reference_varlen
 
 OPS = ("topk_tokens", "compressed_decode_attention", "block_sparse_attention_cpu", "pooled_block_scores", "write_slots")
@@ -84,7 +84,36 @@ def test_write_slots_checks_its_arguments():
         extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 4, dtype=torch.float64)])
     with pytest.raises(RuntimeError, match="widths sum to 3, dst is 4 wide"):
         extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 2), torch.zeros(1, 2, 1)])
+    with pytest.raises(RuntimeError, match="channels must lie in"):
+        extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 3)], torch.zeros(1, 2, 4),
+                                torch.tensor([[0], [4]]))
+    with pytest.raises(RuntimeError, match="label_src and channels go together"):
+        extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 3)], torch.zeros(1, 2, 4))
+    with pytest.raises(RuntimeError, match="widths sum to 5, dst is 4 wide"):
+        extension().write_slots(dst, torch.tensor([0]), [torch.zeros(1, 2, 3)], torch.zeros(1, 2, 4),
+                                torch.tensor([[0, 1], [2, 3]]))
     assert not dst.any()  # nothing written by a refused call
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_slots_with_labels(rng, dtype):
+    """K, V and each head's label (the key at its channels) in one pass, from strided sources (vLLM's key and value
+    are views into one projection output), padding slots skipped."""
+    gen, seed = rng
+    num_slots, hkv, d, r, t = 40, 3, 8, 3, 5
+    qkv = torch.randn(t + 2, hkv * 3, d, generator=gen).to(dtype)
+    key, value = qkv[:, hkv : 2 * hkv], qkv[:, 2 * hkv :]
+    channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)])
+    slots = torch.tensor([7, -1, 0, 39, 12])
+    dst = torch.randn(num_slots, hkv, 2 * d + r, generator=gen).to(dtype)
+    want = dst.clone()
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            label = torch.stack([key[i, h, channels[h]] for h in range(hkv)])
+            want[slot] = torch.cat([key[i], value[i], label], -1)
+    assert write_slots_cpu(dst, slots, key, value, label_src=key, channels=channels)
+    assert torch.equal(dst, want), f"seed {seed}"
 
 
 # ---------------------------------------------------------------------------------------------- top-k tokens

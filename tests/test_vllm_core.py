@@ -290,6 +290,27 @@ def test_pruned_slot_write_matches_pack(rng, dtype, head_dim, sparsity):
     assert bool(same.all()), f"seed {seed}: {int((~same).sum())} values differ"
 
 
+@pytest.mark.parametrize("label_width, r", [(0, 0), (8, 8), (8, 5)])
+def test_layer_write_stores_keys_values_and_labels(rng, label_width, r):
+    """The layer's write (one C++ pass on CPU pages) stores what the op-by-op writes store: K | V by write_tokens,
+    the label of each key at the layer's channels by LabelCache.write; label columns past r and padding slots are left
+    alone. Key and value are views into one projection output, as vLLM passes them."""
+    gen, seed = rng
+    channels = torch.stack([torch.randperm(D, generator=gen)[:r] for _ in range(HKV)]) if r else None
+    decode = DecodeSelection(DoubleSparsityConfig(r=r), channels) if r else Dense()
+    layer = PagedAttentionLayer(HQ, HKV, D, 0.1, decode=decode, label_width=label_width)
+    pages = torch.randn(5, PAGE, HKV, 2 * D + label_width, generator=gen)
+    kv_cache, want = pages.clone().transpose(1, 2), pages.clone()
+    qkv = torch.randn(7, HQ + 2 * HKV, D, generator=gen)
+    key, value = qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
+    slots = torch.tensor([3, -1, 79, 16, 40, -1])
+    layer.write(kv_cache, key, value, slots)
+    write_tokens(want[..., : 2 * D], slots, key, value)
+    if r:
+        LabelCache.over(want[..., 2 * D : 2 * D + r], channels).write(key, slots)
+    assert torch.equal(kv_cache.transpose(1, 2), want), f"seed {seed}"
+
+
 def test_pruned_slot_sizes():
     fp16 = PrunedSlotFormat.for_sparsity(64, 0.5, torch.float16)
     # 32 + 32 values (128 B) and two 64-bit bitmaps (16 B) against 256 B dense; channel ids would take 192 B.

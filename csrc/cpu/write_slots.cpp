@@ -14,9 +14,12 @@
 
 namespace sparse_attn {
 
-void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs) {
+void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const std::vector<at::Tensor>& srcs,
+                     const at::Tensor& label_src, const at::Tensor& channels) {
   const int64_t n = slots.size(0), heads = dst.size(1), d_slot = dst.stride(0), d_head = dst.stride(1);
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t r = channels.defined() ? channels.size(1) : 0;  // label columns after the sources' (Double Sparsity)
+  const int64_t* channel = r ? channels.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "write_slots_cpu", [&] {
     scalar_t* out = dst.data_ptr<scalar_t>();
     // Rows are few (a decode step writes one per sequence) and short: threads only pay off for long prompts.
@@ -33,6 +36,18 @@ void write_slots_cpu(at::Tensor& dst, const at::Tensor& slots, const std::vector
           }
         }
         column += width;
+      }
+      if (r == 0) return;
+      // The label of head h: label_src[i, h, channels[h, c]] for c < r, the key restricted to its heavy channels.
+      const scalar_t* in = label_src.data_ptr<scalar_t>();
+      const int64_t s_row = label_src.stride(0), s_head = label_src.stride(1), s_dim = label_src.stride(2);
+      for (int64_t i = first; i < last; ++i) {
+        if (slot[i] < 0) continue;
+        for (int64_t h = 0; h < heads; ++h) {
+          scalar_t* row = out + slot[i] * d_slot + h * d_head + column;
+          const scalar_t* key = in + i * s_row + h * s_head;
+          for (int64_t c = 0; c < r; ++c) row[c] = key[channel[h * r + c] * s_dim];
+        }
       }
     });
   });

@@ -89,18 +89,23 @@ def _lengths_arg(name: str, t, batch: int, device: torch.device, upper: int | No
     return t.to(torch.int32).contiguous()
 
 
-def write_slots_cpu(dst: torch.Tensor, slots: torch.Tensor, *srcs: torch.Tensor) -> bool:
+def write_slots_cpu(dst: torch.Tensor, slots: torch.Tensor, *srcs: torch.Tensor, label_src: torch.Tensor | None = None,
+                    channels: torch.Tensor | None = None) -> bool:
     """``dst[slots[i]] = cat(src[i] for src in srcs, -1)`` for ``slots[i] >= 0`` in place, by the C++ op (dst
-    ``[S, H, W]`` and each src ``[T >= n, H, W_j]``, widths summing to W, of one dtype on the CPU, unit stride along
-    the last axis). Returns False, writing nothing, where the op does not apply (no extension, other strides or
-    dtypes): the caller writes another way."""
+    ``[S, H, W]`` and each src ``[T >= n, H, W_j]`` of one dtype on the CPU, unit stride along the last axis). With
+    ``label_src [T >= n, H, D]`` and ``channels`` int64 ``[H, r]``, the last ``r`` columns of head ``h`` take
+    ``label_src[i, h, channels[h]]`` (a key's Double Sparsity label, written in the same pass); the widths sum to W.
+    Returns False, writing nothing, where the op does not apply (no extension, other strides or dtypes): the caller
+    writes another way."""
     ext = cuda_extension()
     if ext is None or not hasattr(ext, "write_slots") or dst.dim() != 3 or (dst.shape[2] > 1 and dst.stride(2) != 1):
         return False
     for src in srcs:
         if src.dim() != 3 or src.dtype != dst.dtype or (src.shape[2] > 1 and src.stride(2) != 1):
             return False
-    ext.write_slots(dst, slots.long(), list(srcs))
+    if label_src is not None and (label_src.dim() != 3 or label_src.dtype != dst.dtype):
+        return False
+    ext.write_slots(dst, slots.long(), list(srcs), label_src, channels)
     return True
 
 

@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from ..decode import DoubleSparsityConfig, LabelCache, select_tokens, sparse_decode_attention, write_tokens
+from ..decode.paged import flat_slots
 from ..decode.double_sparsity import select_tokens_cpu
 from ..decode.compressed import check_sparsity
 from ..decode.pruned_pages import PrunedSlotFormat
@@ -46,7 +47,7 @@ from ..masks import BlockSparseMask, causal_block_bounds
 from ..ops import block_sparse_attention
 from ..ops.attention import cuda_op_available
 from ..ops.extension import block_sparse_attention_cpu as block_sparse_attention_cpp
-from ..ops.extension import cpu_kernel_available
+from ..ops.extension import cpu_kernel_available, write_slots_cpu
 from ..patterns import Dense, Pattern
 from .config import SparseAttnOptions
 
@@ -357,12 +358,23 @@ class PagedAttentionLayer:
             labels = LabelCache.over(views.k, torch.arange(d, device=kv_cache.device).expand(self.num_kv_heads, d))
         # Pruned pages without labels: exact scores read the pruned keys themselves (_selected_decode).
         self._views_key, self._views, self._slot = key, (views, labels), slot
+        # Dense slots on the CPU: K, V and the label written in one C++ pass over [slot, Hkv, 2D (+ r)] rows.
+        self._rows = None
+        if not slot.pruned and kv_cache.device.type == "cpu":
+            r = channels.shape[1] if self.writes_labels else 0
+            self._rows = (flat_slots(pages[..., : slot.width + r]),
+                          channels.to(kv_cache.device, torch.int64).contiguous() if r else None)
         return self._views
 
     def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write the step's new K/V (pruned and packed with KV pruning; and labels) into their slots; slot -1 marks
         padding; key/value may be padded past ``slot_mapping``."""
         views, labels = self.page_views(kv_cache)
+        if self._rows is not None and self._rows[0] is not None:
+            rows, channels = self._rows
+            if write_slots_cpu(rows, slot_mapping, key, value, label_src=None if channels is None else key,
+                               channels=channels):
+                return
         if self._slot.pruned:
             self._slot.write(views.kv, slot_mapping, key, value)
         else:
