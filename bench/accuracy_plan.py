@@ -166,25 +166,41 @@ def markdown(report: dict) -> str:
         lines += ["", f"Calibrated on {len(texts)} prompts of {lengths} tokens from: "
                   + "; ".join(f"\"{t.strip()}\"" for t in texts) + "."]
     lines.append("")
-    run, dense = report["plan_run"], report.get("dense")
+    run, dense, default = report["plan_run"], report.get("dense"), report.get("default_run")
     if run["perplexity"]:
-        lines += [f"Perplexity over {report['settings']['ppl_len']} tokens of each held-out text:", "",
-                  "| text | dense | plan | rise | plan prefill density |", "|---|---|---|---|---|"]
+        head = "| text | dense | plan | rise | plan prefill density |"
+        if default:
+            head += " no-plan default | rise | default prefill density |"
+        lines += [f"Perplexity over {report['settings']['ppl_len']} tokens of each held-out text:", "", head,
+                  "|" + "---|" * (head.count("|") - 1)]
         for name, entry in run["perplexity"].items():
             base = dense["perplexity"][name]["perplexity"] if dense else None
-            rise = f"{100 * entry['rise']:+.2f}%" if "rise" in entry else "-"
-            lines.append(f"| {name} | {f'{base:.4f}' if base else '-'} | {entry['perplexity']:.4f} | {rise} | "
-                         f"{entry['density']:.3f} |")
+            row = f"| {name} | {f'{base:.4f}' if base else '-'} | {_ppl_cells(entry)} |"
+            if default:
+                row += f" {_ppl_cells(default['perplexity'][name])} |"
+            lines.append(row)
     if run["passkey"]:
-        lines += ["", "| tokens | depth | dense | plan | plan prefill density |", "|---|---|---|---|---|"]
+        head = "| tokens | depth | dense | plan | plan prefill density |" + (
+            " no-plan default | default prefill density |" if default else "")
+        lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
         dense_rows = dense["passkey"] if dense else [None] * len(run["passkey"])
-        for p, d in zip(run["passkey"], dense_rows):
-            mark = lambda ok: "ok" if ok else "missed"  # noqa: E731
-            lines.append(f"| {p['tokens']} | {p['depth']} | {mark(d['retrieved']) if d else '-'} | "
-                         f"{mark(p['retrieved'])} | {p['prefill_density']:.3f} |")
-        if "passkey_kept" in run:
-            lines += ["", f"Every dense passkey success kept: {run['passkey_kept']}."]
+        default_rows = default["passkey"] if default else [None] * len(run["passkey"])
+        mark = lambda ok: "ok" if ok else "missed"  # noqa: E731
+        for p, d, o in zip(run["passkey"], dense_rows, default_rows):
+            row = (f"| {p['tokens']} | {p['depth']} | {mark(d['retrieved']) if d else '-'} | "
+                   f"{mark(p['retrieved'])} | {p['prefill_density']:.3f} |")
+            if o:
+                row += f" {mark(o['retrieved'])} | {o['prefill_density']:.3f} |"
+            lines.append(row)
+        for label, r in (("plan", run), ("no-plan default", default)):
+            if r and "passkey_kept" in r:
+                lines += ["", f"Every dense passkey success kept by the {label}: {r['passkey_kept']}."]
     return "\n".join(lines) + "\n"
+
+
+def _ppl_cells(entry: dict) -> str:
+    rise = f"{100 * entry['rise']:+.2f}%" if "rise" in entry else "-"
+    return f"{entry['perplexity']:.4f} | {rise} | {entry['density']:.3f}"
 
 
 def main(argv=None) -> int:

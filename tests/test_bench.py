@@ -267,3 +267,25 @@ def test_a_result_of_another_machine_fills_its_own_readme_table():
     readme = (root.parent / "README.md").read_text()
     for name in ("e2e_hf_smollm2", "e2e_hf_smollm2_xeon"):
         assert report.splice(readme, name, tables[name]) == readme  # the README holds exactly the generated table
+
+
+def test_plan_accuracy_table_shows_the_no_plan_default():
+    """The plan-accuracy table puts the no-plan default beside the plan where a run measured it: its perplexity rise
+    and density per text, and each passkey it missed."""
+    from bench import accuracy_plan
+
+    from pathlib import Path
+
+    payload = json.loads((Path(__file__).parents[1] / "bench/results/accuracy_plan/accuracy_plan.json").read_text())
+    assert "no-plan default" not in accuracy_plan.markdown(payload)
+    default = json.loads(json.dumps(payload["plan_run"]))
+    for entry in default["perplexity"].values():
+        entry.update(perplexity=entry["perplexity"] * 1.5, rise=0.5, density=0.625)
+    default["passkey"][1]["retrieved"] = False
+    default["passkey_kept"] = False
+    text = accuracy_plan.markdown({**payload, "default_run": default})
+    gpl = next(line for line in text.splitlines() if line.startswith("| GPL-3 |"))
+    assert gpl.count("+50.00%") == 1 and gpl.endswith("| 0.625 |")
+    passkeys = [line for line in text.splitlines() if re.match(r"\| \d+ \| 0\.\d+ \|", line)]
+    assert len(passkeys) == len(default["passkey"]) and passkeys[1].count("missed") == 1
+    assert "Every dense passkey success kept by the no-plan default: False." in text
