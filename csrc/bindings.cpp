@@ -501,8 +501,9 @@ at::Tensor pooled_block_scores(const at::Tensor& q, const at::Tensor& k, const a
   return pooled_block_scores_cpu(in);
 }
 
-at::Tensor select_blocks(const at::Tensor& scores, const at::Tensor& budgets, const at::Tensor& proxy_of_head,
-                         const at::Tensor& bounds, const at::Tensor& diag, int64_t tail_from) {
+SelectBlocksInputs checked_select_inputs(const at::Tensor& scores, const at::Tensor& budgets,
+                                         const at::Tensor& proxy_of_head, const at::Tensor& bounds,
+                                         const at::Tensor& diag, int64_t tail_from) {
   TORCH_CHECK(scores.defined() && scores.is_cpu(), "scores must be a CPU tensor");
   const auto dev = scores.device();
   check_tensor(scores, "scores", 3, {at::kFloat}, dev);
@@ -534,9 +535,22 @@ at::Tensor select_blocks(const at::Tensor& scores, const at::Tensor& budgets, co
     TORCH_CHECK(dg[i] >= -1 && dg[i] < std::max<int64_t>(nk, 1), "diag[", i, "] = ", dg[i], " must lie in [-1, ", nk,
                 ")");
   }
+  return in;
+}
+
+at::Tensor select_blocks(const at::Tensor& scores, const at::Tensor& budgets, const at::Tensor& proxy_of_head,
+                         const at::Tensor& bounds, const at::Tensor& diag, int64_t tail_from) {
+  const auto in = checked_select_inputs(scores, budgets, proxy_of_head, bounds, diag, tail_from);
+  const int64_t heads = budgets.size(0), nq = scores.size(1), nk = scores.size(2);
   auto keep = at::zeros({heads, nq, nk}, scores.options().dtype(at::kBool));
   if (heads > 0 && nq > 0 && nk > 0) select_blocks_cpu(in, keep);
   return keep;
+}
+
+std::tuple<at::Tensor, at::Tensor> select_block_rows(const at::Tensor& scores, const at::Tensor& budgets,
+                                                     const at::Tensor& proxy_of_head, const at::Tensor& bounds,
+                                                     const at::Tensor& diag, int64_t tail_from) {
+  return select_block_rows_cpu(checked_select_inputs(scores, budgets, proxy_of_head, bounds, diag, tail_from));
 }
 
 std::tuple<at::Tensor, at::Tensor> block_rows(const at::Tensor& keep) {
@@ -613,6 +627,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "blocks, proxy_of_head int64 [Hq]) and query block i, block 0 and diag[i] (-1: none) first, then the visible "
         "blocks j < bounds[i] with the best scores of the head's proxy (ties: the lower block), budgets[h] in all; "
         "query blocks i >= tail_from keep every block. Returns bool [Hq, nq, nk].",
+        py::arg("scores"), py::arg("budgets"), py::arg("proxy_of_head"), py::arg("bounds"), py::arg("diag"),
+        py::arg("tail_from"));
+  m.def("select_block_rows", &sparse_attn::select_block_rows,
+        "select_blocks' selection as block rows, clipped to the visible blocks j < bounds[i]: (counts int32 [Hq, nq], "
+        "indices int32 [Hq, nq, W] ascending, zero past each count; W the largest count, at least 1).",
         py::arg("scores"), py::arg("budgets"), py::arg("proxy_of_head"), py::arg("bounds"), py::arg("diag"),
         py::arg("tail_from"));
   m.def("block_sparse_attention_cpu", &sparse_attn::block_sparse_attention,

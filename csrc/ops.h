@@ -138,6 +138,9 @@ struct SelectBlocksInputs {
 
 // Fills keep bool [Hq, nq, nk] (zeroed by the caller).
 void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep);
+// The same selection as block rows, clipped to the visible blocks j < bounds[i]: counts int32 [Hq, nq] and indices
+// int32 [Hq, nq, W] ascending (W the largest count, at least 1; zero past each count).
+std::tuple<at::Tensor, at::Tensor> select_block_rows_cpu(const SelectBlocksInputs& in);
 
 // block_rows(keep bool [..., nk], contiguous): counts int32 [...] the kept blocks of each row and indices int32
 // [..., W] their ids ascending, zero past the count, W the largest count (at least 1).

@@ -507,3 +507,56 @@ def test_cpu_selection_breaks_ties_toward_the_lower_block_and_checks_its_inputs(
         select_blocks_cpu(scores, torch.tensor([1]), torch.tensor([0]), torch.tensor([3, 7]), torch.tensor([2, 5]), 2)
     with pytest.raises(RuntimeError, match="diag"):
         select_blocks_cpu(scores, torch.tensor([1]), torch.tensor([0]), torch.tensor([3, 6]), torch.tensor([2, 6]), 2)
+
+
+@needs_select_op
+@pytest.mark.parametrize("seed", range(12))
+def test_block_rows_equal_the_compressed_boolean_selection(seed, monkeypatch):
+    """build_mask's direct path (the C++ selection written as block rows) gives the mask the boolean path gives
+    (keep_blocks, clipped causally, compressed): the same counts and ascending ids, padding zero, for ragged batches
+    of chunked queries, a sequence wholly inside the dense tail (which takes the boolean path) among them."""
+    from sparse_attn.masks import BlockSparseMask
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    heads, kv_heads = [(9, 3), (4, 4), (8, 2), (6, 1)][seed % 4]
+    bq, bk = [(32, 32), (16, 16), (32, 16), (16, 32), (8, 24), (16, 16)][seed % 6]
+    causal = seed % 5 != 4
+    q_lens = [int(torch.randint(1, 300, (), generator=g)) for _ in range(1 + seed % 3)]
+    kv_lens = [n + (int(torch.randint(0, 150, (), generator=g)) if causal and seed % 2 else 0) for n in q_lens]
+    if seed % 3 == 2:
+        q_lens.append(3)  # three query rows, all in the dense tail
+        kv_lens.append(90)
+    q = torch.randn(sum(q_lens), heads, 16, generator=g)
+    k = torch.randn(sum(kv_lens), kv_heads, 16, generator=g)
+    options = dict(head_scores=seed % 2 == 0, pooling=("mean", "max")[seed % 2], dense_tail=(0, 40, 130)[seed % 3])
+    if seed % 4:
+        blocks = torch.randint(1, 12, (heads,), generator=g).tolist()
+        pattern = HeadProxy(gamma=1.0, min_budget=tuple(b * bk for b in blocks),
+                            max_budget=tuple(b * bk for b in blocks), **options)
+    else:
+        pattern = HeadProxy(gamma=tuple((0.5, 0.9)[h % 2] for h in range(heads)), min_budget=bk, fit_blocks=3, **options)
+    args = dict(q_lens=q_lens, kv_lens=kv_lens, num_heads=heads, q_block_size=bq, kv_block_size=bk, causal=causal,
+                q=q, k=k)
+    from sparse_attn.patterns import head_proxy
+
+    direct = []
+    op = head_proxy.select_block_rows_cpu
+    monkeypatch.setattr(head_proxy, "select_block_rows_cpu", lambda *a: direct.append(1) or op(*a))
+    mask = pattern.build_mask(**args)
+    monkeypatch.undo()
+
+    class BooleanOnly(HeadProxy):
+        def block_rows(self, seq):
+            return None
+
+    expected = BooleanOnly(**{f: getattr(pattern, f) for f in ("gamma", "min_budget", "max_budget", "head_scores",
+                                                                "pooling", "dense_tail", "fit_blocks")}).build_mask(**args)
+    assert isinstance(expected, BlockSparseMask)
+    width = max(mask.kv_indices.shape[-1], expected.kv_indices.shape[-1])
+    pad = lambda m: torch.nn.functional.pad(m.kv_indices, (0, width - m.kv_indices.shape[-1]))  # noqa: E731
+    counts = mask.kv_num_blocks.expand_as(expected.kv_num_blocks) if mask.kv_num_blocks.shape[1] == 1 else mask.kv_num_blocks
+    assert torch.equal(counts, expected.kv_num_blocks.expand_as(counts))
+    assert torch.equal(pad(mask).expand(*counts.shape, width), pad(expected).expand(*counts.shape, width))
+    mask.validate(check_values=True)
+    tail = pattern.dense_tail
+    assert len(direct) == sum(1 for n, m in zip(q_lens, kv_lens) if not tail or m - n + min(n, bq) - 1 < m - tail)

@@ -17,6 +17,7 @@
 // kernel_utils.h: pack_key_tile) and the Q tile once per chunk (row panels), so no chunk converts a key again.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -403,7 +404,10 @@ void pooled_scores(const PooledBlockScoresInputs& in, at::Tensor& out) {
 // to the visible blocks j < bound[i] with the highest scores of head h's proxy (ties: the lower block, a strict total
 // order, so every head's set is defined). Query blocks i >= tail_from keep every block. Heads sharing a proxy share
 // its candidates: one selection (nth_element, linear) per distinct budget, largest first, each within the last.
-void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
+// emit(h, i, always, n_always, chosen, n_chosen) receives each (head, query block)'s set (chosen == nullptr: every
+// block, a tail row); the calls for different (h, i) may run in parallel.
+template <typename Emit>
+void select_blocks_impl(const SelectBlocksInputs& in, Emit emit) {
   const int64_t proxies = in.scores.size(0), nq = in.scores.size(1), nk = in.scores.size(2);
   const int64_t heads = in.budgets.size(0);
   const float* sc = in.scores.data_ptr<float>();
@@ -411,7 +415,6 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
   const int64_t* proxy = in.proxy_of_head.data_ptr<int64_t>();
   const int64_t* bound = in.bounds.data_ptr<int64_t>();
   const int64_t* diag = in.diag.data_ptr<int64_t>();
-  bool* out = keep.data_ptr<bool>();
   std::vector<std::vector<int64_t>> heads_of(proxies);
   for (int64_t h = 0; h < heads; ++h) heads_of[proxy[h]].push_back(h);
   at::parallel_for(0, proxies * nq, 64, [&](int64_t begin, int64_t end) {
@@ -422,12 +425,13 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
       const int64_t p = item / nq, i = item % nq;
       if (heads_of[p].empty()) continue;
       if (i >= in.tail_from) {
-        for (int64_t h : heads_of[p]) std::fill_n(out + (h * nq + i) * nk, nk, true);
+        for (int64_t h : heads_of[p]) emit(h, i, nullptr, 0, nullptr, 0);
         continue;
       }
       const int64_t visible = std::min(bound[i], nk), d = diag[i];
       const bool has_diag = d > 0 && d < nk;  // d == 0 is the sink itself
-      const int64_t always = 1 + (has_diag ? 1 : 0);
+      const int32_t always[2] = {0, static_cast<int32_t>(d)};
+      const int64_t n_always = 1 + (has_diag ? 1 : 0);
       // Candidates: the visible blocks other than the always-kept ones (NaN scores rank last).
       const float* s = sc + (p * nq + i) * nk;
       int64_t n = 0;
@@ -438,7 +442,7 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
       }
       auto better = [&val](int32_t a, int32_t b) { return val[a] > val[b] || (val[a] == val[b] && a < b); };
       take.clear();
-      for (int64_t h : heads_of[p]) take.push_back(std::min(n, std::max<int64_t>(0, budget[h] - always)));
+      for (int64_t h : heads_of[p]) take.push_back(std::min(n, std::max<int64_t>(0, budget[h] - n_always)));
       ranks = take;
       std::sort(ranks.begin(), ranks.end(), std::greater<int64_t>());
       int64_t range = n;
@@ -446,14 +450,68 @@ void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
         if (t > 0 && t < range) std::nth_element(order.begin(), order.begin() + t, order.begin() + range, better);
         range = t;
       }
-      for (size_t x = 0; x < heads_of[p].size(); ++x) {
-        bool* row = out + (heads_of[p][x] * nq + i) * nk;
-        row[0] = true;
-        if (has_diag) row[d] = true;
-        for (int64_t t = 0; t < take[x]; ++t) row[order[t]] = true;
-      }
+      for (size_t x = 0; x < heads_of[p].size(); ++x) emit(heads_of[p][x], i, always, n_always, order.data(), take[x]);
     }
   });
+}
+
+void select_blocks_cpu(const SelectBlocksInputs& in, at::Tensor& keep) {
+  const int64_t nq = in.scores.size(1), nk = in.scores.size(2);
+  bool* out = keep.data_ptr<bool>();
+  select_blocks_impl(in, [&](int64_t h, int64_t i, const int32_t* always, int64_t n_always, const int32_t* chosen,
+                             int64_t n_chosen) {
+    bool* row = out + (h * nq + i) * nk;
+    if (chosen == nullptr) {
+      std::fill_n(row, nk, true);
+      return;
+    }
+    for (int64_t t = 0; t < n_always; ++t) row[always[t]] = true;
+    for (int64_t t = 0; t < n_chosen; ++t) row[chosen[t]] = true;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> select_block_rows_cpu(const SelectBlocksInputs& in) {
+  const int64_t nq = in.scores.size(1), nk = in.scores.size(2), heads = in.budgets.size(0);
+  const int64_t* budget = in.budgets.data_ptr<int64_t>();
+  const int64_t* bound = in.bounds.data_ptr<int64_t>();
+  const int64_t* diag = in.diag.data_ptr<int64_t>();
+  // Each row's count, known before selecting: a tail row's visible blocks; else the always-kept blocks it can see
+  // and min(candidates, budget - always-kept) more (as select_blocks_impl takes them).
+  auto counts = at::empty({heads, nq}, in.scores.options().dtype(at::kInt));
+  int32_t* cnt = counts.data_ptr<int32_t>();
+  int64_t width = 1;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t visible = std::min(bound[i], nk), d = diag[i];
+    const bool has_diag = d > 0 && d < nk;
+    const int64_t candidates = std::max<int64_t>(0, visible - 1 - (has_diag && d < visible ? 1 : 0));
+    const int64_t seen_always = (visible > 0 ? 1 : 0) + (has_diag && d < visible ? 1 : 0);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t n = i >= in.tail_from
+                            ? visible
+                            : seen_always + std::min(candidates, std::max<int64_t>(0, budget[h] - 1 - has_diag));
+      cnt[h * nq + i] = static_cast<int32_t>(n);
+      width = std::max(width, n);
+    }
+  }
+  auto indices = at::zeros({heads, nq, width}, in.scores.options().dtype(at::kInt));
+  int32_t* idx = indices.data_ptr<int32_t>();
+  if (heads == 0 || nq == 0 || nk == 0) return {counts, indices};
+  select_blocks_impl(in, [&](int64_t h, int64_t i, const int32_t* always, int64_t n_always, const int32_t* chosen,
+                             int64_t n_chosen) {
+    int32_t* row = idx + (h * nq + i) * width;
+    const int64_t visible = std::min(bound[i], nk);
+    if (chosen == nullptr) {  // a tail row: every visible block
+      for (int64_t j = 0; j < visible; ++j) row[j] = static_cast<int32_t>(j);
+      return;
+    }
+    int64_t m = 0;  // the always-kept blocks it can see, then the chosen ones (all visible), ascending
+    for (int64_t t = 0; t < n_always; ++t) {
+      if (always[t] < visible) row[m++] = always[t];
+    }
+    std::copy(chosen, chosen + n_chosen, row + m);
+    std::sort(row, row + m + n_chosen);
+  });
+  return {counts, indices};
 }
 
 const char* estimate_products_cpu(int64_t dim) {

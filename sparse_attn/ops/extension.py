@@ -281,6 +281,15 @@ def select_blocks_cpu(scores: torch.Tensor, budgets: torch.Tensor, proxy_of_head
                                      bounds.to(torch.int64), diag.to(torch.int64), int(tail_from))
 
 
+def select_block_rows_cpu(scores: torch.Tensor, budgets: torch.Tensor, proxy_of_head: torch.Tensor,
+                          bounds: torch.Tensor, diag: torch.Tensor, tail_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_blocks_cpu`'s selection as block rows, clipped to the visible blocks ``j < bounds[i]``: int32
+    ``counts [Hq, nq]`` and ``indices [Hq, nq, W]`` (ascending, zero past each count, W the largest count), without
+    the boolean block matrix."""
+    return extension().select_block_rows(scores.float(), budgets.to(torch.int64), proxy_of_head.to(torch.int64),
+                                         bounds.to(torch.int64), diag.to(torch.int64), int(tail_from))
+
+
 def decode_select_cpu(q: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, block_table: torch.Tensor,
                       kv_lens: torch.Tensor, budgets: torch.Tensor, width: int, *, sink: int, recent: int,
                       per_group: bool = True, reduce_max: bool = True, slot_keep: int = 0,

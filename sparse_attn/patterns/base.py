@@ -83,6 +83,12 @@ class Pattern:
         """Boolean ``[H or 1, num_q_blocks, num_kv_blocks]`` for one sequence (before causal clipping)."""
         raise NotImplementedError
 
+    def block_rows(self, seq: SeqContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optionally, the mask rows of :meth:`keep_blocks` made directly, clipped to the blocks a causal query
+        block can see: int32 ``counts [H or 1, num_q_blocks]`` and ``indices [H or 1, num_q_blocks, W]`` (ascending,
+        zero past each count). None (the default): :meth:`build_mask` compresses :meth:`keep_blocks` instead."""
+        return None
+
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """Raise ValueError naming the parameter where the pattern cannot run on layers of ``num_heads`` query heads
         and ``num_kv_heads`` KV heads (per-head values of another count, groups that do not divide the KV heads):
@@ -134,6 +140,10 @@ class Pattern:
                 None if k is None else k[cu_k[b] : cu_k[b] + kl],
                 scale,
             )
+            fast = self.block_rows(seq)
+            if fast is not None:
+                rows.append(fast)
+                continue
             keep = self.keep_blocks(seq)
             if keep.dim() != 3 or keep.shape[1:] != (seq.num_q_blocks, seq.num_kv_blocks) or keep.shape[0] not in (1, num_heads):
                 raise ValueError(
@@ -145,11 +155,33 @@ class Pattern:
             if keep.shape[1:] != (nq, nk):  # a shorter sequence of a ragged batch
                 keep = torch.nn.functional.pad(keep, (0, nk - keep.shape[2], 0, nq - keep.shape[1]))
             rows.append(keep)
-        heads = max(r.shape[0] for r in rows)
-        keep = rows[0][None] if len(rows) == 1 else torch.stack([r.expand(heads, -1, -1) for r in rows])
-        return BlockSparseMask.from_block_bool(
-            keep, q_block_size=q_block_size, kv_block_size=kv_block_size, q_len=max_q, kv_len=max_kv
-        )
+        heads = max(r[0].shape[0] if isinstance(r, tuple) else r.shape[0] for r in rows)
+        if not any(isinstance(r, tuple) for r in rows):
+            keep = rows[0][None] if len(rows) == 1 else torch.stack([r.expand(heads, -1, -1) for r in rows])
+            return BlockSparseMask.from_block_bool(
+                keep, q_block_size=q_block_size, kv_block_size=kv_block_size, q_len=max_q, kv_len=max_kv
+            )
+        return _stack_rows(rows, heads, nq, q_block_size, kv_block_size, max_q, max_kv)
+
+
+def _stack_rows(rows: list, heads: int, nq: int, q_block_size: int, kv_block_size: int, q_len: int,
+                kv_len: int) -> BlockSparseMask:
+    """One batch mask from per-sequence block rows ``(counts [H', nq_b], indices [H', nq_b, W_b])`` or boolean
+    blocks ``[H', nq, nk]`` (causally clipped): rows padded to the batch's query blocks and widest row."""
+    as_rows = []
+    for r in rows:
+        if not isinstance(r, tuple):
+            m = BlockSparseMask.from_block_bool(r[None], q_block_size=q_block_size, kv_block_size=kv_block_size,
+                                                q_len=q_len, kv_len=kv_len)
+            r = (m.kv_num_blocks[0], m.kv_indices[0])
+        as_rows.append(r)
+    width = max(idx.shape[-1] for _, idx in as_rows)
+    counts = torch.zeros(len(rows), heads, nq, dtype=torch.int32, device=as_rows[0][0].device)
+    indices = torch.zeros(len(rows), heads, nq, width, dtype=torch.int32, device=counts.device)
+    for b, (cnt, idx) in enumerate(as_rows):
+        counts[b, :, : cnt.shape[1]] = cnt
+        indices[b, :, : idx.shape[1], : idx.shape[2]] = idx
+    return BlockSparseMask(counts, indices, q_block_size, kv_block_size, q_len, kv_len, values_checked=True)
 
 
 def _offsets(cu: Sequence[int] | torch.Tensor | None, lens: list[int]) -> list[int]:

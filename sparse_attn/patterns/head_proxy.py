@@ -39,7 +39,7 @@ import torch
 from .._validate import MAX_COUNT, check_int, check_real, shown
 from ..masks import causal_block_bounds
 from ..ops.attention import resolve_backend, triton_kernels
-from ..ops.extension import extension_available, pooled_block_scores_cpu, select_blocks_cpu
+from ..ops.extension import extension_available, pooled_block_scores_cpu, select_block_rows_cpu, select_blocks_cpu
 from .base import Pattern, SeqContext
 
 __all__ = ["HeadProxy", "pooled_block_probs", "blocks_for_mass", "strided_rows", "POOLINGS"]
@@ -236,13 +236,33 @@ class HeadProxy(Pattern):
                 return torch.ones(1, nq, nk, dtype=torch.bool, device=seq.device)  # nothing to estimate
         start = time.perf_counter()
         keep, budget = self.select(seq, *self.estimate(seq))
+        self._record(seq, start, budget)
+        return keep
+
+    def block_rows(self, seq: SeqContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mask rows of :meth:`keep_blocks` clipped to the visible blocks, ``(counts [Hq, nq], indices [Hq, nq,
+        W])`` int32, from the C++ selection without the boolean block matrix (CPU tensors under the "cpu" backend;
+        None elsewhere: build_mask then compresses keep_blocks)."""
+        nq, nk = seq.num_q_blocks, seq.num_kv_blocks
+        if not (nq and nk and seq.device.type == "cpu" and resolve_backend(self.backend, seq.device) == "cpu"
+                and extension_available("select_block_rows")):
+            return None
+        if self.dense_tail and int(seq.q_block_rows()[1][0]) >= seq.kv_len - self.dense_tail:
+            return None  # every query block is in the tail: nothing to estimate
+        start = time.perf_counter()
+        scores, mass = self.estimate(seq)
+        budget, group_of_head, bound, diag, tail_from = self._selection(seq, scores, mass)
+        counts, indices = select_block_rows_cpu(scores, budget, group_of_head, bound, diag, tail_from)
+        self._record(seq, start, budget)
+        return counts, indices
+
+    def _record(self, seq: SeqContext, start: float, budget: torch.Tensor) -> None:
         if seq.device.type == "cuda":
             torch.cuda.synchronize(seq.device)
         elapsed = time.perf_counter() - start
         self.stats.update(seconds=elapsed, total_seconds=self.stats.get("total_seconds", 0.0) + elapsed,
                           calls=self.stats.get("calls", 0) + 1,
                           budget_tokens=(budget * seq.kv_block_size).tolist())
-        return keep
 
     @property
     def estimate_key(self) -> tuple:
@@ -298,6 +318,29 @@ class HeadProxy(Pattern):
         the budgets ``b_h`` in blocks ``[Hq]``. Equal scores rank the lower block first on the C++ path (CPU tensors
         under the "cpu" backend); elsewhere ``torch.topk`` orders them."""
         num_heads, (groups, nq, nk) = seq.num_heads, scores.shape
+        budget, group_of_head, bound, diag, tail_from = self._selection(seq, scores, mass)
+        if (resolve_backend(self.backend, seq.device) == "cpu" and seq.device.type == "cpu"
+                and extension_available("select_blocks")):
+            return select_blocks_cpu(scores, budget, group_of_head, bound, diag, tail_from), budget
+        # The sink and diagonal blocks rank first, so they count within b_h: a fixed budget reads exactly
+        # min(b_h, visible) blocks per query block (at least these two), whatever the content.
+        # Each proxy ranks its blocks once (the best max(b_h) of them); head h keeps its proxy's first b_h.
+        always = self._always(seq, diag, torch.arange(nq, device=seq.device))
+        visible = torch.arange(nk, device=seq.device)[None, :] < bound[:, None]
+        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(always, float("inf"))
+        width = max(1, min(nk, int(budget.max())))
+        best = scores.topk(width, dim=-1).indices  # [proxies, nq, width], best first
+        take = (torch.arange(width, device=seq.device) < budget[:, None, None]).expand(num_heads, nq, width)
+        top = torch.zeros(num_heads, nq, nk, dtype=torch.bool, device=seq.device)
+        top.scatter_(-1, best[group_of_head], take)
+        top &= visible  # a budget larger than the visible blocks ranked invisible ones in
+        top[:, tail_from:, :] = True
+        return top | always, budget
+
+    def _selection(self, seq: SeqContext, scores: torch.Tensor, mass: torch.Tensor | None):
+        """What step 4 selects with: per head its budget in blocks and its proxy ``[Hq]``, per query block its
+        visible-block bound and diagonal block ``[nq]``, and the first query block of the dense tail."""
+        num_heads, (groups, nq, nk) = seq.num_heads, scores.shape
         gamma = torch.tensor(self._per_head("gamma", num_heads), dtype=torch.float64, device=seq.device)
         floor, cap = self._budget_bounds(seq, num_heads)
         _, last_row = seq.q_block_rows()
@@ -327,23 +370,7 @@ class HeadProxy(Pattern):
         # Query blocks whose last row lies in the dense tail keep every block (causality is applied by build_mask).
         tail_from = int((last_row < seq.kv_len - self.dense_tail).sum()) if self.dense_tail else nq
         group_of_head = torch.arange(num_heads, device=seq.device) // (num_heads // groups)
-        if (resolve_backend(self.backend, seq.device) == "cpu" and seq.device.type == "cpu"
-                and extension_available("select_blocks")):
-            return select_blocks_cpu(scores, budget, group_of_head, bound, diag, tail_from), budget
-        # The sink and diagonal blocks rank first, so they count within b_h: a fixed budget reads exactly
-        # min(b_h, visible) blocks per query block (at least these two), whatever the content.
-        # Each proxy ranks its blocks once (the best max(b_h) of them); head h keeps its proxy's first b_h.
-        always = self._always(seq, diag, torch.arange(nq, device=seq.device))
-        visible = torch.arange(nk, device=seq.device)[None, :] < bound[:, None]
-        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(always, float("inf"))
-        width = max(1, min(nk, int(budget.max())))
-        best = scores.topk(width, dim=-1).indices  # [proxies, nq, width], best first
-        take = (torch.arange(width, device=seq.device) < budget[:, None, None]).expand(num_heads, nq, width)
-        top = torch.zeros(num_heads, nq, nk, dtype=torch.bool, device=seq.device)
-        top.scatter_(-1, best[group_of_head], take)
-        top &= visible  # a budget larger than the visible blocks ranked invisible ones in
-        top[:, tail_from:, :] = True
-        return top | always, budget
+        return budget, group_of_head, bound, diag, tail_from
 
     @staticmethod
     def _always(seq: SeqContext, diag: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
