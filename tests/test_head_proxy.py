@@ -560,3 +560,27 @@ def test_block_rows_equal_the_compressed_boolean_selection(seed, monkeypatch):
     mask.validate(check_values=True)
     tail = pattern.dense_tail
     assert len(direct) == sum(1 for n, m in zip(q_lens, kv_lens) if not tail or m - n + min(n, bq) - 1 < m - tail)
+
+
+@needs_select_op
+@pytest.mark.parametrize("causal", [True, False])
+def test_per_head_block_rows_equal_the_boolean_path(causal):
+    """A plan's mixed layer (PerHead: head proxies with their own rows, Dense and A-shape heads compressed from their
+    keep_blocks) builds the mask the boolean path builds."""
+    from sparse_attn import Dense, PerHead
+
+    class BooleanPerHead(PerHead):
+        def block_rows(self, seq):
+            return None
+
+    g = torch.Generator().manual_seed(7)
+    proxy = HeadProxy(gamma=1.0, min_budget=0.25, max_budget=0.25, head_scores=True, pooling="mean", dense_tail=40)
+    group = HeadProxy(gamma=1.0, min_budget=64, max_budget=64)
+    heads = (proxy, Dense(), proxy, AShape(16, 32), group, proxy)
+    q_lens, kv_lens = [200, 77], [260, 77 if causal else 120]
+    q, k = torch.randn(sum(q_lens), 6, 16, generator=g), torch.randn(sum(kv_lens), 2, 16, generator=g)
+    args = dict(q_lens=q_lens, kv_lens=kv_lens, num_heads=6, q_block_size=16, kv_block_size=16, causal=causal, q=q, k=k)
+    mask, expected = PerHead(heads).build_mask(**args), BooleanPerHead(heads).build_mask(**args)
+    assert torch.equal(mask.to_block_bool(), expected.to_block_bool())
+    assert torch.equal(mask.kv_num_blocks, expected.kv_num_blocks)
+    mask.validate(check_values=True)

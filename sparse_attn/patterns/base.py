@@ -224,3 +224,32 @@ class PerHead(Pattern):
             keep = computed[id(pattern)]
             rows.append(keep[h if keep.shape[0] > 1 else 0])
         return torch.stack(rows)
+
+    def block_rows(self, seq: SeqContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's row from its pattern: the pattern's own block rows where it makes them, else its
+        keep_blocks, causally clipped and compressed."""
+        if len(self.patterns) != seq.num_heads:
+            raise ValueError(f"PerHead has {len(self.patterns)} patterns but the layer has {seq.num_heads} query heads")
+        computed = {}  # a pattern object shared by several heads runs once
+        for pattern in self.patterns:
+            if id(pattern) in computed:
+                continue
+            rows = pattern.block_rows(seq)
+            if rows is None:
+                keep = pattern.keep_blocks(seq)
+                if seq.causal:
+                    keep = keep & seq.causal_keep()
+                mask = BlockSparseMask.from_block_bool(keep[None], q_block_size=seq.q_block_size,
+                                                       kv_block_size=seq.kv_block_size, q_len=seq.q_len,
+                                                       kv_len=seq.kv_len)
+                rows = (mask.kv_num_blocks[0], mask.kv_indices[0])
+            computed[id(pattern)] = rows
+        picked = []
+        for h, pattern in enumerate(self.patterns):
+            counts, indices = computed[id(pattern)]
+            j = h if counts.shape[0] > 1 else 0
+            picked.append((counts[j], indices[j]))
+        width = max(idx.shape[-1] for _, idx in picked)
+        counts = torch.stack([c for c, _ in picked])
+        indices = torch.stack([torch.nn.functional.pad(idx, (0, width - idx.shape[-1])) for _, idx in picked])
+        return counts, indices
