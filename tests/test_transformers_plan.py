@@ -40,7 +40,7 @@ def plan(shape=ModelShape(LAYERS, HEADS, KV_HEADS, HEAD_DIM)) -> Plan:
 def test_defaults_are_content_aware():
     assert isinstance(SparseAttention().pattern, HeadProxy)
     assert default_pattern() == HeadProxy(gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128, fit_blocks=8,
-                                         head_scores=True)
+                                         head_scores=True, pooling="mean")
 
 
 def test_configure_without_a_pattern_uses_the_default(model):

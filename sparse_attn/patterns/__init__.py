@@ -17,8 +17,11 @@ def default_pattern() -> Pattern:
     decide what the answer retrieves, a small share of the causal area). Each head's budget is fitted on 8 query
     blocks spread over the prompt, not on the last one alone: a prompt's final rows often attend to a few places
     while rows inside a long document spread wider, and a budget fitted on the last rows under-serves those. Every
-    query head scores the blocks with its own queries (``head_scores``): a KV group's mean query blurs heads that
-    attend to different places, and on SmolLM2 at 8k tokens the group proxies lost the exact-copy retrieval of a
-    repeated licence text (perplexity +3.2% over dense) that per-head scores keep (-0.5%) at the same density, for
-    about three times the scoring work (still a few percent of dense attention)."""
-    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128, fit_blocks=8, head_scores=True)
+    query head scores the blocks with its own queries (``head_scores``), each block by the attention mass its sampled
+    rows give it (``pooling="mean"``), as the shipped plans do: a KV group's mean query blurs heads that attend to
+    different places, and on SmolLM2 at 8k tokens the group proxies lost the exact-copy retrieval of a repeated
+    licence text (perplexity +3.2% over dense) that per-head scores keep, at the same density, for about three times
+    the scoring work (still a few percent of dense attention); with max pooling instead of the mass, per-head
+    scores lost a word needle early in 7.5k tokens of Python source."""
+    return HeadProxy(gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128, fit_blocks=8, head_scores=True,
+                     pooling="mean")
