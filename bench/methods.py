@@ -16,9 +16,13 @@ from sparse_attn.planner.calibrate import Candidate
 PREFILL_METHODS: dict[str, Candidate] = {
     "dense": Candidate.of("Dense"),
     "dense_kernel": Candidate.of("Dense"),
-    # ProxyAttn's published defaults (gamma 0.95, 1 of 4 query rows, at least 2048 tokens per query block) and the
-    # prompt's last 128 rows read in full: the default for heads no plan covers (patterns.default_pattern()).
+    # ProxyAttn's published defaults (gamma 0.95, 1 of 4 query rows, at least 2048 tokens per query block, group
+    # proxies ranked by their max probability) and the prompt's last 128 rows read in full.
     "head_proxy": Candidate.of("HeadProxy", gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128),
+    # The default for heads no plan covers (patterns.default_pattern()): the same budget rule fitted on 8 query
+    # blocks, every query head its own proxy, blocks ranked by their attention mass.
+    "no_plan_default": Candidate.of("HeadProxy", gamma=0.95, q_stride=4, min_budget=2048, dense_tail=128, fit_blocks=8,
+                                    head_scores=True, pooling="mean"),
     # The estimator planner plans use: every query head its own proxy, mean-pooled block mass, a fixed budget of
     # 1/8 of the context (the density does not depend on the text).
     "head_proxy_per_head": Candidate.of("HeadProxy", gamma=1.0, q_stride=4, min_budget=0.125, max_budget=0.125,

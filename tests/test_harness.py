@@ -166,3 +166,9 @@ def test_methods_map_to_vllm_options():
         assert "HeadProxy" in reason
     with pytest.raises(ValueError, match="unknown"):
         methods.resolve("dense,nope")
+
+
+def test_no_plan_default_method_is_the_default_pattern():
+    from sparse_attn.patterns import default_pattern
+
+    assert methods.PREFILL_METHODS["no_plan_default"].build() == default_pattern()
