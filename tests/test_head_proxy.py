@@ -456,6 +456,17 @@ def test_gamma_budget_fitted_on_blocks_spread_over_the_prompt():
 needs_select_op = pytest.mark.skipif(not extension_available("select_blocks"), reason="needs the C++ extension")
 
 
+def _random_selection_pattern(seed, g, heads, bk):
+    """A HeadProxy for the selection tests: fixed per-head budgets (3 seeds in 4) or per-head gamma budgets, group or
+    per-head proxies, mean or max pooling, dense tails of 0, 40 or 130 tokens."""
+    options = dict(head_scores=seed % 2 == 0, pooling=("mean", "max")[seed % 2], dense_tail=(0, 40, 130)[seed % 3])
+    if seed % 4:
+        blocks = torch.randint(1, 12, (heads,), generator=g).tolist()
+        return HeadProxy(gamma=1.0, min_budget=tuple(b * bk for b in blocks), max_budget=tuple(b * bk for b in blocks),
+                         **options)
+    return HeadProxy(gamma=tuple((0.5, 0.9)[h % 2] for h in range(heads)), min_budget=bk, fit_blocks=3, **options)
+
+
 @needs_select_op
 @pytest.mark.parametrize("seed", range(12))
 def test_cpu_selection_equals_the_pytorch_selection(seed):
@@ -469,13 +480,7 @@ def test_cpu_selection_equals_the_pytorch_selection(seed):
     kv_len = q_len + (int(torch.randint(0, 200, (), generator=g)) if seed % 3 else 0)
     causal = seed % 5 != 4
     q, k = torch.randn(q_len, heads, 16, generator=g), torch.randn(kv_len, kv_heads, 16, generator=g)
-    options = dict(head_scores=seed % 2 == 0, pooling=("mean", "max")[seed % 2], dense_tail=(0, 40, 130)[seed % 3])
-    if seed % 4:
-        blocks = torch.randint(1, 12, (heads,), generator=g).tolist()
-        pattern = HeadProxy(gamma=1.0, min_budget=tuple(b * bk for b in blocks),
-                            max_budget=tuple(b * bk for b in blocks), **options)
-    else:
-        pattern = HeadProxy(gamma=tuple((0.5, 0.9)[h % 2] for h in range(heads)), min_budget=bk, fit_blocks=3, **options)
+    pattern = _random_selection_pattern(seed, g, heads, bk)
     seq = SeqContext(q_len, kv_len, heads, bq, bk, causal, torch.device("cpu"), q, k, None)
     scores, mass = pattern.estimate(seq)
     keep, budget = pattern.select(seq, scores, mass)
@@ -528,13 +533,7 @@ def test_block_rows_equal_the_compressed_boolean_selection(seed, monkeypatch):
         kv_lens.append(90)
     q = torch.randn(sum(q_lens), heads, 16, generator=g)
     k = torch.randn(sum(kv_lens), kv_heads, 16, generator=g)
-    options = dict(head_scores=seed % 2 == 0, pooling=("mean", "max")[seed % 2], dense_tail=(0, 40, 130)[seed % 3])
-    if seed % 4:
-        blocks = torch.randint(1, 12, (heads,), generator=g).tolist()
-        pattern = HeadProxy(gamma=1.0, min_budget=tuple(b * bk for b in blocks),
-                            max_budget=tuple(b * bk for b in blocks), **options)
-    else:
-        pattern = HeadProxy(gamma=tuple((0.5, 0.9)[h % 2] for h in range(heads)), min_budget=bk, fit_blocks=3, **options)
+    pattern = _random_selection_pattern(seed, g, heads, bk)
     args = dict(q_lens=q_lens, kv_lens=kv_lens, num_heads=heads, q_block_size=bq, kv_block_size=bk, causal=causal,
                 q=q, k=k)
     from sparse_attn.patterns import head_proxy
