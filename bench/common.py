@@ -81,6 +81,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_isa() -> str | None:
+    """The CPU's widest vector extensions the kernels use ("AVX-512 (BF16, VNNI)", "AVX-512", "AVX2", ...): two
+    CPUs of one model name can differ in them, and the kernels' speed with them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    flags = set(line.split(":", 1)[1].split()) if ":" in line else set()
+    if not flags:
+        return None
+    if "avx512f" in flags:
+        extra = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI")) if flag in flags]
+        return "AVX-512" + (f" ({', '.join(extra)})" if extra else "")
+    for flag, name in (("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    return None
+
+
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -88,7 +108,9 @@ def device_info(device: torch.device) -> dict:
             "type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
             "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
         }
-    return {"type": device.type, "name": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {"type": device.type, "name": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    isa = _cpu_isa() if device.type == "cpu" else None
+    return {**info, "isa": isa} if isa else info
 
 
 def environment(device: torch.device, command: str | None = None) -> dict:
@@ -299,7 +321,8 @@ def environment_line(payload: dict) -> str:
     """One line of markdown naming the device, versions and commit a result file came from."""
     device, v, commit = payload["device"], payload["versions"], payload["commit"]
     sha = (commit.get("sha") or "unknown")[:10] + (" (dirty)" if commit.get("dirty") else "")
-    parts = [f"**{device['name']}**", f"torch {v['torch']}"]
+    name = f"**{device['name']}**" + (f" ({device['isa']})" if device.get("isa") else "")
+    parts = [name, f"torch {v['torch']}"]
     parts += [f"{name} {v[key]}" for key, name in (("triton", "triton"), ("cuda", "CUDA"), ("cudnn", "cuDNN")) if v.get(key)]
     parts += [f"sparse-attn {v['sparse_attn']}", f"commit `{sha}`", payload.get("timestamp", "")]
     return " · ".join(p for p in parts if p)

@@ -22,6 +22,29 @@ def tiny_run(tmp_path_factory):
     return out, json.loads((out / "prefill.json").read_text())
 
 
+def test_cpu_results_name_the_vector_extensions(monkeypatch, tmp_path):
+    """Two CPUs of one model name can differ in AVX-512: a CPU result records the widest extensions its flags show,
+    and its table's header names them."""
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = common.Path
+
+    def fake_path(*args):
+        return cpuinfo if args == ("/proc/cpuinfo",) else real_path(*args)
+
+    monkeypatch.setattr(common, "Path", fake_path)
+    cases = [("fpu sse4_2 avx avx2 fma", "AVX2"), ("avx2 avx512f avx512_vnni", "AVX-512 (VNNI)"),
+             ("avx2 avx512f avx512_bf16 avx512_vnni", "AVX-512 (BF16, VNNI)"), ("fpu sse4_2", "SSE4.2")]
+    for flags, isa in cases:
+        cpuinfo.write_text(f"model name\t: Some CPU\nflags\t\t: {flags}\n")
+        info = common.device_info(torch.device("cpu"))
+        assert info["name"] == "Some CPU" and info["isa"] == isa
+        line = common.environment_line({"device": info, "versions": {"torch": "2", "sparse_attn": "0"},
+                                        "commit": {"sha": "abc"}})
+        assert line.startswith(f"**Some CPU** ({isa}) · ")
+    cpuinfo.write_text("model name\t: Some CPU\n")  # no flags line: nothing claimed
+    assert "isa" not in common.device_info(torch.device("cpu"))
+
+
 def test_prefill_json_schema(tiny_run):
     _, payload = tiny_run
     assert payload["benchmark"] == "prefill"
