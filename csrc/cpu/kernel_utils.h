@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -139,10 +141,33 @@ inline void to_row_panels(const W* rows, int64_t lda, int64_t m, int64_t k, W* p
   });
 }
 
+// The vector extensions the kernels may use: what the CPU has, capped by the environment variable
+// SPARSE_ATTN_CPU_ISA ("avx2": no AVX-512 paths; "baseline": neither AVX-512 nor AVX2 paths), read once per process,
+// so one machine can run (and test) the paths of an older CPU.
+enum class IsaLevel { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+inline IsaLevel isa_cap() {
+  static const IsaLevel cap = [] {
+    const char* env = std::getenv("SPARSE_ATTN_CPU_ISA");
+    if (env == nullptr || *env == '\0') return IsaLevel::kAvx512;
+    const std::string value(env);
+    if (value == "avx2") return IsaLevel::kAvx2;
+    if (value == "baseline") return IsaLevel::kBaseline;
+    return IsaLevel::kAvx512;  // "avx512", "native" or anything else: no cap
+  }();
+  return cap;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SPARSE_ATTN_AVX512 __attribute__((target("avx512f")))
 inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = isa_cap() >= IsaLevel::kAvx512 && __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+#define SPARSE_ATTN_AVX2 __attribute__((target("avx2,fma")))
+inline bool has_avx2() {
+  static const bool yes =
+      isa_cap() >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
 
@@ -522,7 +547,7 @@ inline bool gemm_ab_acc_tall_fast(int64_t m, int64_t n, int64_t k, const float* 
 // the fp32 scores: Bt2[e2, j] holds channels 2 e2 and 2 e2 + 1 of key j.
 #define SPARSE_ATTN_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
 inline bool has_avx512_bf16() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
 
@@ -573,8 +598,7 @@ SPARSE_ATTN_AVX512_BF16 void gemm_a_bt_rows_bf16(int64_t n16, int64_t k2, const 
 // quantized: the caller falls back to the fp32 products for that tile.
 #define SPARSE_ATTN_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 inline bool has_avx512_vnni() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   return yes;
 }
 
@@ -876,12 +900,41 @@ bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row
 
 // Unpacks `dim` channels of a pruned vector into dense fp32: `next_bits(j)` gives the keep mask of channels
 // [16 j, 16 j + 16), whose kept values follow one another in `values` (channel order); pruned channels are 0. Returns
-// the number of values read. fp32 values on AVX-512 machines use the expand-load instruction (one per 16 channels);
-// otherwise a loop over the set bits.
+// the number of values read. fp32 values on AVX-512 machines use the expand-load instruction (one per 16 channels),
+// on AVX2 machines a table-driven permute per 8 channels; otherwise a loop over the set bits.
 #if defined(__x86_64__) && defined(__GNUC__)
 SPARSE_ATTN_AVX512 inline int64_t expand16_avx512(const float* values, uint16_t mask, float* out) {
   _mm512_storeu_ps(out, _mm512_maskz_expandloadu_ps(mask, values));
   return __builtin_popcount(mask);
+}
+
+// AVX2 has no expand-load: for each 8-bit keep mask a table gives every set lane its rank among the set lanes (the
+// index of its value in the packed run), so a masked load of the run's popcount values, one permute and a mask of
+// the set lanes place them (unset lanes 0, as the loop over the bits writes them; values are moved, not computed).
+struct Expand8Table {
+  int32_t index[256][8];
+  constexpr Expand8Table() : index{} {
+    for (int m = 0; m < 256; ++m) {
+      for (int c = 0, rank = 0; c < 8; ++c) index[m][c] = (m >> c) & 1 ? rank++ : 0;
+    }
+  }
+};
+inline constexpr Expand8Table kExpand8{};
+
+SPARSE_ATTN_AVX2 inline int expand8_avx2(const float* values, unsigned mask, float* out) {
+  const int n = __builtin_popcount(mask);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 run = _mm256_maskload_ps(values, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));  // reads n values
+  const __m256i index = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand8.index[mask]));
+  const __m256i bit = _mm256_sllv_epi32(_mm256_set1_epi32(1), lane);
+  const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mask)), bit), bit);
+  _mm256_storeu_ps(out, _mm256_and_ps(_mm256_permutevar8x32_ps(run, index), _mm256_castsi256_ps(kept)));
+  return n;
+}
+
+SPARSE_ATTN_AVX2 inline int64_t expand16_avx2(const float* values, uint16_t mask, float* out) {
+  const int low = expand8_avx2(values, mask & 0xffu, out);
+  return low + expand8_avx2(values + low, mask >> 8, out + 8);
 }
 
 // One pruned fp32 slot [K's `keep` values | V's | K's bitmap | V's] (head size a multiple of 16, so each 16-channel
@@ -1083,6 +1136,10 @@ int64_t unpack_vector(const T* values, Bits&& next_bits, int64_t dim, float* out
     if constexpr (std::is_same_v<T, float>) {
       if (width == 16 && has_avx512()) {
         read += expand16_avx512(values + read, mask, out + j * 16);
+        continue;
+      }
+      if (width == 16 && has_avx2()) {
+        read += expand16_avx2(values + read, mask, out + j * 16);
         continue;
       }
     }
