@@ -71,25 +71,24 @@ def versions() -> dict:
     }
 
 
-def _cpu_name() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` line's value in /proc/cpuinfo (None where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith(name) and ":" in line), None)
+
+
+def _cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_isa() -> str | None:
     """The CPU's widest vector extensions the kernels use ("AVX-512 (BF16, VNNI)", "AVX-512", "AVX2", ...): two
     CPUs of one model name can differ in them, and the kernels' speed with them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    flags = set(line.split(":", 1)[1].split()) if ":" in line else set()
+    flags = set((_cpuinfo_field("flags") or "").split())
     if not flags:
         return None
     if "avx512f" in flags:

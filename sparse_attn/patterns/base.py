@@ -170,11 +170,7 @@ def _stack_rows(rows: list, heads: int, nq: int, q_block_size: int, kv_block_siz
     blocks ``[H', nq, nk]`` (causally clipped): rows padded to the batch's query blocks and widest row."""
     as_rows = []
     for r in rows:
-        if not isinstance(r, tuple):
-            m = BlockSparseMask.from_block_bool(r[None], q_block_size=q_block_size, kv_block_size=kv_block_size,
-                                                q_len=q_len, kv_len=kv_len)
-            r = (m.kv_num_blocks[0], m.kv_indices[0])
-        as_rows.append(r)
+        as_rows.append(r if isinstance(r, tuple) else _bool_rows(r, q_block_size, kv_block_size, q_len, kv_len))
     width = max(idx.shape[-1] for _, idx in as_rows)
     counts = torch.zeros(len(rows), heads, nq, dtype=torch.int32, device=as_rows[0][0].device)
     indices = torch.zeros(len(rows), heads, nq, width, dtype=torch.int32, device=counts.device)
@@ -182,6 +178,14 @@ def _stack_rows(rows: list, heads: int, nq: int, q_block_size: int, kv_block_siz
         counts[b, :, : cnt.shape[1]] = cnt
         indices[b, :, : idx.shape[1], : idx.shape[2]] = idx
     return BlockSparseMask(counts, indices, q_block_size, kv_block_size, q_len, kv_len, values_checked=True)
+
+
+def _bool_rows(keep: torch.Tensor, q_block_size: int, kv_block_size: int, q_len: int,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean blocks ``[H', nq, nk]`` (causally clipped) as block rows ``(counts [H', nq], indices [H', nq, W])``."""
+    mask = BlockSparseMask.from_block_bool(keep[None], q_block_size=q_block_size, kv_block_size=kv_block_size,
+                                           q_len=q_len, kv_len=kv_len)
+    return mask.kv_num_blocks[0], mask.kv_indices[0]
 
 
 def _offsets(cu: Sequence[int] | torch.Tensor | None, lens: list[int]) -> list[int]:
@@ -239,10 +243,7 @@ class PerHead(Pattern):
                 keep = pattern.keep_blocks(seq)
                 if seq.causal:
                     keep = keep & seq.causal_keep()
-                mask = BlockSparseMask.from_block_bool(keep[None], q_block_size=seq.q_block_size,
-                                                       kv_block_size=seq.kv_block_size, q_len=seq.q_len,
-                                                       kv_len=seq.kv_len)
-                rows = (mask.kv_num_blocks[0], mask.kv_indices[0])
+                rows = _bool_rows(keep, seq.q_block_size, seq.kv_block_size, seq.q_len, seq.kv_len)
             computed[id(pattern)] = rows
         picked = []
         for h, pattern in enumerate(self.patterns):

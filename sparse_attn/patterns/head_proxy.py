@@ -317,7 +317,7 @@ class HeadProxy(Pattern):
         context, and each head's best blocks by its proxy's score, b_h blocks in all; invisible blocks never) and
         the budgets ``b_h`` in blocks ``[Hq]``. Equal scores rank the lower block first on the C++ path (CPU tensors
         under the "cpu" backend); elsewhere ``torch.topk`` orders them."""
-        num_heads, (groups, nq, nk) = seq.num_heads, scores.shape
+        num_heads, (_, nq, nk) = seq.num_heads, scores.shape
         budget, group_of_head, bound, diag, tail_from = self._selection(seq, scores, mass)
         if (resolve_backend(self.backend, seq.device) == "cpu" and seq.device.type == "cpu"
                 and extension_available("select_blocks")):
