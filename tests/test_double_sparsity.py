@@ -342,12 +342,14 @@ def _torch_selection(s, cfg, labels, width):
 
 @pytest.mark.parametrize("share, reduce", [(True, "max"), (True, "sum"), (False, "max")])
 @pytest.mark.parametrize("r, lens, threads, hq", [(4, [3, 40, 150], None, 6), (16, [5, 2100, 4500], 1, 6),
-                                                  (16, [5, 2100, 4500], 2, 6), (32, [7, 1500], 1, 16)])
+                                                  (16, [5, 2100, 4500], 2, 6), (32, [7, 1500], 1, 16),
+                                                  (24, [7, 1500], 1, 6)])
 def test_cpp_decode_select_matches_torch(rng, share, reduce, r, lens, threads, hq):
     """The C++ selection (scores read from the pages, top-k in one pass) keeps what PyTorch's label scores and
     top-k keep: sink and recent tokens, rows no longer than the budget, the best others (continuous scores: no
     ties). Long rows on two threads are scored in chunks of tokens in parallel; on one thread item by item. Labels
-    of 16-multiple widths take 16 tokens at a time (AVX-512), groups of more than four query heads in passes."""
+    of 16-multiple widths take 16 tokens at a time (AVX-512), of 8-multiple widths 8 at a time (AVX2), groups of
+    more query heads than a pass holds in passes."""
     from sparse_attn.ops.extension import decode_select_cpu
 
     gen, seed = rng

@@ -379,19 +379,133 @@ SPARSE_ATTN_AVX512 void gemm_ab_acc_short_avx512(int64_t n, int64_t k, const flo
   }
 }
 
-// The AVX-512 short products for m in [1, 4] rows; false when they do not apply (no AVX-512, or k not a multiple
-// of 16 for the scores).
+// The short products on AVX2 (8 lanes, 16 vector registers).
+//
+// sum4_avx2: the totals of four 8-lane partial sums x0..x3, as the four lanes of one 128-bit vector (three
+// horizontal adds and one add of the halves: [x0, x1, x2, x3] each summed over its 8 lanes).
+SPARSE_ATTN_AVX2 inline __m128 sum4_avx2(__m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+  // per 128-bit half: [x0 l0+l1, x0 l2+l3, x1 l0+l1, x1 l2+l3], then [x0, x1, x2, x3] summed over the half
+  const __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(x0, x1), _mm256_hadd_ps(x2, x3));
+  return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
+// out[i] lane j = a_i . rows[j] for the M rows a_i = a + i * lda (M <= 3: 12 accumulators), k channels (a multiple
+// of 8): dots16 with 8 keys, two groups of four.
+template <int M>
+SPARSE_ATTN_AVX2 inline void dots8(const float* a, int64_t lda, int64_t k, const float* const* rows, __m256* out) {
+  static_assert(M >= 1 && M <= 3, "four accumulators per row: at most three rows fit the registers");
+  __m128 half[M][2];
+  for (int g = 0; g < 2; ++g) {
+    const float* r0 = rows[4 * g];
+    const float* r1 = rows[4 * g + 1];
+    const float* r2 = rows[4 * g + 2];
+    const float* r3 = rows[4 * g + 3];
+    __m256 d[M][4];
+    for (int i = 0; i < M; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < k; e += 8) {
+      const __m256 y0 = _mm256_loadu_ps(r0 + e), y1 = _mm256_loadu_ps(r1 + e), y2 = _mm256_loadu_ps(r2 + e),
+                   y3 = _mm256_loadu_ps(r3 + e);
+      for (int i = 0; i < M; ++i) {
+        const __m256 x = _mm256_loadu_ps(a + i * lda + e);
+        d[i][0] = _mm256_fmadd_ps(x, y0, d[i][0]);
+        d[i][1] = _mm256_fmadd_ps(x, y1, d[i][1]);
+        d[i][2] = _mm256_fmadd_ps(x, y2, d[i][2]);
+        d[i][3] = _mm256_fmadd_ps(x, y3, d[i][3]);
+      }
+    }
+    for (int i = 0; i < M; ++i) half[i][g] = sum4_avx2(d[i][0], d[i][1], d[i][2], d[i][3]);
+  }
+  for (int i = 0; i < M; ++i) out[i] = _mm256_set_m128(half[i][1], half[i][0]);
+}
+
+// dots8 for any number of rows, in groups of at most three; out[i] for i < m.
+SPARSE_ATTN_AVX2 inline void dots8_rows(int64_t m, const float* a, int64_t lda, int64_t k, const float* const* rows,
+                                        __m256* out) {
+  for (int64_t i = 0; i < m; i += 3) {
+    switch (std::min<int64_t>(3, m - i)) {
+      case 1: dots8<1>(a + i * lda, lda, k, rows, out + i); break;
+      case 2: dots8<2>(a + i * lda, lda, k, rows, out + i); break;
+      default: dots8<3>(a + i * lda, lda, k, rows, out + i); break;
+    }
+  }
+}
+
+// Stores the first w (<= 8) lanes of x at p.
+SPARSE_ATTN_AVX2 inline void store_lanes8(float* p, int64_t w, __m256 x) {
+  if (w == 8) return _mm256_storeu_ps(p, x);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, x);
+  std::copy(lanes, lanes + w, p);
+}
+
+// gemm_abt_short on AVX2: 8 keys at a time through dots8, the next 16 keys prefetched meanwhile.
+SPARSE_ATTN_AVX2 void gemm_abt_short_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b,
+                                          float* c, int64_t ldc) {
+  constexpr int64_t kLookahead = 16;
+  const float* rows[8];
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t w = std::min<int64_t>(8, n - j0);
+    for (int64_t t = 0; t < 8; ++t) rows[t] = b[j0 + (t < w ? t : 0)];  // lanes past n repeat a key, not stored
+    for (int64_t j = j0 + kLookahead; j < std::min(n, j0 + kLookahead + 8); ++j) prefetch_bytes(b[j], 4 * k);
+    __m256 out[4];
+    dots8_rows(m, a, lda, k, rows, out);
+    for (int64_t i = 0; i < m; ++i) store_lanes8(c + i * ldc + j0, w, out[i]);
+  }
+}
+
+// gemm_ab_acc_short on AVX2: a strip of 8 V columns of each of the M rows of C stays in registers over the whole K
+// loop (M V accumulators, V loads and one broadcast per key: 13 registers or fewer). n a multiple of 8.
+template <int M>
+SPARSE_ATTN_AVX2 void gemm_ab_acc_short_avx2(int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
+                                             int64_t ldc) {
+  constexpr int V = M <= 2 ? 4 : (M == 3 ? 3 : 2);
+  constexpr int64_t kLookahead = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += 8 * V) {
+    const int64_t vecs = std::min<int64_t>(V, (n - j0) / 8);
+    __m256 acc[M][V];
+    for (int i = 0; i < M; ++i) {
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
+    }
+    for (int64_t p = 0; p < k; ++p) {
+      if (j0 == 0 && p + kLookahead < k) prefetch_bytes(b[p + kLookahead], 4 * n);
+      const float* bp = b[p] + j0;
+      __m256 y[V];
+      for (int v = 0; v < V; ++v) y[v] = v < vecs ? _mm256_loadu_ps(bp + 8 * v) : _mm256_setzero_ps();
+      for (int i = 0; i < M; ++i) {
+        const __m256 x = _mm256_broadcast_ss(a + i * lda + p);
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(x, y[v], acc[i][v]);
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      float* ci = c + i * ldc + j0;
+      for (int v = 0; v < vecs; ++v) _mm256_storeu_ps(ci + 8 * v, _mm256_add_ps(_mm256_loadu_ps(ci + 8 * v), acc[i][v]));
+    }
+  }
+}
+
+// The short products for m in [1, 4] rows on AVX-512, else AVX2; false when they do not apply (neither, or k (the
+// scores) / n (the sums) not a multiple of 16 (AVX-512 scores) or 8 (AVX2)).
 inline bool gemm_abt_short_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                                 int64_t ldc) {
-  if (m < 1 || m > 4 || k % 16 != 0 || !has_avx512()) return false;
-  with_rows<4>(m, [&](auto rows) { gemm_abt_short_avx512<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
+  if (m < 1 || m > 4) return false;
+  if (k % 16 == 0 && has_avx512()) {
+    with_rows<4>(m, [&](auto rows) { gemm_abt_short_avx512<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
+    return true;
+  }
+  if (k % 8 != 0 || !has_avx2()) return false;
+  gemm_abt_short_avx2(m, n, k, a, lda, b, c, ldc);
   return true;
 }
 
 inline bool gemm_ab_acc_short_fast(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, RowsOf b, float* c,
                                    int64_t ldc) {
-  if (m < 1 || m > 4 || !has_avx512()) return false;
-  with_rows<4>(m, [&](auto rows) { gemm_ab_acc_short_avx512<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
+  if (m < 1 || m > 4) return false;
+  if (has_avx512()) {
+    with_rows<4>(m, [&](auto rows) { gemm_ab_acc_short_avx512<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
+    return true;
+  }
+  if (n % 8 != 0 || !has_avx2()) return false;
+  with_rows<4>(m, [&](auto rows) { gemm_ab_acc_short_avx2<decltype(rows)::value>(n, k, a, lda, b, c, ldc); });
   return true;
 }
 
@@ -956,6 +1070,18 @@ SPARSE_ATTN_AVX512 inline void unpack_kv_slot_avx512(const float* slot, int64_t 
   }
 }
 
+// unpack_kv_slot_avx512 on AVX2: 8 channels per table-driven permute (expand8_avx2), K and V halves in one pass.
+SPARSE_ATTN_AVX2 inline void unpack_kv_slot_avx2(const float* slot, int64_t dim, int64_t keep, float* k_dst,
+                                                 float* v_dst) {
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(slot + 2 * keep);
+  const float* k = slot;
+  const float* v = slot + keep;
+  for (int64_t j = 0; j < dim / 8; ++j) {
+    k += expand8_avx2(k, bits[j], k_dst + 8 * j);
+    v += expand8_avx2(v, bits[dim / 8 + j], v_dst + 8 * j);
+  }
+}
+
 // C[R, 16 Cn] += P[R, n] V[n, 16 Cn] for one group of R rows, where key e's V row is the dense row v[e] or, where
 // v[e] is null, the V half of the pruned slot slots[e] (keep values and a bitmap of 2 Cn bytes), expanded into
 // registers 16 channels at a time and never stored: C's R x Cn vectors stay in registers over all n keys.
@@ -1108,10 +1234,10 @@ inline void gemm_abt_slots(int64_t m, int64_t n, int64_t k, int64_t keep, const 
 #endif
 }
 
-// Whether unpack_kv_slot runs on this machine for heads of `dim` channels.
+// Whether unpack_kv_slot runs on this machine for heads of `dim` channels (AVX-512 or AVX2, dim a multiple of 16).
 inline bool unpack_kv_slot_fast(int64_t dim) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  return dim % 16 == 0 && has_avx512();
+  return dim % 16 == 0 && (has_avx512() || has_avx2());
 #else
   (void)dim;
   return false;
@@ -1120,7 +1246,11 @@ inline bool unpack_kv_slot_fast(int64_t dim) {
 
 inline void unpack_kv_slot(const float* slot, int64_t dim, int64_t keep, float* k_dst, float* v_dst) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  unpack_kv_slot_avx512(slot, dim, keep, k_dst, v_dst);
+  if (has_avx512()) {
+    unpack_kv_slot_avx512(slot, dim, keep, k_dst, v_dst);
+  } else {
+    unpack_kv_slot_avx2(slot, dim, keep, k_dst, v_dst);
+  }
 #else
   (void)slot, (void)dim, (void)keep, (void)k_dst, (void)v_dst;
 #endif
