@@ -76,6 +76,25 @@ def test_make_plan_keeps_the_density_budget(target):
     assert looser.mean("recall") >= plan.mean("recall") - 1e-9
 
 
+def test_make_plan_floors_head_proxy_budgets():
+    """HeadProxy heads read at least ``min_keys`` keys per query block at run time (their calibrated floor where
+    that is larger, 0 keeps it); other patterns and the measured density, recall and error are left as calibrated."""
+    profile = synthetic_profile()
+    for min_keys, want in ((1024, 1024), (8, 16), (0, 16)):
+        plan = make_plan(profile, target_density=0.6, min_keys=min_keys)
+        proxies = [s for layer in plan.heads for s in layer if s.pattern == "HeadProxy"]
+        assert proxies, "the budget leaves room for HeadProxy heads"
+        assert all(s.params["min_budget"] == want for s in proxies)
+        assert plan.budget["min_keys"] == min_keys
+        assert all(s.params == dict(profile.candidates[1].params) for layer in plan.heads for s in layer
+                   if s.pattern == "AShape")
+    assert make_plan(profile, target_density=0.6).budget["min_keys"] == 1024
+    loose = make_plan(profile, target_density=0.6, min_keys=0)
+    assert [[s.density for s in layer] for layer in plan.heads] == [[s.density for s in layer] for layer in loose.heads]
+    with pytest.raises(ValueError, match="min_keys"):
+        make_plan(profile, target_density=0.6, min_keys=-1)
+
+
 def test_make_plan_time_budget_and_pattern_limit():
     profile = synthetic_profile()
     plan = make_plan(profile, target_time=0.5)

@@ -651,7 +651,8 @@ def test_defaults_retrieve_a_4k_passkey_while_reading_less(cpu_attention, defaul
 @needs_vllm
 def test_no_options_serve_the_shipped_plan(auto_setting):
     """Without options the backend serves the shipped SmolLM2 plan: every layer's prefill is the plan's per-head
-    pattern, the 4k passkey is retrieved, and prefill reads about the plan's density."""
+    pattern, the 4k passkey is retrieved, and prefill reads what the plan's budgets give at 3.9k tokens (the planned
+    0.30 at 4k, raised to about half by the floor of 1024 keys per head and query block)."""
     from sparse_attn.planner import SMOLLM2_PLAN, load_plan
 
     patterns = load_plan(SMOLLM2_PLAN).to_patterns()
@@ -659,7 +660,7 @@ def test_no_options_serve_the_shipped_plan(auto_setting):
     assert {int(i): entry["prefill"] for i, entry in layers.items()} == {i: repr(p) for i, p in patterns.items()}
     assert str(PASSKEY) in auto_setting["passkey_4k_text"][0], auto_setting["passkey_4k_text"]
     stats = auto_setting["stats"]["passkey_4k"][0]
-    assert stats["prefill"]["sparse_rows"] == 30 and 0.25 < stats["prefill"]["density"] < 0.4, stats["prefill"]
+    assert stats["prefill"]["sparse_rows"] == 30 and 0.42 < stats["prefill"]["density"] < 0.6, stats["prefill"]
     # Decode rows below 4096 tokens of context read every token by default (the plan's Double Sparsity starts there).
     assert stats["decode"]["rows"] == 30 * 7 and stats["decode"]["sparse_rows"] == 0, stats["decode"]
 

@@ -63,6 +63,9 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
                         help="Double Sparsity: mean fraction of the context read per decode step (default 1/8; 0: off)")
     parser.add_argument("--kv-budget", type=float,
                         help="KV pruning: mean fraction of K/V entries kept (default: no pruning)")
+    parser.add_argument("--min-keys", type=int,
+                        help="fewest keys a HeadProxy head reads per query block at run time (default 1024, "
+                             "sparse_attn.planner.solver.MIN_KEYS; 0: the calibrated candidates' own floor)")
 
 
 def _patterns(args) -> list[str] | None:
@@ -70,8 +73,9 @@ def _patterns(args) -> list[str] | None:
 
 
 def _plan_options(args) -> dict:
+    floor = {} if args.min_keys is None else {"min_keys": args.min_keys}
     return dict(_budget(args), patterns=_patterns(args), objective=args.objective,
-                decode_budget=args.decode_budget or None, kv_budget=args.kv_budget)
+                decode_budget=args.decode_budget or None, kv_budget=args.kv_budget, **floor)
 
 
 def _write_plan(plan, out: str) -> None:

@@ -129,6 +129,15 @@ class KernelTimeModel:
         return self.sparse_factor * density + overhead
 
 
+#: The fewest keys a HeadProxy head of a plan reads per query block at run time (its ``min_budget``). Calibration
+#: measures each head's fixed fraction at one context length (4096 tokens by default); below ``MIN_KEYS / fraction``
+#: tokens that fraction would leave a head a few blocks, and a head that retrieves needs reach in absolute terms. On
+#: SmolLM2's plan the floor raises the density at 3k tokens from 38% to 62% and at 8k from 33% to 36% of the causal
+#: blocks (attention is a small share of the forward at short contexts), and keeps retrieval answers the plan
+#: otherwise loses at 3k (a word needle in a mixed haystack, at 40% density).
+MIN_KEYS = 1024
+
+
 def make_plan(
     profile: Profile,
     *,
@@ -139,6 +148,7 @@ def make_plan(
     objective: str | None = None,
     decode_budget: float | None = 1 / 8,
     kv_budget: float | None = None,
+    min_keys: int = MIN_KEYS,
 ) -> Plan:
     """Choose a candidate per (layer, head) of ``profile`` under one budget: ``target_density`` (mean fraction
     of the causal block area read) or ``target_time`` (mean attention time relative to dense under
@@ -148,7 +158,12 @@ def make_plan(
 
     Where the profile measured decode settings: ``decode_budget`` (mean fraction of the context read per decode
     step) picks a Double Sparsity setting per layer minimising the output error (None: dense decode), and
-    ``kv_budget`` (mean fraction of K/V entries kept) a KV pruning sparsity per layer (None: no pruning)."""
+    ``kv_budget`` (mean fraction of K/V entries kept) a KV pruning sparsity per layer (None: no pruning).
+
+    ``min_keys``: the HeadProxy heads' run-time floor of keys per query block (:data:`MIN_KEYS`; 0 keeps the
+    calibrated candidates' own floor). The heads' recorded density, recall and error stay the calibration's."""
+    if isinstance(min_keys, bool) or not isinstance(min_keys, int) or min_keys < 0:
+        raise ValueError(f"min_keys must be an int >= 0, got {min_keys!r}")
     objective = objective or ("error" if profile.error is not None else "recall")
     if objective not in ("error", "recall") or (objective == "error" and profile.error is None):
         raise ValueError(f"objective must be 'recall' or 'error' (with a profile that measured it), got {objective!r}")
@@ -183,13 +198,16 @@ def make_plan(
         for h in range(heads):
             c = int(pick[i, h])
             cand = profile.candidates[c]
-            row.append(HeadSetting(cand.pattern, dict(cand.params), measured(profile.density, i, c, h),
+            params = dict(cand.params)
+            if cand.pattern == "HeadProxy" and isinstance(params.get("min_budget", 0), int):
+                params["min_budget"] = max(params.get("min_budget", 0), min_keys)
+            row.append(HeadSetting(cand.pattern, params, measured(profile.density, i, c, h),
                                    measured(profile.recall, i, c, h), measured(profile.error, i, c, h)))
         settings.append(row)
     chosen_cost = cost.gather(1, pick[:, None, :]).mean()
     budget = {"target_density": target_density} if target_density is not None else {
         "target_time": target_time, "time_model": {"sparse_factor": (time_model or KernelTimeModel()).sparse_factor}}
-    budget.update(achieved=round(float(chosen_cost), 5), objective=objective)
+    budget.update(achieved=round(float(chosen_cost), 5), objective=objective, min_keys=min_keys)
     decode = _decode_choices(profile, decode_budget, kv_budget, budget)
     return Plan(profile.model_id, shape, settings, profile.q_block_size, profile.kv_block_size, budget,
                 dict(profile.info, candidates=[cand.label for cand in profile.candidates]), decode=decode)
