@@ -193,7 +193,9 @@ def test_fast_slice_dense_default_and_plan(smollm2, case_list, tmp_path):
             row = rows[name, case["id"]]
             assert row["found"], (name, case["id"], row["continuation"])
             assert 0 < row["prefill_density"] <= 1 and 0 < row["decode_read"] <= 1
-        assert rows["plan", case["id"]]["prefill_density"] < 0.9  # past dense_below: the plan's patterns ran
+        # Past dense_below the plan's patterns ran: at 1.5k tokens its floor of 1024 keys per head and query block
+        # reads about 93% of the causal blocks.
+        assert rows["plan", case["id"]]["prefill_density"] < 0.97
     summary = payload["summary"]
     assert summary["dense"]["found"] == summary["default"]["found"] == summary["plan"]["found"] == len(chosen)
 
