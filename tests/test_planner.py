@@ -89,6 +89,10 @@ def test_make_plan_floors_head_proxy_budgets():
         assert all(s.params == dict(profile.candidates[1].params) for layer in plan.heads for s in layer
                    if s.pattern == "AShape")
     assert make_plan(profile, target_density=0.6).budget["min_keys"] == 1024
+    profile.candidates[2] = Candidate.of("HeadProxy", gamma=0.9)  # no floor of its own: HeadProxy's default, 2048
+    assert {s.params["min_budget"] for layer in make_plan(profile, target_density=0.6).heads for s in layer
+            if s.pattern == "HeadProxy"} == {2048}
+    profile = synthetic_profile()
     loose = make_plan(profile, target_density=0.6, min_keys=0)
     assert [[s.density for s in layer] for layer in plan.heads] == [[s.density for s in layer] for layer in loose.heads]
     with pytest.raises(ValueError, match="min_keys"):

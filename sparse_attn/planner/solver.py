@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns import SeqContext
+from ..patterns import HeadProxy, SeqContext
 from .calibrate import Candidate, Profile
 from .plan import HeadSetting, Plan
 
@@ -199,8 +199,9 @@ def make_plan(
             c = int(pick[i, h])
             cand = profile.candidates[c]
             params = dict(cand.params)
-            if cand.pattern == "HeadProxy" and isinstance(params.get("min_budget", 0), int):
-                params["min_budget"] = max(params.get("min_budget", 0), min_keys)
+            floor = params.get("min_budget", HeadProxy.min_budget)  # HeadProxy's default where the candidate sets none
+            if cand.pattern == "HeadProxy" and isinstance(floor, int):
+                params["min_budget"] = max(floor, min_keys)
             row.append(HeadSetting(cand.pattern, params, measured(profile.density, i, c, h),
                                    measured(profile.recall, i, c, h), measured(profile.error, i, c, h)))
         settings.append(row)
