@@ -39,7 +39,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kExp2Poly[7] = {1.5403530393381609e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
                                 5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
 
-// 2^x for x <= 0 (and -inf -> 0, NaN -> NaN, so that a NaN score poisons its row as in torch), written so the compiler vectorizes it: x = k + f with k = round(x),
+// 2^x for x <= 0 (and -inf -> 0, NaN -> NaN, so that a NaN score poisons its row as in torch): x = k + f with k = round(x),
 // f in [-1/2, 1/2]; 2^f by its degree-6 Taylor polynomial, 2^k through the exponent bits: relative error 2.5e-7
 // (a few ulps) over [-126, 0]. The shifter rounding needs IEEE evaluation order (the build uses no -ffast-math).
 // Always inlined: a call would keep the loops that use it from being vectorized.
@@ -169,6 +169,42 @@ inline bool has_avx2() {
   static const bool yes =
       isa_cap() >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
+}
+
+// exp2_nonpositive on 8 lanes: the same operations in the same order (clamp, shifter rounding, Horner with fused
+// multiply-adds, the exponent bits), so the same values; x < -126 gives 0 and NaN stays NaN. The compiler does not
+// vectorize the scalar form inside the softmax's row loop (its selects become branches), so that loop uses this.
+SPARSE_ATTN_AVX2 inline __m256 exp2_nonpositive8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-126.0f), shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 xc = _mm256_blendv_ps(lo, x, _mm256_cmp_ps(x, lo, _CMP_GT_OQ));  // NaN -> -126, as the scalar form
+  const __m256 k = _mm256_sub_ps(_mm256_add_ps(xc, shifter), shifter);
+  const __m256 f = _mm256_sub_ps(xc, k);
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
+  const __m256 r = _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
+}
+
+// row[c] = 2^(row[c] - m) for c < n, in place; returns their sum.
+SPARSE_ATTN_AVX2 inline float exp2_row_avx2(float* row, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 p = exp2_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(row + c), mv));
+    _mm256_storeu_ps(row + c, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  float total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  for (; c < n; ++c) {
+    const float p = exp2_nonpositive(row[c] - m);
+    row[c] = p;
+    total += p;
+  }
+  return total;
 }
 
 // Dot products of short query rows with 16 rows at once, on AVX-512 (decode's scores against keys or labels).
@@ -994,11 +1030,18 @@ bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row
       continue;
     }
     float sum = 0.0f;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (has_avx2()) {
+      sum = exp2_row_avx2(row, cols, m_new);
+    } else
+#endif
+    {
 #pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) {
-      const float p = exp2_nonpositive(row[c] - m_new);
-      row[c] = p;
-      sum += p;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float p = exp2_nonpositive(row[c] - m_new);
+        row[c] = p;
+        sum += p;
+      }
     }
     const float correction = exp2_nonpositive(m_old - m_new);  // 0 when m_old = -inf
     if (correction != 1.0f) {
