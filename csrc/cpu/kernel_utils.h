@@ -186,25 +186,18 @@ SPARSE_ATTN_AVX2 inline __m256 exp2_nonpositive8(__m256 x) {
   return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
 }
 
-// row[c] = 2^(row[c] - m) for c < n, in place; returns their sum.
-SPARSE_ATTN_AVX2 inline float exp2_row_avx2(float* row, int64_t n, float m) {
+// row[c] = 2^(row[c] - m) for c < n8 (a multiple of 8), in place; returns their sum.
+SPARSE_ATTN_AVX2 inline float exp2_row_avx2(float* row, int64_t n8, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   __m256 sum = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
+  for (int64_t c = 0; c < n8; c += 8) {
     const __m256 p = exp2_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(row + c), mv));
     _mm256_storeu_ps(row + c, p);
     sum = _mm256_add_ps(sum, p);
   }
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  float total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  for (; c < n; ++c) {
-    const float p = exp2_nonpositive(row[c] - m);
-    row[c] = p;
-    total += p;
-  }
-  return total;
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // Dot products of short query rows with 16 rows at once, on AVX-512 (decode's scores against keys or labels).
@@ -1030,18 +1023,18 @@ bool softmax_update(float* s, int64_t ld, int64_t rows, int64_t cols, float* row
       continue;
     }
     float sum = 0.0f;
+    int64_t done = 0;  // columns already exponentiated on 8 lanes; the rest (all without AVX2) below
 #if defined(__x86_64__) && defined(__GNUC__)
     if (has_avx2()) {
-      sum = exp2_row_avx2(row, cols, m_new);
-    } else
+      done = cols / 8 * 8;
+      sum = exp2_row_avx2(row, done, m_new);
+    }
 #endif
-    {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        const float p = exp2_nonpositive(row[c] - m_new);
-        row[c] = p;
-        sum += p;
-      }
+    for (int64_t c = done; c < cols; ++c) {
+      const float p = exp2_nonpositive(row[c] - m_new);
+      row[c] = p;
+      sum += p;
     }
     const float correction = exp2_nonpositive(m_old - m_new);  // 0 when m_old = -inf
     if (correction != 1.0f) {
