@@ -159,6 +159,59 @@ SPARSE_ATTN_AVX512 bool tile_stats_mean(const float* s, int64_t n, int64_t bk, f
   }
 }
 
+// The estimate's 2^x on 8 lanes (AVX2), x <= 0 or NaN: the polynomial of exp2_estimate16, 2^k through the exponent
+// bits; x < -126 gives 0 (no subnormals), -inf 0, NaN stays NaN (max returns its second operand).
+SPARSE_ATTN_AVX2 inline __m256 exp2_estimate8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-126.0f), shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 xc = _mm256_max_ps(lo, x);
+  const __m256 k = _mm256_sub_ps(_mm256_add_ps(xc, shifter), shifter);  // round to nearest
+  const __m256 f = _mm256_sub_ps(xc, k);
+  __m256 p = _mm256_set1_ps(kExp2Estimate[0]);
+#pragma GCC unroll 4
+  for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Estimate[i]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+// exp2_sum on AVX2: 8-lane partial sums; the lanes past n are read as -inf (2^-inf = 0).
+SPARSE_ATTN_AVX2 inline float exp2_sum8(const float* s, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) acc = _mm256_add_ps(acc, exp2_estimate8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm)));
+  if (c < n) {
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = c + i < n ? s[c + i] : kNegInf;
+    acc = _mm256_add_ps(acc, exp2_estimate8(_mm256_sub_ps(_mm256_load_ps(tail), vm)));
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+SPARSE_ATTN_AVX2 void block_stats_mean_avx2(const float* s, int64_t n, int64_t bk, float m, float* bmax, float* bsum) {
+  for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
+    bmax[j] = m;
+    bsum[j] = exp2_sum8(s + b0, std::min(bk, n - b0), m);
+  }
+}
+
+SPARSE_ATTN_AVX2 void block_stats_max_avx2(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
+  for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
+    const int64_t len = std::min(bk, n - b0);
+    __m256 top = _mm256_set1_ps(kNegInf);
+    int64_t c = 0;
+    for (; c + 8 <= len; c += 8) top = _mm256_max_ps(_mm256_loadu_ps(s + b0 + c), top);  // NaN scores are passed over
+    float m = kNegInf;
+    for (; c < len; ++c) m = s[b0 + c] > m ? s[b0 + c] : m;
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    bmax[j] = std::max(m, _mm_cvtss_f32(h));
+    bsum[j] = exp2_sum8(s + b0, len, bmax[j]);
+  }
+}
+
 SPARSE_ATTN_AVX512 void block_stats_max_avx512(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
   for (int64_t b0 = 0, j = 0; b0 < n; b0 += bk, ++j) {
     const int64_t len = std::min(bk, n - b0);
@@ -177,6 +230,7 @@ SPARSE_ATTN_AVX512 void block_stats_max_avx512(const float* s, int64_t n, int64_
 void block_stats_max(const float* s, int64_t n, int64_t bk, float* bmax, float* bsum) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (bk % 16 == 0 && has_avx512()) return block_stats_max_avx512(s, n, bk, bmax, bsum);
+  if (has_avx2()) return block_stats_max_avx2(s, n, bk, bmax, bsum);
 #endif
   block_stats_max_generic(s, n, bk, bmax, bsum);
 }
@@ -197,6 +251,7 @@ void block_stats_mean(const float* s, int64_t n, int64_t bk, float* ref, float* 
   if (m == kNegInf) return;
 #if defined(__x86_64__) && defined(__GNUC__)
   if (bk % 16 == 0 && has_avx512()) return block_stats_mean_avx512(s, n, bk, m, bmax, bsum);
+  if (has_avx2()) return block_stats_mean_avx2(s, n, bk, m, bmax, bsum);
 #endif
   block_stats_mean_generic(s, n, bk, m, bmax, bsum);
 }
