@@ -184,9 +184,7 @@ SPARSE_ATTN_AVX2 inline float exp2_sum8(const float* s, int64_t n, float m) {
     for (int i = 0; i < 8; ++i) tail[i] = c + i < n ? s[c + i] : kNegInf;
     acc = _mm256_add_ps(acc, exp2_estimate8(_mm256_sub_ps(_mm256_load_ps(tail), vm)));
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  return sum8_avx2(acc);
 }
 
 SPARSE_ATTN_AVX2 void block_stats_mean_avx2(const float* s, int64_t n, int64_t bk, float m, float* bmax, float* bsum) {

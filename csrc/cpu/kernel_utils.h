@@ -171,6 +171,13 @@ inline bool has_avx2() {
   return yes;
 }
 
+// The sum of an 8-lane vector's lanes.
+SPARSE_ATTN_AVX2 inline float sum8_avx2(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 // exp2_nonpositive on 8 lanes: the same operations in the same order (clamp, shifter rounding, Horner with fused
 // multiply-adds, the exponent bits), so the same values; x < -126 gives 0 and NaN stays NaN. The compiler does not
 // vectorize the scalar form inside the softmax's row loop (its selects become branches), so that loop uses this.
@@ -195,9 +202,7 @@ SPARSE_ATTN_AVX2 inline float exp2_row_avx2(float* row, int64_t n8, float m) {
     _mm256_storeu_ps(row + c, p);
     sum = _mm256_add_ps(sum, p);
   }
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  return sum8_avx2(sum);
 }
 
 // Dot products of short query rows with 16 rows at once, on AVX-512 (decode's scores against keys or labels).
