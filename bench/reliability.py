@@ -3,9 +3,10 @@ must not depend on what else the engine is doing.
 
     python -m bench reliability --out DIR [--quick] [--scenarios prefix,preemption,server]
                                 [--configs default,plan,kv_pruning,kv_pruning_cached]
-                                [--server-configs default,plan_kv_pruning,plan_kv_pruning_cached,cpu_attn]
+                                [--server-configs default,plan_kv_pruning_cached,cpu_attn]
                                 [--clients 64] [--requests 400] [--max-prompt-tokens 7000] [--min-prompt-tokens 50]
-                                [--max-output-tokens 32] [--request-timeout 1800] [--seed 0]
+                                [--max-output-tokens 32] [--shared-documents 6] [--shared-prefix-share 0.5]
+                                [--request-timeout 1800] [--seed 0]
 
 writes ``DIR/reliability.json``, ``DIR/reliability.md`` and every engine's and server's log under
 ``DIR/reliability_logs/``. Three scenarios, each on every configuration it is given:
@@ -20,12 +21,14 @@ writes ``DIR/reliability.json``, ``DIR/reliability.md`` and every engine's and s
    Scenarios 1 and 2 share one engine per configuration (:mod:`bench.reliability_worker`).
 3. ``server``: the OpenAI server (``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, one per
    configuration, stopped at the end) under ``--clients`` concurrent clients sending ``--requests`` completions of
-   log-uniform prompt lengths (``--min-prompt-tokens`` .. ``--max-prompt-tokens``), streaming and not, greedy and
+   log-uniform prompt lengths (``--min-prompt-tokens`` .. ``--max-prompt-tokens``; half of them the first tokens of
+   one of a few long documents, so prompts share prefixes of many lengths), streaming and not, greedy and
    (one in ten) sampled, one in five streams dropped by its client after 1-3 chunks. Counted: errors (HTTP errors,
    broken streams, requests left running in the server after the load: must be 0), hangs (requests not finished
    within ``--request-timeout``: 0), cancelled, p50/p99 time to first token (streams) and end-to-end latency,
    output tokens/s, the server's resident memory (process tree) before and after the load; every greedy answer
-   completed under load is asked again alone afterwards (a sequential pass on the same server) and must be the same.
+   completed under load is asked again alone afterwards (a sequential pass on the same server, its prompt's full
+   pages then cached) and must be the same; the prefix-cache hit rate under load is reported.
 
 Configurations (``--configs`` for 1-2, ``--server-configs`` for 3):
 
@@ -83,7 +86,7 @@ SCENARIOS = ("prefix", "preemption", "server")
 CONFIGS = ("cpu_attn", "default", "plan", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning",
            "plan_kv_pruning_cached")
 OFFLINE_CONFIGS = ("default", "plan", "kv_pruning", "kv_pruning_cached")
-SERVER_CONFIGS = ("default", "plan_kv_pruning", "plan_kv_pruning_cached", "cpu_attn")
+SERVER_CONFIGS = ("default", "plan_kv_pruning_cached", "cpu_attn")
 QUESTION = "\n\nQuestion: in one sentence, what is the text above about?\nAnswer:"
 ENGINE_ARGS = dict(dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True, seed=0,
                    enable_prefix_caching=True, distributed_executor_backend="uni")
@@ -107,6 +110,8 @@ class Settings:
     min_prompt_tokens: int = 50
     max_prompt_tokens: int = 7000
     max_output_tokens: int = 32
+    shared_documents: int = 6  # documents whose prefixes many prompts share
+    shared_prefix_share: float = 0.5  # of the prompts
     max_num_seqs: int = 32
     request_timeout_s: float = 1800.0
     kvcache_space_gib: int = 2
@@ -130,12 +135,17 @@ class Settings:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.preemption_requests < 2:
             raise ValueError("preemption_requests must be >= 2 (preemption needs requests competing for pages)")
+        if not isinstance(self.shared_documents, int) or self.shared_documents < 0:
+            raise ValueError(f"shared_documents must be an int >= 0, got {self.shared_documents!r}")
+        if not 0.0 <= self.shared_prefix_share <= 1.0:
+            raise ValueError(f"shared_prefix_share must lie in [0, 1], got {self.shared_prefix_share!r}")
         if self.prefix_max_tokens < 256 or self.prefix_max_tokens + 256 + 64 > MAX_POSITIONS:
             raise ValueError(f"prefix_max_tokens must lie in [256, {MAX_POSITIONS - 320}]")
 
 
 QUICK = dict(prefix_pairs=2, prefix_max_tokens=256, preemption_requests=4, preemption_pages=2,
              offline_output_tokens=12, clients=6, requests=16, max_prompt_tokens=512, max_output_tokens=8,
+             shared_documents=2,
              max_num_seqs=6, request_timeout_s=300.0, kvcache_space_gib=1, engine_timeout_s=900.0)
 
 
@@ -395,14 +405,23 @@ class Server:
 
 def load_requests(corpus: Corpus, s: Settings, rng: random.Random) -> list[dict]:
     """The load: log-uniform prompt lengths; streams and plain requests; one in ten sampled (not compared), one in
-    five streams dropped by the client after 1-3 chunks."""
+    five streams dropped by the client after 1-3 chunks. A share (``shared_prefix_share``) of the prompts are the
+    first tokens of one of ``shared_documents`` long texts, so they share prefixes of many lengths with each other
+    (prefix-cache hits under load, as documents asked about again and again give); the rest are cuts of the text
+    at random places."""
+    documents = [corpus.text(s.max_prompt_tokens, rng) for _ in range(s.shared_documents)]
     requests = []
     for i in range(s.requests):
         n = log_uniform(rng, s.min_prompt_tokens, s.max_prompt_tokens)
+        document = rng.randrange(len(documents)) if documents and rng.random() < s.shared_prefix_share else None
+        if document is None:
+            prompt = corpus.prompt(n, rng)
+        else:
+            prompt = documents[document][: max(1, n - len(corpus.question))] + corpus.question
         stream = rng.random() < 0.5
         sampled = rng.random() < 0.1
         cancel_after = rng.randint(1, 3) if stream and rng.random() < 0.2 else None
-        requests.append(dict(index=i, prompt=corpus.prompt(n, rng), stream=stream,
+        requests.append(dict(index=i, prompt=prompt, document=document, stream=stream,
                              max_tokens=rng.randint(max(2, s.max_output_tokens // 2), s.max_output_tokens),
                              temperature=0.8 if sampled else 0.0, seed=i if sampled else None,
                              cancel_after=cancel_after))
@@ -620,6 +639,10 @@ def _gib(value) -> str:
     return "–" if value is None else f"{value / 2**30:.2f} GiB"
 
 
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def _s(value) -> str:
     return "–" if value is None else f"{common.fmt(value)} s"
 
@@ -668,22 +691,27 @@ def markdown(payload: dict) -> str:
     if servers:
         lines += [f"**OpenAI server under load**: {s['clients']} concurrent clients, {s['requests']} completions, "
                   f"prompts of {s['min_prompt_tokens']}..{s['max_prompt_tokens']} tokens (log-uniform), "
-                  f"{s['max_output_tokens'] // 2}..{s['max_output_tokens']} output tokens, half streamed, one in ten "
+                  + (f"{s.get('shared_prefix_share', 0):.0%} of them the first tokens of one of "
+                     f"{s.get('shared_documents', 0)} documents (prefixes shared under load), "
+                     if s.get("shared_documents") and s.get("shared_prefix_share") else "")
+                  + f"{s['max_output_tokens'] // 2}..{s['max_output_tokens']} output tokens, half streamed, one in ten "
                   "sampled, one in five streams dropped by its client after 1-3 chunks; every greedy answer compared with the same "
-                  f"request sent alone afterwards; a request not done in {s['request_timeout_s']:.0f} s is a hang.", ""]
+                  f"request sent alone afterwards (its prompt's full pages then come from the prefix cache); a request "
+                  f"not done in {s['request_timeout_s']:.0f} s is a hang.", ""]
         table = []
         for r in servers:
             if r.get("status") != "ok":
-                table.append([r["name"], f"`{r['setting']}`", "error: " + str(r.get("reason"))[:200]] + ["–"] * 10)
+                table.append([r["name"], f"`{r['setting']}`", "error: " + str(r.get("reason"))[:200]] + ["–"] * 11)
                 continue
             table.append([r["name"], f"`{r['setting']}`", f"{r['completed']} / {r['cancelled']}", r["errors"],
                           r["hangs"], f"{r['answers_changed']} of {r['greedy_compared']}",
                           f"{_s(r['ttft_p50_s'])} / {_s(r['ttft_p99_s'])}",
                           f"{_s(r['latency_p50_s'])} / {_s(r['latency_p99_s'])}", common.fmt(r["output_tokens_per_s"]),
-                          r["preemptions"], f"{_gib(r['rss_before_bytes'])} → {_gib(r['rss_after_bytes'])}"])
+                          _pct(r.get("prefix_cache_hit_rate")), r["preemptions"],
+                          f"{_gib(r['rss_before_bytes'])} → {_gib(r['rss_after_bytes'])}"])
         lines += [common.markdown_table(["config", "setting", "completed / cancelled", "errors", "hangs",
                                          "answers changed", "TTFT p50 / p99", "latency p50 / p99", "output tok/s",
-                                         "preemptions", "server RSS before → after"], table)]
+                                         "prefix-cache hits", "preemptions", "server RSS before → after"], table)]
         examples = [(r["name"], e) for r in servers for e in r.get("error_examples", [])[:2]]
         examples += [(r["name"], f"request {c['index']} changed: {str(c)[:200]}") for r in servers
                      for c in r.get("changed_examples", [])[:2]]
@@ -701,16 +729,17 @@ def markdown(payload: dict) -> str:
 #: Why answers of a configuration can depend on scheduling (batching, chunk boundaries, preemption).
 CAUSES = [
     (("plan", "default", "plan_kv_pruning", "plan_kv_pruning_cached"),
-     "sparse prefill (the plan's per-head patterns; `default` from 2048 tokens of context): a chunk's queries are cut "
-     "into mask blocks from the chunk's first token, so when vLLM's token budget starts a chunk at a position that is "
-     "not a multiple of the block size (continuous batching, a preempted request recomputed), queries fall into other "
-     "blocks and read other KV blocks. Page-aligned chunks (prefix-cache hits, steps of one page) do not move them. "
-     "A budget that is a fraction of the context is a fraction of the chunk's context (up to its last token), so a "
-     "chunk that ends elsewhere also gives its query blocks other budgets."),
+     "sparse prefill (the plan's per-head patterns; `default` from 2048 tokens of context): every prompt chunk starts "
+     "on the mask-block grid (the plugin's scheduler), so a query block holds the same rows however the prompt is "
+     "cut, but a budget that is a fraction of the context is a fraction of the chunk's context (up to its last "
+     "token) and a chunk's last rows read every block (`dense_tail`): a prompt cut at other places (another token "
+     "budget, a preempted request recomputed) reads other blocks. Rows recomputed over cached pages read what they "
+     "read before."),
     (("kv_pruning", "plan_kv_pruning"),
      "KV pruning with `new_tokens` \"exact\": a step attends its own new tokens exactly and every earlier token "
-     "pruned, so an answer depends on where the prompt's chunks start, which batching, preemption and cache hits at "
-     "other boundaries move (`new_tokens` \"cached\" reads them as cached: no such dependence)."),
+     "pruned, so an answer depends on where the prompt's chunks start, which batching, preemption and cache hits "
+     "move: a request asked again reads its own cached prompt pruned where under load it read part of it exactly "
+     "(`new_tokens` \"cached\" reads them as cached: no such dependence)."),
     (("plan", "default", "kv_pruning", "kv_pruning_cached", "plan_kv_pruning", "plan_kv_pruning_cached"),
      "sparse decode (Double Sparsity, top-k; `default` from 4096 tokens of context): after a preemption vLLM "
      "recomputes the tokens generated so far as a prefill, so their K/V come from prefill attention instead of the "
@@ -738,6 +767,10 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     parser.add_argument("--request-timeout", type=float, help="seconds before a request counts as a hang "
                                                               "(default 1800; quick 300)")
     parser.add_argument("--kvcache-space", type=int, help="VLLM_CPU_KVCACHE_SPACE of the servers, GiB (default 2)")
+    parser.add_argument("--shared-documents", type=int, help="documents whose prefixes server prompts share "
+                                                             "(default 6; quick 2; 0: none)")
+    parser.add_argument("--shared-prefix-share", type=float, help="share of the server prompts cut from those "
+                                                                  "documents (default 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     values = dict(QUICK) if args.quick else {}
@@ -749,7 +782,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
                        ("max_prompt_tokens", args.max_prompt_tokens), ("min_prompt_tokens", args.min_prompt_tokens),
                        ("max_output_tokens", args.max_output_tokens), ("max_num_seqs", args.max_num_seqs),
                        ("prefix_pairs", args.prefix_pairs), ("preemption_requests", args.preemption_requests),
-                       ("request_timeout_s", args.request_timeout), ("kvcache_space_gib", args.kvcache_space)):
+                       ("request_timeout_s", args.request_timeout), ("kvcache_space_gib", args.kvcache_space),
+                       ("shared_documents", args.shared_documents), ("shared_prefix_share", args.shared_prefix_share)):
         if given is not None:
             values[key] = given
     return Settings(quick=args.quick, seed=args.seed, **values), args.out

@@ -32,6 +32,7 @@ import torch
 from sparse_attn.ops.reference import attention_reference_varlen
 from sparse_attn.patterns import AShape, Dense, ElasticSpan, HeadProxy, TopKBlocks, default_pattern
 from sparse_attn.planner.plan import HeadSetting, ModelShape, Plan, tensor_parallel_heads
+from sparse_attn.vllm.plugin import ALIGNED_SCHEDULER
 from sparse_attn.vllm.config import (
     SparseAttnConfigError, TopKDecode, options_from_vllm_config, parse_options,
 )
@@ -480,6 +481,22 @@ def test_forward_on_pages_matches_the_reference(raw_options):
         assert sparse_rows > 0, "the pattern never changed a row: the sparse path was not exercised"
 
 
+@needs_vllm
+def test_prefill_chunks_end_on_the_block_grid():
+    from sparse_attn.vllm.scheduler import aligned_chunk, hook_available
+
+    assert hook_available()  # the vLLM scheduler hook the aligned scheduler overrides
+    # (start, new tokens, prefill end, block, most prefill tokens a step takes) -> tokens scheduled
+    assert aligned_chunk(0, 100, 700, 32, 2048) == 96  # cut back to the grid
+    assert aligned_chunk(96, 2048, 700, 32, 2048) == 2048  # the prompt's last chunk is never cut
+    assert aligned_chunk(640, 60, 700, 32, 2048) == 60  # ends exactly at the prompt's end
+    assert aligned_chunk(96, 20, 700, 32, 2048) == 0  # no boundary within the budget left: wait for the next step
+    assert aligned_chunk(96, 20, 700, 64, 32) == 20  # no step could reach one: not cut
+    assert aligned_chunk(100, 50, 700, 32, 2048) == 28  # a chunk off the grid ends on it
+    assert aligned_chunk(700, 1, 700, 32, 2048) == 1  # decode steps
+    assert aligned_chunk(256, 300, 730, 32, 2048) == 288  # a resumed request replaying its tokens (end 730)
+
+
 # ------------------------------------------------------------------------------------------------ the real engine
 SHORT_PROMPTS = [  # ~190 tokens in all: with 32-token steps they prefill in chunks beside other rows' decodes
     "The capital of France is",
@@ -544,7 +561,9 @@ def run_engine(model_dir, backend, jobs, options=None, engine_args=ENGINE_ARGS, 
         extra["additional_config"] = {"sparse_attn": options}
     llm = LLM(model_dir, attention_backend=backend, **engine_args, **extra)
     try:
-        result = {"num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks, "stats": {}}
+        config = llm.llm_engine.vllm_config
+        result = {"num_gpu_blocks": config.cache_config.num_gpu_blocks, "stats": {},
+                  "scheduler_cls": config.scheduler_config.scheduler_cls}
         if backend == "sparse":
             result["layers"] = llm.collective_rpc("sparse_attn_layers")  # one dict per tensor-parallel rank
         for name, (job_prompts, max_tokens) in jobs.items():
@@ -676,6 +695,11 @@ def test_plan_with_double_sparsity_decode(cpu_attention, dense_setting, plan_set
     long = plan_setting["stats"]["passkey_700"][0]
     assert long["decode"]["sparse_rows"] == 30 * 7 and 0.12 < long["decode"]["density"] < 0.15, long["decode"]
     assert long["prefill"]["sparse_rows"] > 0 and long["prefill"]["density"] < 1.0
+    # Sparse prompt rows: the plugin's scheduler started every chunk on the plan's 32-token block grid, also where
+    # the four short prompts shared 32-token steps with each other's decodes.
+    assert plan_setting["scheduler_cls"] == ALIGNED_SCHEDULER
+    assert short["prefill"]["sparse_rows"] > 0 and short["prefill"]["unaligned_chunks"] == 0, short["prefill"]
+    assert long["prefill"]["unaligned_chunks"] == 0, long["prefill"]
     layers, patterns = plan_setting["layers"][0], smollm2_plan[1].to_patterns()
     assert all(layers[str(i)]["prefill"] == repr(patterns[i]) for i in range(30))  # the plan's per-head patterns
     assert len(layers["5"]["channels"]) == 3 and len(layers["5"]["channels"][0]) == 16

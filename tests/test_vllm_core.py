@@ -171,6 +171,8 @@ def test_block_patterns_match_the_reference(rng, backend):
     stats = layer.stats.as_dict()
     assert stats["prefill"]["sparse_rows"] == 1 and stats["prefill"]["density"] < 1.0
     assert stats["decode"]["sparse_rows"] == 3 and stats["decode"]["density"] < 1.0
+    # The sparse chunk (16 queries at positions 54..69) starts off the 16-row block grid.
+    assert stats["prefill"]["unaligned_chunks"] == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -210,8 +210,10 @@ def layer_index(layer_name: str) -> int | None:
 def sparsity_stats(reset: bool = False) -> dict:
     """What this process's layers read so far: ``{"layers": {index: {"prefill": {...}, "decode": {...}}},
     "prefill": {...}, "decode": {...}}`` where each phase has ``rows``, ``sparse_rows`` and ``density`` (fraction
-    of dense attention's blocks / tokens read; None when no row ran). Keys are strings (it crosses vLLM's RPC)."""
-    layers, totals = {}, {phase: [0.0, 0, 0, 0] for phase in ("prefill", "decode")}
+    of dense attention's blocks / tokens read; None when no row ran), and prefill ``unaligned_chunks`` (sparse
+    prompt chunks not starting on a mask-block boundary, summed over layers). Keys are strings (it crosses vLLM's
+    RPC)."""
+    layers, totals, unaligned = {}, {phase: [0.0, 0, 0, 0] for phase in ("prefill", "decode")}, 0
     for name, impl in sorted(_layers.items(), key=lambda item: (layer_index(item[0]) is None, layer_index(item[0]) or 0)):
         stats = impl.core.stats
         layers[str(impl.core.layer_index if impl.core.layer_index is not None else name)] = stats.as_dict()
@@ -220,11 +222,13 @@ def sparsity_stats(reset: bool = False) -> dict:
             total[1] += stats.full[phase]
             total[2] += stats.rows[phase]
             total[3] += stats.sparse_rows[phase]
+        unaligned += stats.unaligned_chunks
         if reset:
             stats.reset()
     out = {"layers": layers}
     for phase, (read, full, rows, sparse_rows) in totals.items():
         out[phase] = {"rows": rows, "sparse_rows": sparse_rows, "density": read / full if full else None}
+    out["prefill"]["unaligned_chunks"] = unaligned
     return out
 
 

@@ -189,6 +189,15 @@ class SparseAttnOptions:
         pruning), then the Double Sparsity labels."""
         return self.slot_format(head_size, dtype).width + self.label_width
 
+    def sparse_prefill(self, max_model_len: int) -> bool:
+        """Whether any prompt row of a run whose contexts reach ``max_model_len`` tokens can read a sparse mask."""
+        if self.dense_below >= max_model_len:
+            return False
+        if self.plan is None:
+            return not isinstance(self.prefill, Dense)
+        return any(setting.pattern != "Dense" for layer, settings in enumerate(self.plan.heads)
+                   if layer not in self.dense_layers for setting in settings)
+
     @property
     def label_width(self) -> int:
         """Label channels stored per token and KV head in the KV page (the largest r of any Double Sparsity layer;

@@ -241,7 +241,9 @@ class SparsityStats:
 
     Prefill counts (head, query block, KV block) blocks against the causal blocks; decode counts tokens per KV head
     (token selection) or blocks per head (block patterns). Dense groups count as fully read. Counters stay on the
-    device (no synchronisation in the forward pass) until :meth:`as_dict` reads them.
+    device (no synchronisation in the forward pass) until :meth:`as_dict` reads them. ``unaligned_chunks``: sparse
+    prompt rows (chunks) that did not start on a mask-block boundary (their query blocks hold other rows than the
+    same prompt's blocks cut from its first token; the plugin's scheduler keeps this at 0).
     """
 
     def __init__(self):
@@ -252,12 +254,14 @@ class SparsityStats:
         self.full = {"prefill": 0, "decode": 0}
         self.rows = {"prefill": 0, "decode": 0}
         self.sparse_rows = {"prefill": 0, "decode": 0}
+        self.unaligned_chunks = 0
 
-    def add(self, phase: str, rows: int, read, full: int, sparse: bool) -> None:
+    def add(self, phase: str, rows: int, read, full: int, sparse: bool, unaligned: int = 0) -> None:
         self.read[phase] = self.read[phase] + read
         self.full[phase] += full
         self.rows[phase] += rows
         self.sparse_rows[phase] += rows if sparse else 0
+        self.unaligned_chunks += unaligned
 
     def as_dict(self) -> dict:
         out = {}
@@ -265,6 +269,7 @@ class SparsityStats:
             read, full = float(self.read[phase]), self.full[phase]
             out[phase] = {"rows": self.rows[phase], "sparse_rows": self.sparse_rows[phase],
                           "density": read / full if full else None}
+        out["prefill"]["unaligned_chunks"] = self.unaligned_chunks
         return out
 
 
@@ -430,7 +435,10 @@ class PagedAttentionLayer:
         keys = self._context(group, views, fresh, q.dtype, keys_only=True) if pattern.content_aware else None
         mask = None if dense else group.mask(pattern, self.block_size, self.num_heads, q, keys, self.scale)
         full = group.causal_blocks(self.block_size) * self.num_heads
-        self.stats.add(group.phase, len(group.rows), full if dense else mask.kv_num_blocks.sum(), full, not dense)
+        unaligned = 0 if dense or group.phase == "decode" else sum(
+            (kv - q) % self.block_size != 0 for q, kv in zip(group.q_lens, group.kv_lens))
+        self.stats.add(group.phase, len(group.rows), full if dense else mask.kv_num_blocks.sum(), full, not dense,
+                       unaligned)
         table, kv_lens = group.row_pages()
         if self._in_kernel(q):  # the C++ kernel on the pages (it checks the page ids itself; the rest is vLLM's)
             new_k, new_v = self._fresh(group, fresh)

@@ -8,7 +8,9 @@ vLLM runs :func:`register` once in every process (front end, engine core, worker
 3. on CPU, wraps ``CpuPlatform.get_attn_backend_cls``, which otherwise always answers CPU_ATTN;
 4. checks the backend's options (:mod:`.config`) when the config is built, so a bad option or a plan made for
    another model fails in the caller's process, before any engine starts, and installs the worker extension that
-   answers ``collective_rpc("sparse_attn_stats")`` (unless the run already has a worker extension).
+   answers ``collective_rpc("sparse_attn_stats")`` (unless the run already has a worker extension), and, where
+   prompt rows can read sparse masks, the scheduler whose prefill chunks start on mask-block boundaries
+   (:mod:`.scheduler`; unless the run chose a scheduler).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copyreg
 BACKEND_NAME = "SPARSE"
 BACKEND_PATH = "sparse_attn.vllm.backend.SparseAttentionBackend"
 STATS_EXTENSION = "sparse_attn.vllm.backend.SparsityStatsExtension"
+ALIGNED_SCHEDULER = "sparse_attn.vllm.scheduler.block_aligned_scheduler"
 
 
 def register() -> None:
@@ -64,7 +67,8 @@ def _patch_platform() -> None:
         if sparse_backend_selected(vllm_config):
             from .config import options_from_vllm_config
 
-            options_from_vllm_config(vllm_config)  # raises SparseAttnConfigError naming the bad option or plan
+            options = options_from_vllm_config(vllm_config)  # raises SparseAttnConfigError naming the bad option
+            _align_prefill_chunks(vllm_config, options)
             parallel = vllm_config.parallel_config
             if not parallel.worker_extension_cls:  # llm.collective_rpc("sparse_attn_stats") then works
                 parallel.worker_extension_cls = STATS_EXTENSION
@@ -82,6 +86,30 @@ def _patch_platform() -> None:
 
         platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     platform_cls._sparse_attn_patched = True
+
+
+def _align_prefill_chunks(vllm_config, options) -> None:
+    """Where prompt rows can read sparse masks, schedule prefill chunks that start on mask-block boundaries
+    (:mod:`.scheduler`), so a prompt's answer does not depend on how vLLM cut it into chunks; a scheduler the run
+    chose itself is kept, with a warning."""
+    model_config = getattr(vllm_config, "model_config", None)
+    max_len = getattr(model_config, "max_model_len", None) or 1 << 62
+    scheduler_config = vllm_config.scheduler_config
+    if not options.sparse_prefill(max_len) or scheduler_config.scheduler_cls == ALIGNED_SCHEDULER:
+        return
+    from vllm.logger import init_logger
+
+    logger = init_logger(__name__)
+    from .scheduler import hook_available
+
+    if scheduler_config.scheduler_cls is not None or not hook_available():
+        logger.warning("sparse_attn: prefill chunks are not aligned to the %d-token mask blocks (%s): a prompt's "
+                       "sparse prefill can then depend on where vLLM cuts its chunks", options.block_size,
+                       f"scheduler {scheduler_config.scheduler_cls} chosen by the run"
+                       if scheduler_config.scheduler_cls is not None else "this vLLM has no chunk-alignment hook")
+        return
+    scheduler_config.scheduler_cls = ALIGNED_SCHEDULER
+    logger.info("sparse_attn: prefill chunks start on %d-token mask-block boundaries", options.block_size)
 
 
 def _validated_path(selected_backend, attn_selector_config, device_capability) -> str:
