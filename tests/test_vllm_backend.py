@@ -497,6 +497,26 @@ def test_prefill_chunks_end_on_the_block_grid():
     assert aligned_chunk(256, 300, 730, 32, 2048) == 288  # a resumed request replaying its tokens (end 730)
 
 
+@needs_vllm
+def test_the_aligned_scheduler_is_installed_where_prompt_rows_can_be_sparse():
+    from types import SimpleNamespace
+
+    from sparse_attn.planner import SMOLLM2_PLAN
+    from sparse_attn.vllm.plugin import _align_prefill_chunks
+
+    def scheduler_after(options, chosen=None, max_model_len=8192):
+        config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len),
+                                 scheduler_config=SimpleNamespace(scheduler_cls=chosen))
+        _align_prefill_chunks(config, options)
+        return config.scheduler_config.scheduler_cls
+
+    defaults, plan = parse_options({}), parse_options({"plan": str(SMOLLM2_PLAN)})
+    assert scheduler_after(defaults) == scheduler_after(plan) == ALIGNED_SCHEDULER
+    assert scheduler_after(defaults, max_model_len=2048) is None  # every prompt row is below dense_below (2048)
+    assert scheduler_after(parse_options({"prefill": "dense", "decode": "top_k"})) is None
+    assert scheduler_after(plan, chosen="my.Scheduler") == "my.Scheduler"  # the run's own choice is kept
+
+
 # ------------------------------------------------------------------------------------------------ the real engine
 SHORT_PROMPTS = [  # ~190 tokens in all: with 32-token steps they prefill in chunks beside other rows' decodes
     "The capital of France is",
