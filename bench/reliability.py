@@ -735,8 +735,9 @@ CAUSES = [
      "on the mask-block grid (the plugin's scheduler), so a query block holds the same rows however the prompt is "
      "cut, but a budget that is a fraction of the context is a fraction of the chunk's context (up to its last "
      "token) and a chunk's last rows read every block (`dense_tail`): a prompt cut at other places (another token "
-     "budget, a preempted request recomputed) reads other blocks. Rows recomputed over cached pages read what they "
-     "read before."),
+     "budget, a preempted request recomputed) reads other blocks. For the same reason a cached prefix page holds the "
+     "K/V of whichever request computed it, and a prompt of another length reading it is not computed as it would "
+     "compute the page itself (dense rows' pages do not depend on what follows them)."),
     (("kv_pruning", "plan_kv_pruning"),
      "KV pruning with `new_tokens` \"exact\": a step attends its own new tokens exactly and every earlier token "
      "pruned, so an answer depends on where the prompt's chunks start, which batching, preemption and cache hits "
