@@ -170,6 +170,13 @@ class RowGroup:
                                   for q, k in zip(self.q_lens, self.kv_lens))
         return self.masks[key]
 
+    def unaligned_chunks(self, block_size: int) -> int:
+        """Rows whose new tokens do not start on the ``block_size`` grid (computed once per step, not per layer)."""
+        key = ("unaligned_chunks", block_size)
+        if key not in self.masks:
+            self.masks[key] = sum((k - q) % block_size != 0 for q, k in zip(self.q_lens, self.kv_lens))
+        return self.masks[key]
+
 
 @dataclass
 class StepMetadata:
@@ -435,8 +442,7 @@ class PagedAttentionLayer:
         keys = self._context(group, views, fresh, q.dtype, keys_only=True) if pattern.content_aware else None
         mask = None if dense else group.mask(pattern, self.block_size, self.num_heads, q, keys, self.scale)
         full = group.causal_blocks(self.block_size) * self.num_heads
-        unaligned = 0 if dense or group.phase == "decode" else sum(
-            (kv - q) % self.block_size != 0 for q, kv in zip(group.q_lens, group.kv_lens))
+        unaligned = 0 if dense or group.phase == "decode" else group.unaligned_chunks(self.block_size)
         self.stats.add(group.phase, len(group.rows), full if dense else mask.kv_num_blocks.sum(), full, not dense,
                        unaligned)
         table, kv_lens = group.row_pages()

@@ -78,4 +78,5 @@ def block_aligned_scheduler(*args, **kwargs):
 
 
 def hook_available() -> bool:
-    return callable(getattr(Scheduler, HOOK, None)) and hasattr(Scheduler, "schedule")
+    """Whether this vLLM's scheduler has the block-aligned chunk hook the aligned scheduler overrides."""
+    return callable(getattr(Scheduler, HOOK, None))
